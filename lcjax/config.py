@@ -1,0 +1,274 @@
+"""Typed, frozen run configuration: YAML files merged with dotted ``--set`` overrides, then validated.
+
+Loading goes through OmegaConf structured configs (unknown keys and wrong types are caught there); the
+rules that relate keys to each other (divisibility by the mesh, head counts, layouts) are ours and live in
+:func:`validate`. Every problem is reported as one ``ValueError`` line naming the key and the rule, which
+the CLI prints and turns into exit code 2.
+
+This module imports no other lcjax module (DESIGN.md, "Layout of the repository").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
+ATTENTION_IMPLS = ("local", "ring")
+LAYOUTS = ("contiguous", "zigzag", "striped")
+KERNELS = ("xla",)
+DTYPES = ("float32", "bfloat16")
+TOKENIZERS = ("bpe", "bytes")
+VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the three mesh axes; their product is the number of devices."""
+
+    data: int = 1
+    sequence: int = 1
+    model: int = 1
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864): θ_i = base^(−2i/H)."""
+
+    base: float = 10000.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA decoder shape: L = n_layers, D = d_model, N = n_heads, K = n_kv_heads, F = d_ff, V = vocab_size."""
+
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    d_ff: int = 768
+    vocab_size: int = 4096
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How attention runs over the ``sequence`` axis (see lcjax.attention.attention)."""
+
+    impl: str = "ring"
+    layout: str = "zigzag"
+    kernel: str = "xla"
+    window: Optional[int] = None
+    ulysses_size: Optional[int] = None
+    block_q: int = 512
+    block_k: int = 512
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus, tokenizer and batching. ``global_batch`` sequences of ``seq_len`` tokens per step."""
+
+    source: str = "stdlib"
+    tokenizer: str = "bpe"
+    seq_len: int = 4096
+    global_batch: int = 1
+    seed: int = 0
+    cross_document_attention: bool = False
+    cache_dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer (AdamW, linear warmup then cosine decay to ``lr * min_lr_ratio``) and run length."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Save every ``every`` steps and at the end; keep the newest ``keep`` checkpoints."""
+
+    every: int = 100
+    keep: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration (DESIGN.md, "Config keys that scripts and checks use")."""
+
+    name: str = "run"
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, merge ``key=value`` overrides (``model.n_layers=4``) and validate.
+
+    A YAML file may contain ``defaults: [other.yaml, ...]`` (paths relative to it), merged first.
+    Raises ValueError with one line naming the key and the rule: unknown key, wrong type, malformed
+    override, unreadable file, or a rule of :func:`validate`.
+    """
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), str(path))
+        if "name" not in _read_yaml(Path(path)):
+            merged = _merge(merged, OmegaConf.create({"name": Path(path).stem}), "name")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} must have the form key=value")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"--set {item}")
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path):
+    if not path.is_file():
+        raise ValueError(f"--config {path}: file does not exist")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and OmegaConf's own; reported as one line
+        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    defaults = raw.pop("defaults", []) if OmegaConf.is_dict(raw) else []
+    base = OmegaConf.create({})
+    for rel in defaults:
+        base = OmegaConf.merge(base, _read_yaml(path.parent / rel))
+    return OmegaConf.merge(base, raw)
+
+
+def _merge(base, other, origin: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        if "not in" in msg:
+            raise ValueError(f"{key}: unknown config key (from {origin})") from None
+        raise ValueError(f"{key}: {msg} (from {origin})") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (what the run directory's ``config.yaml`` holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """Vocabulary rounded up to a multiple of 128, independent of the mesh (so results are too)."""
+    return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def validate(cfg: Config) -> None:
+    """Check the rules that relate keys to each other; raise ValueError naming the key and the rule."""
+    for rule in _RULES:
+        msg = rule(cfg)
+        if msg:
+            raise ValueError(msg)
+
+
+def _positive(cfg: Config) -> str | None:
+    checks = {
+        "mesh.data": cfg.mesh.data, "mesh.sequence": cfg.mesh.sequence, "mesh.model": cfg.mesh.model,
+        "model.n_layers": cfg.model.n_layers, "model.d_model": cfg.model.d_model,
+        "model.n_heads": cfg.model.n_heads, "model.n_kv_heads": cfg.model.n_kv_heads,
+        "model.d_ff": cfg.model.d_ff, "model.vocab_size": cfg.model.vocab_size,
+        "data.seq_len": cfg.data.seq_len, "data.global_batch": cfg.data.global_batch,
+        "train.steps": cfg.train.steps, "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep, "attention.block_q": cfg.attention.block_q,
+        "attention.block_k": cfg.attention.block_k,
+    }
+    for key, value in checks.items():
+        if value < 1:
+            return f"{key} {value} must be >= 1"
+    if cfg.train.lr <= 0:
+        return f"train.lr {cfg.train.lr} must be > 0"
+    if cfg.train.warmup_steps < 0:
+        return f"train.warmup_steps {cfg.train.warmup_steps} must be >= 0"
+    if not 0 <= cfg.train.min_lr_ratio <= 1:
+        return f"train.min_lr_ratio {cfg.train.min_lr_ratio} must be in [0, 1]"
+    if cfg.model.rope.base <= 1:
+        return f"model.rope.base {cfg.model.rope.base} must be > 1"
+    return None
+
+
+def _choices(cfg: Config) -> str | None:
+    for key, value, allowed in (
+        ("attention.impl", cfg.attention.impl, ATTENTION_IMPLS),
+        ("attention.layout", cfg.attention.layout, LAYOUTS),
+        ("attention.kernel", cfg.attention.kernel, KERNELS),
+        ("train.dtype", cfg.train.dtype, DTYPES),
+        ("data.tokenizer", cfg.data.tokenizer, TOKENIZERS),
+    ):
+        if value not in allowed:
+            return f"{key} {value!r} must be one of {', '.join(allowed)}"
+    if cfg.attention.window is not None and cfg.attention.window < 1:
+        return f"attention.window {cfg.attention.window} must be >= 1 (or null for no window)"
+    if cfg.attention.ulysses_size is not None:
+        return "attention.ulysses_size is not supported yet (attention.impl ring or local only)"
+    return None
+
+
+def _heads(cfg: Config) -> str | None:
+    m, tp = cfg.model, cfg.mesh.model
+    if m.d_model % m.n_heads:
+        return f"model.d_model {m.d_model} must be divisible by model.n_heads = {m.n_heads}"
+    if (m.d_model // m.n_heads) % 2:
+        return f"model.d_model / model.n_heads = {m.d_model // m.n_heads} (head dim) must be even for RoPE"
+    if m.n_heads % m.n_kv_heads:
+        return f"model.n_heads {m.n_heads} must be divisible by model.n_kv_heads = {m.n_kv_heads} (GQA)"
+    if m.n_heads % tp:
+        return f"model.n_heads {m.n_heads} must be divisible by mesh.model = {tp}"
+    if m.n_kv_heads >= tp and m.n_kv_heads % tp:
+        return f"model.n_kv_heads {m.n_kv_heads} must be divisible by mesh.model = {tp} (or smaller than it)"
+    if m.n_kv_heads < tp and tp % m.n_kv_heads:
+        return f"mesh.model {tp} must be divisible by model.n_kv_heads = {m.n_kv_heads} when it is larger"
+    if m.d_ff % tp:
+        return f"model.d_ff {m.d_ff} must be divisible by mesh.model = {tp}"
+    if padded_vocab(m.vocab_size) % tp:
+        return (f"mesh.model {tp} must divide the padded vocabulary {padded_vocab(m.vocab_size)} "
+                f"(model.vocab_size rounded up to a multiple of {VOCAB_MULTIPLE})")
+    return None
+
+
+def _sequence(cfg: Config) -> str | None:
+    sp, a = cfg.mesh.sequence, cfg.attention
+    if a.impl == "local" and sp > 1:
+        return f"attention.impl 'local' needs mesh.sequence = 1, got {sp} (use 'ring')"
+    unit = 2 * sp if a.layout == "zigzag" else sp
+    if cfg.data.seq_len % unit:
+        how = "2 x mesh.sequence" if a.layout == "zigzag" else "mesh.sequence"
+        return (f"data.seq_len {cfg.data.seq_len} must be divisible by {how} = {unit} "
+                f"for the {a.layout} layout")
+    if cfg.data.global_batch % cfg.mesh.data:
+        return (f"data.global_batch {cfg.data.global_batch} must be divisible by "
+                f"mesh.data = {cfg.mesh.data}")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence)

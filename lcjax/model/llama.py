@@ -1,0 +1,151 @@
+"""The LLaMA decoder (Touvron et al. 2023, arXiv:2302.13971) in Flax NNX, written in per-shard shapes.
+
+The module is created with global parameter shapes on one logical device (so values depend only on the
+seed, never on the mesh), then its state is sharded by ``lcjax.sharding.rules`` and merged back inside the
+training ``shard_map``, where every parameter has its per-shard shape. The code reads local sizes off the
+parameters and calls collectives explicitly through ``lcjax.parallel``:
+
+- embedding: vocabulary-parallel over ``model`` (``V/tp`` rows per shard);
+- attention: column-parallel Q/K/V (heads split over ``model``; kv heads replicated and stored once when
+  K < tp), RoPE on true positions, ring attention over ``sequence``, row-parallel output + ``psum``;
+- MLP (SwiGLU, Shazeer 2020 arXiv:2002.05202): column-parallel gate/up, row-parallel down + ``psum``;
+- RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) weights replicated;
+- loss: vocabulary-parallel cross-entropy; logits are never gathered.
+
+The layer stack is stored stacked (leading axis L) and run with ``lax.scan``.
+Shapes per shard: tokens [B/dp, T/sp]; hidden [B/dp, T/sp, D].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from lcjax.config import ModelConfig, padded_vocab
+from lcjax.ops import rope
+from lcjax.parallel import tensor
+from lcjax.parallel.ring import ring_attention
+
+
+class Axes(NamedTuple):
+    """Mesh axis names the per-shard model code communicates over."""
+
+    data: str = "data"
+    sequence: str = "sequence"
+    model: str = "model"
+
+
+class AttentionSpec(NamedTuple):
+    """Static attention settings passed down to the per-shard ring (plain values, hashable)."""
+
+    layout: str = "zigzag"
+    window: int | None = None
+    block_q: int = 512
+    block_k: int = 512
+
+
+def _normal(rngs: nnx.Rngs, shape, std):
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm in float32: x / sqrt(mean(x²) + eps) · weight; returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm attention and SwiGLU MLP, both residual."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h = cfg.d_model, cfg.d_model // cfg.n_heads
+        std = cfg.init_std
+        self.attn_norm = nnx.Param(jnp.ones((d,), jnp.float32))
+        self.wq = nnx.Param(_normal(rngs, (d, cfg.n_heads * h), std))
+        self.wk = nnx.Param(_normal(rngs, (d, cfg.n_kv_heads * h), std))
+        self.wv = nnx.Param(_normal(rngs, (d, cfg.n_kv_heads * h), std))
+        self.wo = nnx.Param(_normal(rngs, (cfg.n_heads * h, d), std))
+        self.mlp_norm = nnx.Param(jnp.ones((d,), jnp.float32))
+        self.w_gate = nnx.Param(_normal(rngs, (d, cfg.d_ff), std))
+        self.w_up = nnx.Param(_normal(rngs, (d, cfg.d_ff), std))
+        self.w_down = nnx.Param(_normal(rngs, (cfg.d_ff, d), std))
+
+    def __call__(self, x, cos, sin, positions, segment_ids, *, cfg: ModelConfig, attn: AttentionSpec,
+                 axes: Axes, dtype):
+        """x [B, T/sp, D] -> [B, T/sp, D] (replicated over ``model``)."""
+        b, t, _ = x.shape
+        hd = cfg.d_model // cfg.n_heads
+        w = lambda p: p[...].astype(dtype)
+        kv = lambda p: tensor.kv_columns(w(p), n_kv_heads=cfg.n_kv_heads, n_heads=cfg.n_heads,
+                                         head_dim=hd, axis=axes.model)
+        h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
+        q = (h @ w(self.wq)).reshape(b, t, -1, hd)
+        k = (h @ kv(self.wk)).reshape(b, t, -1, hd)
+        v = (h @ kv(self.wv)).reshape(b, t, -1, hd)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        o = ring_attention(q, k, v, positions, segment_ids, axis_name=axes.sequence, layout=attn.layout,
+                           causal=True, window=attn.window, block_q=attn.block_q, block_k=attn.block_k)
+        x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo), axes.model)
+        h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
+        a = jax.nn.silu(h @ w(self.w_gate)) * (h @ w(self.w_up))
+        return x + tensor.row_parallel(a, w(self.w_down), axes.model)
+
+
+class Llama(nnx.Module):
+    """LLaMA decoder with a stacked, scanned layer stack. Global shapes at creation (see module doc)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        vp = padded_vocab(cfg.vocab_size)
+        self.embed = nnx.Param(_normal(rngs, (vp, cfg.d_model), cfg.init_std))
+        keys = jax.random.split(rngs.params(), cfg.n_layers)
+        self.layers = _stacked_blocks(cfg, keys)
+        self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), jnp.float32))
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(_normal(rngs, (cfg.d_model, vp), cfg.init_std))
+
+    def hidden(self, tokens, positions, segment_ids, *, max_position: int, attn: AttentionSpec,
+               axes: Axes, dtype=jnp.float32):
+        """Final-norm hidden states [B, T/sp, D] for per-shard tokens/positions/segment ids [B, T/sp]."""
+        cfg = self.cfg
+        hd = cfg.d_model // cfg.n_heads
+        x = tensor.vocab_parallel_embed(tokens, self.embed[...], axes.model).astype(dtype)
+        cos, sin = rope.cos_sin(positions, rope.rope_tables(max_position, hd, cfg.rope.base))
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, state):
+            block = nnx.merge(graphdef, state)
+            return block(x, cos, sin, positions, segment_ids, cfg=cfg, attn=attn, axes=axes, dtype=dtype), None
+
+        x, _ = lax.scan(layer, x, stacked)
+        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+
+    def token_losses(self, tokens, labels, positions, segment_ids, *, max_position: int,
+                     attn: AttentionSpec, axes: Axes, dtype=jnp.float32):
+        """Per-token cross-entropy float32 [B, T/sp] (nats), from vocabulary-parallel logits."""
+        h = self.hidden(tokens, positions, segment_ids, max_position=max_position, attn=attn, axes=axes,
+                        dtype=dtype)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
+        return tensor.vocab_parallel_cross_entropy(logits, labels, vocab_size=self.cfg.vocab_size,
+                                                   axis=axes.model)
+
+
+def _stacked_blocks(cfg: ModelConfig, keys) -> Block:
+    """L blocks initialised from ``keys`` [L] and stored as one Block whose params have a leading L axis."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+    states = jax.vmap(lambda key: nnx.split(Block(cfg, nnx.Rngs(params=key)))[1])(keys)
+    return nnx.merge(graphdef, states)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count with the true (unpadded) vocabulary, embeddings and output head included."""
+    d, f, h = cfg.d_model, cfg.d_ff, cfg.d_model // cfg.n_heads
+    per_layer = 2 * d + d * cfg.n_heads * h * 2 + d * cfg.n_kv_heads * h * 2 + 3 * d * f
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return cfg.n_layers * per_layer + cfg.vocab_size * d + head + d

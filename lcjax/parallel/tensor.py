@@ -1,0 +1,72 @@
+"""Tensor-parallel (TP) helpers over the ``model`` mesh axis, Megatron style (per-shard code).
+
+Shoeybi et al. 2019, "Megatron-LM" (arXiv:1909.08053), §3: column-parallel in-projections need no
+communication; row-parallel out-projections end with an all-reduce (``psum``) over the TP axis; the
+embedding and the output layer are split over the vocabulary, and the cross-entropy is computed from the
+vocabulary shards with three all-reduces of [B, T] values, so the [B, T, V] logits are never gathered.
+
+Every function takes plain arrays and the TP axis name. Run inside ``shard_map``; with ``check_vma=True``
+JAX transposes ``psum`` correctly for autodiff (see DESIGN.md, "How one training step flows").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def vocab_range(local_vocab: int, axis: str):
+    """First vocabulary id held by this shard: ``axis_index · V/tp``."""
+    return lax.axis_index(axis) * local_vocab
+
+
+def vocab_parallel_embed(tokens, table, axis: str):
+    """Embedding lookup with the table split over the vocabulary.
+
+    tokens: int32 [B, T]; table: this shard's rows [V/tp, D]. Returns [B, T, D] (summed over ``axis``).
+    """
+    local = tokens - vocab_range(table.shape[0], axis)
+    inside = (local >= 0) & (local < table.shape[0])
+    rows = jnp.take(table, jnp.clip(local, 0, table.shape[0] - 1), axis=0)
+    return lax.psum(jnp.where(inside[..., None], rows, 0).astype(table.dtype), axis)
+
+
+def vocab_parallel_cross_entropy(logits, labels, *, vocab_size: int, axis: str):
+    """Per-token cross-entropy −log softmax(logits)[label] from vocabulary-sharded logits.
+
+    logits: float32 [B, T, V/tp] (this shard's slice of the padded vocabulary); labels: int32 [B, T];
+    vocab_size: the true V — padded ids (≥ V) are excluded from the softmax. Returns float32 [B, T] nats.
+    """
+    local_v = logits.shape[-1]
+    start = vocab_range(local_v, axis)
+    ids = start + jnp.arange(local_v)
+    logits = jnp.where(ids < vocab_size, logits.astype(jnp.float32), -jnp.inf)
+    peak = lax.stop_gradient(lax.pmax(jnp.max(logits, axis=-1), axis))
+    sum_exp = lax.psum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1), axis)
+    local_label = labels - start
+    inside = (local_label >= 0) & (local_label < local_v)
+    picked = jnp.take_along_axis(logits, jnp.clip(local_label, 0, local_v - 1)[..., None], axis=-1)[..., 0]
+    target = lax.psum(jnp.where(inside, picked, 0.0), axis)
+    return jnp.log(sum_exp) + peak - target
+
+
+def row_parallel(x, w, axis: str):
+    """x [..., F/tp] @ w [F/tp, D], summed over the TP axis: the row-parallel out-projection."""
+    return lax.psum(x @ w, axis)
+
+
+def kv_columns(w, *, n_kv_heads: int, n_heads: int, head_dim: int, axis: str):
+    """This shard's K/V projection columns [D, K'·H].
+
+    When K ≥ tp the weight is already split over ``axis`` (K/tp heads per shard) and returned as is. When
+    K < tp it is replicated ([D, K·H], stored once) and each shard takes the one kv head its query heads
+    use: shard r holds query heads r·N/tp …, which map to kv head (r·N/tp) // (N/K).
+    """
+    if w.shape[-1] != n_kv_heads * head_dim:  # already sharded over the TP axis
+        return w
+    tp = lax.axis_size(axis)
+    if tp == 1:
+        return w
+    kv = (lax.axis_index(axis) * (n_heads // tp)) // (n_heads // n_kv_heads)
+    return lax.dynamic_slice_in_dim(w, kv * head_dim, head_dim, axis=w.ndim - 1)
