@@ -37,8 +37,9 @@ def rope_tables(max_position: int, head_dim: int, base: float) -> dict[str, np.n
 def cos_sin(positions, tables):
     """cos and sin of pos · θ, float32 [B, T, H/2], for int32 positions [B, T]."""
     hi, lo = positions // SPLIT, positions % SPLIT
-    ch, sh = tables["cos_hi"][hi], tables["sin_hi"][hi]
-    cl, sl = tables["cos_lo"][lo], tables["sin_lo"][lo]
+    t = {k: jnp.asarray(v) for k, v in tables.items()}
+    ch, sh = t["cos_hi"][hi], t["sin_hi"][hi]
+    cl, sl = t["cos_lo"][lo], t["sin_lo"][lo]
     return ch * cl - sh * sl, sh * cl + ch * sl
 
 

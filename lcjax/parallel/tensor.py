@@ -42,7 +42,7 @@ def vocab_parallel_cross_entropy(logits, labels, *, vocab_size: int, axis: str):
     start = vocab_range(local_v, axis)
     ids = start + jnp.arange(local_v)
     logits = jnp.where(ids < vocab_size, logits.astype(jnp.float32), -jnp.inf)
-    peak = lax.stop_gradient(lax.pmax(jnp.max(logits, axis=-1), axis))
+    peak = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), axis)
     sum_exp = lax.psum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1), axis)
     local_label = labels - start
     inside = (local_label >= 0) & (local_label < local_v)

@@ -1,0 +1,64 @@
+"""The one Orbax wrapper: model, optimizer and data-iterator state saved together, restorable on any mesh.
+
+Checkpoints live in ``<run dir>/checkpoints/<step>/``. Saves are asynchronous; a save that was killed
+half-way leaves only a temporary directory, which Orbax never reports as a step and which is removed when
+the next run opens the directory, so the previous good checkpoint always stays visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Save every ``every`` steps (and when forced), keep the newest ``keep``, restore the newest.
+
+    The saved item is any pytree of arrays (here lcjax.train.step.TrainState). Restoring takes an
+    abstract pytree (``jax.ShapeDtypeStruct`` leaves with shardings) and places every array on that
+    sharding, whatever mesh wrote the checkpoint.
+    """
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int):
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def maybe_save(self, step: int, state, *, force: bool = False) -> bool:
+        """Save ``state`` as ``step`` when ``step`` is a multiple of ``every`` or ``force``; True if saved."""
+        if not force and step % self.every:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True))
+
+    def restore(self, abstract_state, step: int | None = None):
+        """The state saved at ``step`` (default: newest), laid out like ``abstract_state``.
+
+        Raises FileNotFoundError when there is no checkpoint.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError("no checkpoint to restore")
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree):
+    """ShapeDtypeStruct pytree (with shardings) of a pytree of arrays: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)

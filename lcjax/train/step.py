@@ -1,0 +1,140 @@
+"""The pure, jitted training step: forward and backward in one ``shard_map`` over the whole mesh, then
+the optax update on the sharded state.
+
+Gradients. Inside the ``shard_map`` every shard differentiates its *local* loss (its tokens' summed
+cross-entropy divided by the global target-token count) with respect to its parameter shards cast to
+"varying" over every mesh axis the parameter is replicated over, then sums each gradient over exactly
+those axes once (``psum``). With ``check_vma=True`` JAX transposes the TP ``psum``s exactly; with
+``check_vma=False`` (needed around Pallas kernels in interpret mode) a ``psum`` transposes to a ``psum``,
+so the objective becomes the sum over the ``model`` axis of identical local losses and the local loss is
+divided by the TP size to compensate. Both settings give the single-device gradient (tests/test_model.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcjax.config import Config
+from lcjax.model.llama import AttentionSpec, Axes
+from lcjax.sharding import rules
+from lcjax.sharding.mesh import AXES
+from lcjax.train.optim import schedule
+
+BATCH_FIELDS = ("tokens", "labels", "positions", "segment_ids", "loss_mask")
+
+
+class TrainState(NamedTuple):
+    """The whole training state, one pytree: model parameters (nnx.State of global sharded arrays),
+    optimizer state, the number of optimizer updates applied (int32 scalar), and the data iterator's state
+    (dict of int64 scalars, passed through the step untouched; the loop refreshes it)."""
+
+    params: Any
+    opt_state: Any
+    step: Any
+    data_state: Any
+
+
+def attention_spec(cfg: Config) -> AttentionSpec:
+    """The static attention settings of a config."""
+    a = cfg.attention
+    return AttentionSpec(layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k)
+
+
+def compute_dtype(cfg: Config):
+    """jnp dtype of activations and matmuls (``train.dtype``); parameters stay float32."""
+    return jnp.dtype(cfg.train.dtype)
+
+
+def _vary(tree, specs):
+    """Cast each parameter shard to vary over the mesh axes it is replicated over."""
+    return jax.tree.map(lambda x, s: lax.pcast(x, rules.replicated_axes(s), to="varying")
+                        if rules.replicated_axes(s) else x, tree, specs)
+
+
+def _sum_replicated(tree, specs):
+    """Sum each gradient over the mesh axes its parameter is replicated over (exactly once)."""
+    return jax.tree.map(lambda g, s: lax.psum(g, rules.replicated_axes(s)) if rules.replicated_axes(s)
+                        else g, tree, specs)
+
+
+def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool = True):
+    """A function (params, batch) -> (mean loss, grads, target-token count) on global sharded arrays.
+
+    params: the model's nnx.State (sharded by ``specs``); batch: dict of int32 [B, T] arrays in layout order
+    (sharded P('data', 'sequence')). loss: float32 scalar, mean cross-entropy per target token (nats).
+    """
+    axes, attn, dtype = Axes(*AXES), attention_spec(cfg), compute_dtype(cfg)
+    seq_len = cfg.data.seq_len
+    tp_correction = 1.0 if check_vma else 1.0 / mesh.shape[axes.model]
+
+    def local(params, batch):
+        mask = batch["loss_mask"].astype(jnp.float32)
+        count = lax.psum(jnp.sum(mask), (axes.data, axes.sequence))
+
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p)
+            losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"],
+                                        batch["segment_ids"], max_position=seq_len, attn=attn, axes=axes,
+                                        dtype=dtype)
+            return jnp.sum(losses * mask) / jnp.maximum(count, 1.0)
+
+        p = _vary(params, specs) if check_vma else params
+        loss, grads = jax.value_and_grad(lambda q: loss_fn(q) * tp_correction)(p)
+        grads = _sum_replicated(grads, specs)
+        loss = lax.psum(loss, (axes.data, axes.sequence)) / tp_correction
+        return loss, grads, count
+
+    batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), specs, P()),
+                         check_vma=check_vma)
+
+
+def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.GradientTransformation, *,
+                    check_vma: bool = True):
+    """The step (state, batch) -> (state, metrics). Arrays of ``state`` are donated to the update.
+
+    The jitted part maps (params, opt_state, step) and the batch to their new values and the metrics;
+    ``data_state`` stays on the host and passes through. metrics: float32 scalars ``loss`` (nats per
+    target token), ``grad_norm`` (global L2 norm before clipping), ``lr`` (the rate used for this update)
+    and ``tokens`` (target tokens in the batch). ``step.lower(state, batch)`` gives the XLA lowering,
+    ``step.compile(state, batch)`` compiles ahead of the first call.
+    """
+    loss_and_grads = make_loss_and_grads(graphdef, specs, mesh, cfg, check_vma=check_vma)
+    lr_at = schedule(cfg.train)
+
+    def update(arrays, batch):
+        params, opt_state, step = arrays
+        loss, grads, count = loss_and_grads(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_at(step), "tokens": count}
+        return (optax.apply_updates(params, updates), opt_state, step + 1), metrics
+
+    jitted = jax.jit(update, donate_argnums=0)
+    executable = [jitted]
+
+    def run(state: TrainState, batch):
+        (params, opt_state, step), metrics = executable[0]((state.params, state.opt_state, state.step), batch)
+        return TrainState(params, opt_state, step, state.data_state), metrics
+
+    def lower(state: TrainState, batch):
+        return jitted.lower((state.params, state.opt_state, state.step), batch)
+
+    def compile_for(state: TrainState, batch):
+        """Compile ahead of the first step (so step times exclude compilation); returns the executable."""
+        executable[0] = lower(state, batch).compile()
+        return executable[0]
+
+    run.lower, run.compile = lower, compile_for
+    return run
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Sharding of [B, T] batch arrays: B over ``data``, T over ``sequence``."""
+    return NamedSharding(mesh, rules.BATCH)
