@@ -46,7 +46,7 @@ def test_padded_vocab():
     (["attention.impl=local"], "attention.impl 'local' needs mesh.sequence = 1"),
     (["train.dtype=float16"], "train.dtype 'float16' must be one of"),
     (["mesh.data=2"], "data.global_batch 1 must be divisible by mesh.data = 2"),
-    (["mesh.model=3", "model.d_model=384", "model.n_heads=6", "model.n_kv_heads=6"],
+    (["mesh.model=3", "model.d_model=384", "model.n_heads=6", "model.n_kv_heads=6", "model.vocab_size=4096"],
      "mesh.model 3 must divide the padded vocabulary 4096"),
     (["train.steps=0"], "train.steps 0 must be >= 1"),
     (["nokeyvalue"], "must have the form key=value"),

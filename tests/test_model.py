@@ -114,13 +114,16 @@ def test_tied_embeddings_match_dense():
     _compare(loss, grads, float(ref_loss), ref_grads)
 
 
-@pytest.mark.parametrize("check_vma,extra_sum", [(True, ("sequence",)), (False, ())])
-def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, extra_sum):
+@pytest.mark.parametrize("check_vma,mistake", [(True, "twice"), (False, "never")])
+def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, mistake):
     """Summing gradients twice over `sequence` (check_vma on), or not at all (check_vma off), must fail."""
     def wrong(tree, specs):
         def reduce(g, s):
-            axes = tuple(a for a in step_lib.rules.replicated_axes(s) if a != "sequence") + extra_sum
-            return lax.psum(g, axes) if axes else g
+            axes = step_lib.rules.replicated_axes(s)
+            if mistake == "never":
+                axes = tuple(a for a in axes if a != "sequence")
+            g = lax.psum(g, axes) if axes else g
+            return lax.psum(g, "sequence") if mistake == "twice" and "sequence" in axes else g
         return jax.tree.map(reduce, tree, specs)
 
     monkeypatch.setattr(step_lib, "_sum_replicated", wrong)

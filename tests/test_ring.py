@@ -88,3 +88,27 @@ def test_merge_handles_empty_sides():
     np.testing.assert_allclose(np.asarray(out[0, 0]), 1.0)
     np.testing.assert_array_equal(np.asarray(out[0, 1]), 0.0)
     assert np.isneginf(np.asarray(l[0, 1, 0]))
+
+
+@pytest.mark.parametrize("mesh_shape,layout", [(None, "zigzag"), ((2, 2, 2), "striped"), ((1, 1, 1), "contiguous")])
+def test_public_entry_on_global_arrays(mesh_shape, layout):
+    from lcjax.attention import attention
+
+    q, k, v, do, pos, seg = _data(True)
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+    sp = 8 if mesh is None else mesh.shape["sequence"]
+    lay = lambda x: permute(x, layout, sp)
+    out = attention(lay(q), lay(k), lay(v), positions=lay(pos), segment_ids=lay(seg), mesh=mesh, layout=layout,
+                    impl="local" if sp == 1 else "ring", block_q=8, block_k=8)
+    assert relative_error(out, lay(reference(q, k, v, positions=pos, segment_ids=seg))) <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs,message", [({"impl": "ulysses"}, "attention.impl"),
+                                            ({"kernel": "pallas"}, "attention.kernel"),
+                                            ({"causal": False, "window": 4}, "window requires causal")])
+def test_public_entry_rejects_bad_arguments(kwargs, message):
+    from lcjax.attention import attention
+
+    q, k, v, _, pos, seg = _data(False)
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, v, positions=pos, **kwargs)

@@ -13,7 +13,7 @@ from lcjax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
-         "model.vocab_size=512", "data.seq_len=128", "data.global_batch=2", "attention.block_q=16",
+         "model.vocab_size=512", "data.tokenizer=bpe", "data.seq_len=128", "data.global_batch=2", "attention.block_q=16",
          "attention.block_k=16", "train.lr=3e-3", "train.warmup_steps=2", f"data.source=files:{ROOT / 'lcjax'}"]
 
 
@@ -39,7 +39,7 @@ def test_run_dir_contents_and_loss_drop(straight_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
     assert set(records[0]) >= {"step", "loss", "grad_norm", "lr", "tokens_per_sec", "step_time_s"}
-    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert records[-1]["loss"] < 0.95 * records[0]["loss"]
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [8, 12]  # every 4, keep 2
     assert config_lib.load(run_dir / "config.yaml").train.steps == 12

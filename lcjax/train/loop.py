@@ -76,8 +76,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
     if resume:
         check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
     d, m = cfg.data, cfg.model
+    print(f"lcjax: data {d.source}: tokenizing (cached after the first run)", flush=True)
     tokenizer, tokens, doc_starts = build_dataset(d.source, tokenizer_kind=d.tokenizer,
                                                   vocab_size=m.vocab_size, cache_dir=d.cache_dir)
+    print(f"lcjax: data {d.source}: {len(doc_starts):,} documents, {len(tokens):,} tokens, "
+          f"{d.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids", flush=True)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(f"model.vocab_size {m.vocab_size} must be >= the tokenizer's {tokenizer.vocab_size}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)

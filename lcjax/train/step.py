@@ -113,7 +113,7 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
         params, opt_state, step = arrays
         loss, grads, count = loss_and_grads(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_at(step), "tokens": count}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_at(step), "tokens": count}
         return (optax.apply_updates(params, updates), opt_state, step + 1), metrics
 
     jitted = jax.jit(update, donate_argnums=0)
