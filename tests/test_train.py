@@ -14,7 +14,7 @@ from lcjax.train.loop import train
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
          "model.vocab_size=512", "data.tokenizer=bpe", "data.seq_len=128", "data.global_batch=2", "attention.block_q=16",
-         "attention.block_k=16", "train.lr=3e-3", "train.warmup_steps=2", f"data.source=files:{ROOT / 'lcjax'}"]
+         "attention.block_k=16", "train.lr=3e-3", "train.warmup_steps=2", "train.min_lr_ratio=1.0", f"data.source=files:{ROOT / 'lcjax'}"]
 
 
 def _cfg(tmp_path, *extra):
@@ -48,7 +48,7 @@ def test_run_dir_contents_and_loss_drop(straight_run):
 def test_resume_reproduces_the_uninterrupted_run(straight_run, tmp_path):
     tmp, straight = straight_run
     run_dir = tmp_path / "run"
-    train(_cfg(tmp, "train.steps=6", "checkpoint.every=3"), run_dir, progress=False)
+    train(_cfg(tmp, "train.steps=6", "checkpoint.every=3"), run_dir, progress=False)  # constant lr: same updates
     result = train(_cfg(tmp, "train.steps=12", "checkpoint.every=3"), run_dir, resume=True, progress=False)
     assert result["step"] == 12
     assert _losses(run_dir) == _losses(straight)  # bitwise on CPU, float32, data order included

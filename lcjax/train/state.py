@@ -6,8 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lcjax.config import Config
 from lcjax.model.llama import Llama
@@ -57,13 +58,21 @@ def data_state_dict(arrays: dict) -> dict:
     return state
 
 
+def opt_state_shardings(optimizer, params, shardings):
+    """Shardings of the optimizer state: moments like their parameters, scalars replicated on the mesh."""
+    replicated = NamedSharding(next(iter(jax.tree.leaves(shardings))).mesh, PartitionSpec())
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract, shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
 def init_state(cfg: Config, mesh, data_state: dict):
     """(graphdef, specs, optimizer, TrainState) for a fresh run on ``mesh``."""
     graphdef, abstract = model_graph(cfg)
     specs, shardings = param_shardings(cfg, mesh, abstract)
     params = init_params(cfg, shardings)
     optimizer = make_optimizer(cfg.train, params)
-    opt_state = jax.jit(optimizer.init)(params)
-    state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
-                       data_state=data_state_arrays(data_state))
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, shardings))(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    state = TrainState(params=params, opt_state=opt_state, step=step, data_state=data_state_arrays(data_state))
     return graphdef, specs, optimizer, state
