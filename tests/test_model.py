@@ -130,3 +130,13 @@ def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, mistake):
     loss, grads, _, _ = _sharded_loss_and_grads((1, 4, 2), check_vma=check_vma)
     with pytest.raises(AssertionError):
         _compare(loss, grads, *oracle)
+
+
+def test_bfloat16_compute_is_close_to_float32(oracle):
+    """train.dtype=bfloat16 (bf16 matmuls and activations, float32 parameters, loss and ring merges)
+    stays within bf16 accuracy of the float32 dense model."""
+    loss, grads, _, _ = _sharded_loss_and_grads((1, 4, 2), "train.dtype=bfloat16")
+    ref_loss, ref_grads = oracle
+    assert abs(loss - ref_loss) / ref_loss <= 1e-2
+    errors = jax.tree.map(relative_error, grads, ref_grads)
+    assert max(jax.tree.leaves(errors)) <= 6e-2, errors
