@@ -9,21 +9,22 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
+from lcjax.kernels.flash_attention.api import KERNELS
 from lcjax.ops.layout import check_divisible
-from lcjax.parallel.ring import ring_attention
+from lcjax.parallel.sequence import IMPLS, sequence_parallel_attention
+from lcjax.parallel.ulysses import check_heads
 from lcjax.sharding.mesh import AXES, make_mesh
 
-IMPLS = ("local", "ring")
-KERNELS = ("xla",)
 
-
-def _check(q, k, mesh, impl, kernel):
+def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
     b, t, n, _ = q.shape
     kh = k.shape[2]
     if impl not in IMPLS:
-        raise ValueError(f"attention.impl {impl!r} must be one of {', '.join(IMPLS)} (others not built yet)")
+        raise ValueError(f"attention.impl {impl!r} must be one of {', '.join(IMPLS)}")
     if kernel not in KERNELS:
         raise ValueError(f"attention.kernel {kernel!r} must be one of {', '.join(KERNELS)}")
+    if positions.shape != (b, t) or positions.dtype != jax.numpy.int32:
+        raise ValueError(f"positions must be int32 [B, T] = {(b, t)}, got {positions.dtype} {positions.shape}")
     if n % kh:
         raise ValueError(f"query heads {n} must be divisible by kv heads {kh} (GQA)")
     dp, sp, tp = (mesh.shape[a] for a in AXES)
@@ -33,6 +34,10 @@ def _check(q, k, mesh, impl, kernel):
         raise ValueError(f"batch {b} must be divisible by the data axis size {dp}")
     if n % tp or kh % tp:
         raise ValueError(f"query heads {n} and kv heads {kh} must be divisible by the model axis size {tp}")
+    if impl == "hybrid" and (ulysses_size is None or ulysses_size < 1 or sp % ulysses_size):
+        raise ValueError(f"ulysses_size {ulysses_size} must divide the sequence axis size {sp} for 'hybrid'")
+    if impl in ("ulysses", "hybrid"):
+        check_heads(n // tp, kh // tp, sp if impl == "ulysses" else ulysses_size)
 
 
 def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None, scale=None, mesh=None,
@@ -46,9 +51,10 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
         (segments ⇒ seg_j = seg_i).
       scale: score scale (default 1/√H).
       mesh: a mesh with axes (data, sequence, model); None puts every device on ``sequence``.
-      impl: "ring" (K/V travel around the ``sequence`` axis) or "local" (no sequence parallelism).
+      impl: "ring" (K/V travel around the ``sequence`` axis), "ulysses" (all-to-all: heads ⇄ sequence),
+        "hybrid" (Ulysses inside groups of ``ulysses_size`` shards, ring across groups) or "local".
       layout: "zigzag", "striped" or "contiguous": how the T tokens are spread over ``sequence``.
-      kernel: "xla" (blockwise jnp). ulysses_size: reserved for the Ulysses/hybrid impls (must be None).
+      kernel: "xla" (blockwise jnp) or "pallas" (Triton; interpret mode on CPU).
     Returns:
       [B, T, N, H] in q's dtype and the same token order.
     Raises:
@@ -56,9 +62,9 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
       split, window without causal).
     """
     mesh = make_mesh(1, len(jax.devices()), 1) if mesh is None else mesh
-    _check(q, k, mesh, impl, kernel)
-    if ulysses_size is not None:
-        raise ValueError("ulysses_size must be None: the Ulysses impls are not built yet")
+    _check(q, k, positions, mesh, impl, kernel, ulysses_size)
+    if window is not None and window < 1:
+        raise ValueError(f"window {window} must be >= 1")
     if window is not None and not causal:
         raise ValueError("window requires causal attention")
     sp = mesh.shape["sequence"]
@@ -68,8 +74,10 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     tokens, heads = P("data", "sequence"), P("data", "sequence", "model", None)
 
     def local(q, k, v, pos, seg):
-        return ring_attention(q, k, v, pos, seg, axis_name="sequence" if sp > 1 else None, layout=layout,
-                              causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k)
+        return sequence_parallel_attention(q, k, v, pos, seg, impl=impl, axis_name="sequence", layout=layout,
+                                           causal=causal, window=window, scale=scale, block_q=block_q,
+                                           block_k=block_k, kernel=kernel, ulysses_size=ulysses_size)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads,
+                       check_vma=kernel != "pallas")  # Pallas in interpret mode needs check_vma off
     return fn(q, k, v, positions, segment_ids)

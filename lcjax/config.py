@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
-ATTENTION_IMPLS = ("local", "ring")
+ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
 LAYOUTS = ("contiguous", "zigzag", "striped")
-KERNELS = ("xla",)
+KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 TOKENIZERS = ("bpe", "bytes")
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
@@ -229,8 +229,6 @@ def _choices(cfg: Config) -> str | None:
             return f"{key} {value!r} must be one of {', '.join(allowed)}"
     if cfg.attention.window is not None and cfg.attention.window < 1:
         return f"attention.window {cfg.attention.window} must be >= 1 (or null for no window)"
-    if cfg.attention.ulysses_size is not None:
-        return "attention.ulysses_size is not supported yet (attention.impl ring or local only)"
     return None
 
 
@@ -271,4 +269,24 @@ def _sequence(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence)
+def _ulysses(cfg: Config) -> str | None:
+    a, m, sp, tp = cfg.attention, cfg.model, cfg.mesh.sequence, cfg.mesh.model
+    if a.impl == "hybrid":
+        if a.ulysses_size is None or a.ulysses_size < 1 or sp % a.ulysses_size:
+            return f"attention.ulysses_size {a.ulysses_size} must divide mesh.sequence = {sp} for impl 'hybrid'"
+    elif a.ulysses_size is not None:
+        return f"attention.ulysses_size is only used by attention.impl 'hybrid' (impl is {a.impl!r})"
+    if a.impl not in ("ulysses", "hybrid"):
+        return None
+    group = sp if a.impl == "ulysses" else a.ulysses_size
+    heads, kv = m.n_heads // tp, max(m.n_kv_heads // tp, 1)
+    if heads % group:
+        return (f"attention.impl {a.impl!r} splits the {heads} query heads per model shard over {group} "
+                f"shards: model.n_heads / mesh.model must be divisible by {group}")
+    if kv % group and group % kv:
+        return (f"attention.impl {a.impl!r}: the {kv} kv heads per model shard and the {group} Ulysses shards "
+                f"must divide one another")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses)

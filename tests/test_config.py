@@ -49,6 +49,15 @@ def test_padded_vocab():
     (["mesh.model=3", "model.d_model=384", "model.n_heads=6", "model.n_kv_heads=6", "model.vocab_size=4096"],
      "mesh.model 3 must divide the padded vocabulary 4096"),
     (["train.steps=0"], "train.steps 0 must be >= 1"),
+    (["attention.impl=hybrid"], "attention.ulysses_size None must divide mesh.sequence = 4 for impl 'hybrid'"),
+    (["attention.impl=hybrid", "attention.ulysses_size=3"], "attention.ulysses_size 3 must divide mesh.sequence"),
+    (["attention.ulysses_size=2"], "attention.ulysses_size is only used by attention.impl 'hybrid'"),
+    (["attention.impl=ulysses", "mesh.sequence=2", "mesh.model=1", "model.n_heads=6", "model.n_kv_heads=3",
+      "model.d_model=384"], "the 3 kv heads per model shard and the 2 Ulysses shards"),
+    (["attention.impl=ulysses", "mesh.sequence=8", "mesh.model=1", "model.n_heads=4", "model.n_kv_heads=4",
+      "model.d_model=256"], "model.n_heads / mesh.model must be divisible by 8"),
+    (["attention.kernel=cuda"], "attention.kernel 'cuda' must be one of xla, pallas"),
+    (["attention.window=0"], "attention.window 0 must be >= 1"),
     (["nokeyvalue"], "must have the form key=value"),
 ])
 def test_bad_configs_name_key_and_rule(sets, message):

@@ -50,7 +50,7 @@ def _sharded_loss_and_grads(mesh_shape, *extra, check_vma=True):
     return float(loss), nnx.to_pure_dict(grads), nnx.to_pure_dict(state.params), cfg
 
 
-def dense_loss(params, cfg, batch):
+def dense_loss(params, cfg, batch, window=None):
     """A plain single-device LLaMA (no shard_map, no collectives, dense attention, float64 RoPE angles)."""
     m = cfg.model
     hd = m.d_model // m.n_heads
@@ -70,7 +70,7 @@ def dense_loss(params, cfg, batch):
         q = rot((h @ p["wq"]).reshape(B, T, m.n_heads, hd))
         k = rot((h @ p["wk"]).reshape(B, T, m.n_kv_heads, hd))
         v = (h @ p["wv"]).reshape(B, T, m.n_kv_heads, hd)
-        o = reference(q, k, v, positions=batch["positions"], segment_ids=batch["segment_ids"])
+        o = reference(q, k, v, positions=batch["positions"], segment_ids=batch["segment_ids"], window=window)
         x = x + o.reshape(B, T, -1) @ p["wo"]
         h = norm(x, p["mlp_norm"])
         x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
@@ -99,6 +99,17 @@ def oracle():
 def test_every_mesh_matches_dense_single_device(mesh_shape, oracle):
     loss, grads, _, _ = _sharded_loss_and_grads(mesh_shape)
     _compare(loss, grads, *oracle)
+
+
+@pytest.mark.parametrize("mesh_shape,extra", [((1, 4, 2), ("attention.impl=ulysses",)),
+                                              ((1, 8, 1), ("attention.impl=hybrid", "attention.ulysses_size=4")),
+                                              ((2, 2, 2), ("attention.layout=striped",)),
+                                              ((1, 4, 2), ("attention.layout=contiguous", "attention.window=24"))])
+def test_attention_impls_and_layouts_match_dense(mesh_shape, extra):
+    loss, grads, params, cfg = _sharded_loss_and_grads(mesh_shape, *extra)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    ref_loss, ref_grads = jax.value_and_grad(lambda p: dense_loss(p, cfg, batch, window=cfg.attention.window))(params)
+    _compare(loss, grads, float(ref_loss), ref_grads)
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (2, 2, 2)])

@@ -103,12 +103,27 @@ def test_public_entry_on_global_arrays(mesh_shape, layout):
     assert relative_error(out, lay(reference(q, k, v, positions=pos, segment_ids=seg))) <= 1e-5
 
 
-@pytest.mark.parametrize("kwargs,message", [({"impl": "ulysses"}, "attention.impl"),
-                                            ({"kernel": "pallas"}, "attention.kernel"),
-                                            ({"causal": False, "window": 4}, "window requires causal")])
+@pytest.mark.parametrize("kwargs,message", [({"impl": "spiral"}, "attention.impl"),
+                                            ({"kernel": "cuda"}, "attention.kernel"),
+                                            ({"causal": False, "window": 4}, "window requires causal"),
+                                            ({"window": 0}, "window 0 must be >= 1"),
+                                            ({"impl": "hybrid", "ulysses_size": 3}, "ulysses_size 3 must divide"),
+                                            ({"impl": "ulysses"}, "ulysses_size 8 must divide the 8 query heads|kv")])
 def test_public_entry_rejects_bad_arguments(kwargs, message):
     from lcjax.attention import attention
 
     q, k, v, _, pos, seg = _data(False)
+    if kwargs.get("impl") == "ulysses":  # 8 query heads but 3 kv heads cannot be split over 8 shards
+        k, v = k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2)
+        q = q[:, :, :6]
+        message = "must divide"
     with pytest.raises(ValueError, match=message):
         attention(q, k, v, positions=pos, **kwargs)
+
+
+def test_public_entry_rejects_bad_positions():
+    from lcjax.attention import attention
+
+    q, k, v, _, pos, _ = _data(False)
+    with pytest.raises(ValueError, match="positions must be int32"):
+        attention(q, k, v, positions=pos.astype(jnp.float32))

@@ -28,7 +28,7 @@ from jax import lax
 from lcjax.config import ModelConfig, padded_vocab
 from lcjax.ops import rope
 from lcjax.parallel import tensor
-from lcjax.parallel.ring import ring_attention
+from lcjax.parallel.sequence import sequence_parallel_attention
 
 
 class Axes(NamedTuple):
@@ -40,12 +40,15 @@ class Axes(NamedTuple):
 
 
 class AttentionSpec(NamedTuple):
-    """Static attention settings passed down to the per-shard ring (plain values, hashable)."""
+    """Static attention settings passed down to the per-shard attention (plain values, hashable)."""
 
+    impl: str = "ring"
     layout: str = "zigzag"
     window: int | None = None
     block_q: int = 512
     block_k: int = 512
+    kernel: str = "xla"
+    ulysses_size: int | None = None
 
 
 def _normal(rngs: nnx.Rngs, shape, std):
@@ -88,8 +91,10 @@ class Block(nnx.Module):
         k = (h @ kv(self.wk)).reshape(b, t, -1, hd)
         v = (h @ kv(self.wv)).reshape(b, t, -1, hd)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-        o = ring_attention(q, k, v, positions, segment_ids, axis_name=axes.sequence, layout=attn.layout,
-                           causal=True, window=attn.window, block_q=attn.block_q, block_k=attn.block_k)
+        o = sequence_parallel_attention(q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence,
+                                        layout=attn.layout, causal=True, window=attn.window,
+                                        block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
+                                        ulysses_size=attn.ulysses_size)
         x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo), axes.model)
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         a = jax.nn.silu(h @ w(self.w_gate)) * (h @ w(self.w_up))

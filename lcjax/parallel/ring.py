@@ -22,12 +22,13 @@ Shapes (per shard): q [B, T/P, N', H]; k, v [B, T/P, K', H]; positions, segment_
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcjax.kernels.flash_attention import xla as flash
+from lcjax.kernels.flash_attention.api import get_kernel
 
 NEG_INF = -jnp.inf
 
@@ -43,10 +44,44 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out_a * wa + out_b * wb, lse
 
 
-def _shift(x, axis_name, size):
-    """Send ``x`` (any pytree) from shard i to shard i+1 (mod size)."""
-    perm = [(i, (i + 1) % size) for i in range(size)]
-    return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), x)
+class RingPlan(NamedTuple):
+    """Static description of one ring (hashable: a non-differentiable argument of the custom VJP).
+
+    ``group`` > 1 runs one ring per position inside consecutive groups of that size (hybrid Ulysses ×
+    ring: shard d = g·group + u is at ring position g of ring u).
+    """
+
+    axis_name: str | None
+    layout: str
+    causal: bool
+    window: int | None
+    scale: float | None
+    block_q: int
+    block_k: int
+    kernel: str = "xla"
+    group: int = 1
+
+
+def _perm(size: int, group: int, hops: int):
+    """ppermute pairs moving every block ``hops`` ring positions forward (within its ring)."""
+    rings = size // group
+    return [(g * group + u, ((g + hops) % rings) * group + u) for g in range(rings) for u in range(group)]
+
+
+def _shift(x, plan: RingPlan, size: int, hops: int = 1):
+    """Send ``x`` (any pytree) ``hops`` positions along the ring."""
+    perm = _perm(size, plan.group, hops)
+    return jax.tree.map(lambda a: lax.ppermute(a, plan.axis_name, perm), x)
+
+
+def ring_steps(plan: RingPlan, ring_size: int, local_len: int) -> int:
+    """How many blocks each shard attends to (itself included): all ``ring_size`` of them, except for a
+    causal sliding window in the contiguous layout, where blocks wholly more than W−1 tokens behind are
+    never visible: the block s steps back is at least (s−1)·L+1 positions away (L = T/P; positions
+    strictly increase within a document), so s ≤ ⌈(W−1)/L⌉ suffices."""
+    if plan.window is None or not plan.causal or plan.layout != "contiguous":
+        return ring_size
+    return min(ring_size, 1 + -(-(plan.window - 1) // local_len))
 
 
 def _half(x, which):
@@ -61,111 +96,118 @@ def _pad_half(x, fill, which):
     return jnp.concatenate([x, other] if which == 0 else [other, x], axis=1)
 
 
-def _forward_step(q, kv, q_pos, q_seg, *, zigzag_half, src_before, kw):
+def _forward_step(kernel, q, kv, q_pos, q_seg, *, zigzag_half, src_before, kw):
     """Attention of local queries to one visiting block. Returns (out, lse) for all local queries."""
     k, v, k_pos, k_seg = kv
     if not zigzag_half:
-        return flash.flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw)
+        return kernel.flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw)
 
     def first_key_half(_):
-        return flash.flash_forward(q, _half(k, 0), _half(v, 0), q_pos, _half(k_pos, 0), q_seg,
+        return kernel.flash_forward(q, _half(k, 0), _half(v, 0), q_pos, _half(k_pos, 0), q_seg,
                                    _half(k_seg, 0), **kw)
 
     def second_query_half(_):
-        out, lse = flash.flash_forward(_half(q, 1), k, v, _half(q_pos, 1), k_pos, _half(q_seg, 1), k_seg,
+        out, lse = kernel.flash_forward(_half(q, 1), k, v, _half(q_pos, 1), k_pos, _half(q_seg, 1), k_seg,
                                        **kw)
         return _pad_half(out, 0.0, 1), _pad_half(lse, NEG_INF, 1)
 
     return lax.cond(src_before, first_key_half, second_query_half, None)
 
 
-def _backward_step(q, kv, out, lse, dout, q_pos, q_seg, *, zigzag_half, src_before, kw):
+def _backward_step(kernel, q, kv, out, lse, dout, q_pos, q_seg, *, zigzag_half, src_before, kw):
     """Gradient contributions of one visiting block: (dq for local queries, dk, dv for the block)."""
     k, v, k_pos, k_seg = kv
     if not zigzag_half:
-        return flash.flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, **kw)
+        return kernel.flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, **kw)
 
     def first_key_half(_):
-        dq, dk, dv = flash.flash_backward(q, _half(k, 0), _half(v, 0), out, lse, dout, q_pos,
+        dq, dk, dv = kernel.flash_backward(q, _half(k, 0), _half(v, 0), out, lse, dout, q_pos,
                                           _half(k_pos, 0), q_seg, _half(k_seg, 0), **kw)
         return dq, _pad_half(dk, 0.0, 0), _pad_half(dv, 0.0, 0)
 
     def second_query_half(_):
-        dq, dk, dv = flash.flash_backward(_half(q, 1), k, v, _half(out, 1), _half(lse, 1), _half(dout, 1),
+        dq, dk, dv = kernel.flash_backward(_half(q, 1), k, v, _half(out, 1), _half(lse, 1), _half(dout, 1),
                                           _half(q_pos, 1), k_pos, _half(q_seg, 1), k_seg, **kw)
         return _pad_half(dq, 0.0, 1), dk, dv
 
     return lax.cond(src_before, first_key_half, second_query_half, None)
 
 
-def _ring_geometry(axis_name, q, q_pos, q_seg):
-    """(shard index, ring size) — the index is tied to this layer's queries by an optimization barrier so
-    XLA cannot hoist per-step masks out of a layer scan and keep them all alive (see notes)."""
-    if axis_name is None:
-        return jnp.int32(0), 1, q, q_pos, q_seg
-    idx, q, q_pos, q_seg = lax.optimization_barrier((lax.axis_index(axis_name), q, q_pos, q_seg))
-    return idx, lax.axis_size(axis_name), q, q_pos, q_seg
+def _ring_geometry(plan: RingPlan, q, q_pos, q_seg):
+    """(ring position, ring size, axis size, q, q_pos, q_seg) — the position is tied to this layer's
+    queries by an optimization barrier so XLA cannot hoist per-step masks out of a layer scan and keep
+    them all alive (see notes)."""
+    if plan.axis_name is None:
+        return jnp.int32(0), 1, 1, q, q_pos, q_seg
+    idx, q, q_pos, q_seg = lax.optimization_barrier((lax.axis_index(plan.axis_name), q, q_pos, q_seg))
+    size = lax.axis_size(plan.axis_name)
+    return idx // plan.group, size // plan.group, size, q, q_pos, q_seg
 
 
-def _fwd(q, k, v, q_pos, q_seg, axis_name, layout, causal, window, scale, block_q, block_k):
-    kw = dict(causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k)
-    idx, size, q, q_pos, q_seg = _ring_geometry(axis_name, q, q_pos, q_seg)
-    zigzag_half = layout == "zigzag" and causal and size > 1
+def _kw(plan: RingPlan):
+    return dict(causal=plan.causal, window=plan.window, scale=plan.scale, block_q=plan.block_q,
+                block_k=plan.block_k)
+
+
+def _fwd(q, k, v, q_pos, q_seg, plan: RingPlan):
+    kernel, kw = get_kernel(plan.kernel), _kw(plan)
+    idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
+    zigzag_half = plan.layout == "zigzag" and plan.causal and ring > 1
+    steps = ring_steps(plan, ring, q.shape[1])
     kv = (k, v, q_pos, q_seg)
-    out, lse = flash.flash_forward(q, k, v, q_pos, q_pos, q_seg, q_seg, **kw)
-    if size == 1:
+    out, lse = kernel.flash_forward(q, k, v, q_pos, q_pos, q_seg, q_seg, **kw)
+    if steps == 1:
         return out.astype(q.dtype), (q, k, v, q_pos, q_seg, out, lse)
 
     def attend(s, kv, acc):
-        src_before = (idx - s) % size < idx
-        o, l = _forward_step(q, kv, q_pos, q_seg, zigzag_half=zigzag_half, src_before=src_before, kw=kw)
+        src_before = (idx - s) % ring < idx
+        o, l = _forward_step(kernel, q, kv, q_pos, q_seg, zigzag_half=zigzag_half, src_before=src_before,
+                             kw=kw)
         return merge(*acc, o, l)
 
     def body(s, carry):
         acc, kv = carry
-        nxt = _shift(kv, axis_name, size)  # sent while this step computes
+        nxt = _shift(kv, plan, size)  # sent while this step computes
         return attend(s, kv, acc), nxt
 
-    acc, kv = lax.fori_loop(1, size - 1, body, ((out, lse), _shift(kv, axis_name, size)))
-    out, lse = attend(size - 1, kv, acc)
+    acc, kv = lax.fori_loop(1, steps - 1, body, ((out, lse), _shift(kv, plan, size)))
+    out, lse = attend(steps - 1, kv, acc)
     return out.astype(q.dtype), (q, k, v, q_pos, q_seg, out, lse)
 
 
-def _bwd(axis_name, layout, causal, window, scale, block_q, block_k, res, dout):
+def _bwd(plan: RingPlan, res, dout):
     q, k, v, q_pos, q_seg, out, lse = res
-    kw = dict(causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k)
-    idx, size, q, q_pos, q_seg = _ring_geometry(axis_name, q, q_pos, q_seg)
-    zigzag_half = layout == "zigzag" and causal and size > 1
-    dq, dk, dv = flash.flash_backward(q, k, v, out, lse, dout, q_pos, q_pos, q_seg, q_seg, **kw)
-    if size > 1:
+    kernel, kw = get_kernel(plan.kernel), _kw(plan)
+    idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
+    zigzag_half = plan.layout == "zigzag" and plan.causal and ring > 1
+    steps = ring_steps(plan, ring, q.shape[1])
+    dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, q_pos, q_pos, q_seg, q_seg, **kw)
+    if steps > 1:
         def step(s, carry):
             dq, kv, (dk, dv) = carry
-            kv, (dk, dv) = _shift((kv, (dk, dv)), axis_name, size)
-            src_before = (idx - s) % size < idx
-            dq_s, dk_s, dv_s = _backward_step(q, kv, out, lse, dout, q_pos, q_seg, zigzag_half=zigzag_half,
-                                              src_before=src_before, kw=kw)
+            kv, (dk, dv) = _shift((kv, (dk, dv)), plan, size)
+            src_before = (idx - s) % ring < idx
+            dq_s, dk_s, dv_s = _backward_step(kernel, q, kv, out, lse, dout, q_pos, q_seg,
+                                              zigzag_half=zigzag_half, src_before=src_before, kw=kw)
             return dq + dq_s, kv, (dk + dk_s, dv + dv_s)
 
-        dq, _, (dk, dv) = lax.fori_loop(1, size, step, (dq, (k, v, q_pos, q_seg), (dk, dv)))
-        dk, dv = _shift((dk, dv), axis_name, size)  # the last hop brings each block's dK/dV home
+        dq, _, (dk, dv) = lax.fori_loop(1, steps, step, (dq, (k, v, q_pos, q_seg), (dk, dv)))
+        # one last hop brings each block's dK/dV home from steps−1 positions ahead
+        dk, dv = _shift((dk, dv), plan, size, hops=1 - steps)
     zeros_int = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros_int(q_pos), zeros_int(q_seg))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
-def _ring(q, k, v, q_pos, q_seg, axis_name, layout, causal, window, scale, block_q, block_k):
-    return _fwd(q, k, v, q_pos, q_seg, axis_name, layout, causal, window, scale, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring(q, k, v, q_pos, q_seg, plan):
+    return _fwd(q, k, v, q_pos, q_seg, plan)[0]
 
 
-def _ring_fwd(q, k, v, q_pos, q_seg, axis_name, layout, causal, window, scale, block_q, block_k):
-    return _fwd(q, k, v, q_pos, q_seg, axis_name, layout, causal, window, scale, block_q, block_k)
-
-
-_ring.defvjp(_ring_fwd, _bwd)
+_ring.defvjp(_fwd, _bwd)
 
 
 def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag", causal=True,
-                   window=None, scale=None, block_q=512, block_k=512):
+                   window=None, scale=None, block_q=512, block_k=512, kernel="xla", group=1):
     """Attention of this shard's queries to the whole sequence held across ``axis_name``.
 
     Args:
@@ -176,6 +218,9 @@ def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag
       layout: "zigzag", "striped" or "contiguous"; zigzag + causal uses the balanced half-block schedule.
       causal, window, scale: as in lcjax.ops.attention.reference (scale None = 1/√H).
       block_q, block_k: the kernel's tile sizes (clipped to divisors of the local lengths).
+      kernel: the per-device kernel, "xla" or "pallas" (lcjax.kernels.flash_attention.api).
+      group: run one ring per position inside consecutive groups of this many shards (hybrid
+        Ulysses × ring); 1 for a plain ring over the whole axis.
     Returns:
       [B, T/P, N', H] in q's dtype.
     Raises:
@@ -185,4 +230,5 @@ def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag
         raise ValueError("window requires causal attention")
     if segment_ids is None:
         segment_ids = jnp.zeros_like(positions)
-    return _ring(q, k, v, positions, segment_ids, axis_name, layout, causal, window, scale, block_q, block_k)
+    plan = RingPlan(axis_name, layout, causal, window, scale, block_q, block_k, kernel, group)
+    return _ring(q, k, v, positions, segment_ids, plan)

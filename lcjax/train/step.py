@@ -44,7 +44,13 @@ class TrainState(NamedTuple):
 def attention_spec(cfg: Config) -> AttentionSpec:
     """The static attention settings of a config."""
     a = cfg.attention
-    return AttentionSpec(layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k)
+    return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
+                         kernel=a.kernel, ulysses_size=a.ulysses_size)
+
+
+def needs_check_vma(cfg: Config) -> bool:
+    """check_vma for the training shard_map: on, except around Pallas kernels (interpret mode needs it off)."""
+    return cfg.attention.kernel != "pallas"
 
 
 def compute_dtype(cfg: Config):
@@ -64,13 +70,14 @@ def _sum_replicated(tree, specs):
                         else g, tree, specs)
 
 
-def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool = True):
+def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool | None = None):
     """A function (params, batch) -> (mean loss, grads, target-token count) on global sharded arrays.
 
     params: the model's nnx.State (sharded by ``specs``); batch: dict of int32 [B, T] arrays in layout order
     (sharded P('data', 'sequence')). loss: float32 scalar, mean cross-entropy per target token (nats).
     """
     axes, attn, dtype = Axes(*AXES), attention_spec(cfg), compute_dtype(cfg)
+    check_vma = needs_check_vma(cfg) if check_vma is None else check_vma
     seq_len = cfg.data.seq_len
     tp_correction = 1.0 if check_vma else 1.0 / mesh.shape[axes.model]
 
@@ -97,7 +104,7 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool =
 
 
 def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.GradientTransformation, *,
-                    check_vma: bool = True):
+                    check_vma: bool | None = None):
     """The step (state, batch) -> (state, metrics). Arrays of ``state`` are donated to the update.
 
     The jitted part maps (params, opt_state, step) and the batch to their new values and the metrics;

@@ -1,0 +1,34 @@
+"""One per-shard entry for every sequence-parallel strategy (what the model and lcjax.attention call)."""
+
+from __future__ import annotations
+
+from lcjax.parallel.ring import ring_attention
+from lcjax.parallel.ulysses import ulysses_attention
+
+IMPLS = ("local", "ring", "ulysses", "hybrid")
+
+
+def sequence_parallel_attention(q, k, v, positions, segment_ids, *, impl, axis_name, layout="zigzag",
+                                causal=True, window=None, scale=None, block_q=512, block_k=512,
+                                kernel="xla", ulysses_size=None):
+    """Attention of this shard's queries to the whole sequence sharded over ``axis_name``.
+
+    impl: "local" (no sequence parallelism: the axis must have size 1 or be None), "ring" (K/V travel by
+    ppermute), "ulysses" (all-to-all over the whole axis), "hybrid" (all-to-all inside groups of
+    ``ulysses_size`` shards, ring across them). Other arguments and shapes: lcjax.parallel.ring.
+    Raises ValueError for an unknown impl or heads the impl cannot divide.
+    """
+    common = dict(layout=layout, causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k,
+                  kernel=kernel)
+    if impl == "local":
+        return ring_attention(q, k, v, positions, segment_ids, axis_name=None, **common)
+    if impl == "ring":
+        return ring_attention(q, k, v, positions, segment_ids, axis_name=axis_name, **common)
+    if impl == "ulysses":
+        return ulysses_attention(q, k, v, positions, segment_ids, axis_name=axis_name, **common)
+    if impl == "hybrid":
+        if ulysses_size is None:
+            raise ValueError("attention.impl 'hybrid' needs attention.ulysses_size")
+        return ulysses_attention(q, k, v, positions, segment_ids, axis_name=axis_name, group=ulysses_size,
+                                 **common)
+    raise ValueError(f"attention.impl {impl!r} must be one of {', '.join(IMPLS)}")

@@ -1,0 +1,98 @@
+"""Ulysses (all-to-all) and hybrid (Ulysses inside, ring across) against the dense reference."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import relative_error
+from lcjax.ops.attention import reference
+from lcjax.ops.layout import permute
+from lcjax.parallel.sequence import sequence_parallel_attention
+from lcjax.parallel.ulysses import zigzag_group_order
+from lcjax.sharding.mesh import make_mesh
+
+B, T, H = 2, 64, 16
+
+
+def _data(n, kv, mask):
+    ks = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(ks[0], (B, T, n, H))
+    k = jax.random.normal(ks[1], (B, T, kv, H))
+    v = jax.random.normal(ks[2], (B, T, kv, H))
+    do = jax.random.normal(ks[3], (B, T, n, H))
+    seg, pos = np.ones(T), np.arange(T)
+    if mask == "segments":
+        seg = np.repeat([1, 2, 3], [21, 30, T - 51])
+        pos = np.concatenate([np.arange(21), np.arange(30), np.arange(T - 51)])
+    tile = lambda a: jnp.asarray(np.tile(a, (B, 1)), jnp.int32)
+    return q, k, v, do, tile(pos), tile(seg)
+
+
+def check(impl, sp, layout, n, kv, mask="causal", group=None):
+    q, k, v, do, pos, seg = _data(n, kv, mask)
+    causal = mask != "noncausal"
+    window = {"window": 5, "window_big": 20}.get(mask)
+    kw = dict(positions=pos, segment_ids=seg, causal=causal, window=window)
+    ref = reference(q, k, v, **kw)
+    ref_grads = jax.grad(lambda *a: jnp.sum(reference(*a, **kw) * do), (0, 1, 2))(q, k, v)
+    lay = lambda x: permute(x, layout, sp)
+    spec = P(None, "sequence")
+    fn = jax.shard_map(
+        lambda q, k, v, p, s: sequence_parallel_attention(
+            q, k, v, p, s, impl=impl, axis_name="sequence", layout=layout, causal=causal, window=window,
+            block_q=8, block_k=8, ulysses_size=group),
+        mesh=make_mesh(1, sp, 1), in_specs=(spec,) * 5, out_specs=spec)
+    out = jax.jit(fn)(lay(q), lay(k), lay(v), lay(pos), lay(seg))
+    assert relative_error(out, lay(ref)) <= 1e-5
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a, lay(pos), lay(seg)) * lay(do)), (0, 1, 2)))(
+        lay(q), lay(k), lay(v))
+    for g, r in zip(grads, ref_grads):
+        assert relative_error(g, lay(r)) <= 1e-5
+
+
+@pytest.mark.parametrize("sp,n,kv", [(2, 8, 2), (4, 8, 8), (8, 8, 2), (8, 8, 1)])
+def test_ulysses(sp, n, kv):
+    check("ulysses", sp, "zigzag", n, kv, mask="segments")
+
+
+@pytest.mark.parametrize("sp,group,layout,mask", [(8, 2, "zigzag", "causal"), (8, 4, "zigzag", "segments"),
+                                                  (4, 2, "striped", "window"), (8, 2, "contiguous", "window"),
+                                                  (4, 2, "zigzag", "noncausal")])
+def test_hybrid(sp, group, layout, mask):
+    check("hybrid", sp, layout, 8, 2, mask=mask, group=group)
+
+
+@pytest.mark.parametrize("layout,mask", [("contiguous", "window"), ("contiguous", "window_big"),
+                                         ("zigzag", "window"), ("striped", "noncausal")])
+def test_ring_masks(layout, mask):
+    check("ring", 8, layout, 8, 1, mask=mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,layout,mask,heads,sp", [
+    (impl, layout, mask, heads, sp)
+    for impl, layout, mask, heads, sp in itertools.product(
+        ["ring", "ulysses", "hybrid"], ["zigzag", "striped", "contiguous"],
+        ["causal", "window", "window_big", "segments", "noncausal"], [(8, 8), (8, 2), (8, 1)], [1, 2, 4, 8])
+    if not (impl == "hybrid" and sp < 4)])
+def test_full_matrix(impl, layout, mask, heads, sp):
+    check(impl, sp, layout, *heads, mask=mask, group=2 if impl == "hybrid" else None)
+
+
+def test_zigzag_group_order():
+    # two shards of 4 tokens, each [early(2), late(2)] -> early_0 early_1 late_1 late_0
+    assert zigzag_group_order(4, 2).tolist() == [0, 1, 4, 5, 6, 7, 2, 3]
+
+
+def test_heads_that_cannot_be_divided_are_refused():
+    q, k, v, _, pos, seg = _data(6, 2, "causal")
+    spec = P(None, "sequence")
+    fn = jax.shard_map(lambda q, k, v, p, s: sequence_parallel_attention(q, k, v, p, s, impl="ulysses",
+                                                                         axis_name="sequence"),
+                       mesh=make_mesh(1, 4, 1), in_specs=(spec,) * 5, out_specs=spec)
+    with pytest.raises(ValueError, match="ulysses_size 4 must divide the 6 query heads"):
+        fn(q, k, v, pos, seg)
