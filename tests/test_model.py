@@ -39,7 +39,7 @@ def _batch():
     return dict(tokens=stream[:, :-1], labels=stream[:, 1:], positions=pos, segment_ids=seg, loss_mask=mask)
 
 
-def _sharded_loss_and_grads(mesh_shape, *extra, check_vma=True):
+def _sharded_loss_and_grads(mesh_shape, *extra, check_vma=None):
     cfg = _config(mesh_shape, *extra)
     mesh = make_mesh(*mesh_shape)
     graphdef, specs, _, state = init_state(cfg, mesh, {})
@@ -110,6 +110,12 @@ def test_attention_impls_and_layouts_match_dense(mesh_shape, extra):
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     ref_loss, ref_grads = jax.value_and_grad(lambda p: dense_loss(p, cfg, batch, window=cfg.attention.window))(params)
     _compare(loss, grads, float(ref_loss), ref_grads)
+
+
+def test_pallas_kernel_in_the_model_matches_dense(oracle):
+    """kernel=pallas (interpret mode on CPU) runs the training shard_map with check_vma off."""
+    loss, grads, _, _ = _sharded_loss_and_grads((1, 4, 2), "attention.kernel=pallas")
+    _compare(loss, grads, *oracle)
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (2, 2, 2)])
