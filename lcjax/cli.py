@@ -39,7 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="run directory (default runs/<config name>-<UTC time>)")
     train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="rank candidate meshes by the analytic planner (docs/planner.md)")
+    plan.add_argument("--config", required=True, help="YAML config file")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable)")
+    plan.add_argument("--seq-len", type=int, help="tokens per sequence (default data.seq_len)")
+    plan.add_argument("--devices", type=int, help="device count (default the config's mesh size)")
+    plan.add_argument("--device", default="h100", help="preset: a100, h100, h200, h800, cpu (default h100)")
+    plan.add_argument("--attention", choices=("ring", "ulysses", "local"),
+                      help="attention over sequence (default attention.impl)")
+    plan.add_argument("--remat", default="none", help="none or full (the trainer implements none)")
+    plan.add_argument("--optimizer-sharding", default="none",
+                      help="none, zero1, zero2 or fsdp over data x sequence (the trainer implements none)")
+    plan.add_argument("--activations", default="lcjax",
+                      help="activation estimate: lcjax (what autodiff keeps) or formulas (formulas.md 1.3)")
+    plan.add_argument("--efficiency", type=float, help="share of peak FLOP/s reached (default preset, 0.5)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def default_run_dir(cfg: config_lib.Config) -> Path:
@@ -61,11 +81,39 @@ def _train(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from lcjax import plan as plan_lib  # pure Python: imports no JAX
+    from lcjax.plan import report
+
+    overrides = [*args.set, *([f"data.seq_len={args.seq_len}"] if args.seq_len is not None else [])]
+    cfg = config_lib.load(args.config, overrides)
+    n = args.devices if args.devices is not None else cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model
+    if n < 1:
+        raise ValueError(f"--devices {n} must be >= 1")
+    dev = plan_lib.device(args.device, args.efficiency)
+    plans, rejected = plan_lib.candidates(cfg, n, dev, attention=args.attention, remat=args.remat,
+                                          optimizer_sharding=args.optimizer_sharding,
+                                          activation_model=args.activations)
+    shape = plan_lib.Shape.from_model_config(cfg.model)
+    settings = {"seq_len": cfg.data.seq_len, "global_batch": cfg.data.global_batch, "devices": n,
+                "device": dev.name, "efficiency": dev.efficiency,
+                "attention": args.attention or cfg.attention.impl, "layout": cfg.attention.layout,
+                "dtype": cfg.train.dtype, "remat": args.remat, "optimizer_sharding": args.optimizer_sharding,
+                "activations": args.activations}
+    if args.json:
+        print(json.dumps(report.to_json(shape, cfg.data.seq_len, plans, rejected, settings), indent=1))
+    else:
+        print(report.table(shape, cfg.data.seq_len, plans, rejected, settings))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train}[args.command](args)
+        return {"train": _train, "plan": _plan}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -1,0 +1,96 @@
+"""Bytes one device sends per layer (forward and backward) for TP all-reduces, ring ppermutes and
+Ulysses all-to-alls, and the time a collective takes.
+
+Cost model (NVIDIA nccl-tests ``doc/PERFORMANCE.md``, formulas §2.1): on n ranks an all-reduce of S bytes
+sends 2(n−1)/n·S per rank; reduce-scatter and all-gather (n−1)/n·S; an all-to-all whose aggregate
+message is M sends (n−1)·M/n² per rank; a ppermute sends its block. Time = bytes sent / per-direction
+link bandwidth. Formulas per scheme: formulas §2.2 (Korthikanti et al. 2022 §4.2; DeepSpeed-Ulysses blog;
+Liu et al. 2023 Alg. 1 and zhuzilin/ring-flash-attention, whose dK/dV travel in float32 as lcjax's do).
+``tokens`` is the per-device token count (B/dp)·(T/sp); ``cb`` the compute dtype's bytes.
+Positions and segment ids travelling with lcjax's K/V (8 bytes per token per hop) are left out
+(< 0.1 % for LLaMA-2-7B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lcjax.plan.shapes import Shape, local_heads
+
+ATTENTION_IMPLS = ("ring", "ulysses", "local")
+
+
+@dataclass(frozen=True)
+class LayerComm:
+    """Bytes one device sends for one layer: over ``model`` (TP) and over ``sequence`` (attention)."""
+
+    tp_fwd: int
+    tp_bwd: int
+    seq_fwd: int
+    seq_bwd: int
+
+    @property
+    def total(self) -> int:
+        return self.tp_fwd + self.tp_bwd + self.seq_fwd + self.seq_bwd
+
+    def as_dict(self) -> dict:
+        return {"tp_fwd": self.tp_fwd, "tp_bwd": self.tp_bwd, "seq_fwd": self.seq_fwd,
+                "seq_bwd": self.seq_bwd, "total": self.total}
+
+
+def tp_bytes(s: Shape, tokens: int, tp: int, cb: int = 2) -> int:
+    """Megatron TP, one direction (forward = backward): two all-reduces of [tokens, D] (after the attention
+    output and the MLP down projection): 2·2(t−1)/t·tokens·D·cb. 7B, T=32768, t=4: 805,306,368."""
+    return 4 * (tp - 1) * tokens * s.D * cb // tp
+
+
+def ring_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> tuple[int, int]:
+    """Ring attention (forward, backward): forward P−1 hops of the local K and V blocks
+    (P−1)·2·tokens·d_kv'·cb; backward the same K/V hops plus dK, dV (float32) travelling P hops:
+    + P·2·tokens·d_kv'·4. d_kv' = kv heads on this ``model`` shard × H.
+    7B, T=32768, P=4: 402,653,184 and 1,476,395,008."""
+    if sp == 1:
+        return 0, 0
+    kv = local_heads(s, tp)[1] * s.H
+    fwd = (sp - 1) * 2 * tokens * kv * cb
+    return fwd, fwd + sp * 2 * tokens * kv * 4
+
+
+def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> int:
+    """DeepSpeed-Ulysses, one direction (forward = backward): all-to-all of Q, K, V and of the output, the
+    aggregate message (sequence-wide) being sp·tokens·(2·D' + 2·d_kv')·cb, so each device sends
+    (P−1)/P²·M. D' = N/tp·H; d_kv' = max(kv heads on the shard, P)·H (kv heads repeated when fewer than P).
+    7B, T=32768, P=4: 201,326,592."""
+    if sp == 1:
+        return 0
+    n_loc, k_loc = local_heads(s, tp)
+    aggregate = sp * tokens * (2 * n_loc + 2 * max(k_loc, sp)) * s.H * cb
+    return (sp - 1) * aggregate // (sp * sp)
+
+
+def layer_comm(s: Shape, tokens: int, *, sp: int, tp: int, impl: str = "ring", cb: int = 2) -> LayerComm:
+    """:class:`LayerComm` of one layer on one device for attention ``impl`` (ring, ulysses or local)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r} must be one of {', '.join(ATTENTION_IMPLS)}")
+    tp_one = tp_bytes(s, tokens, tp, cb)
+    if impl == "ring":
+        fwd, bwd = ring_bytes(s, tokens, sp, tp, cb)
+    elif impl == "ulysses":
+        fwd = bwd = ulysses_bytes(s, tokens, sp, tp, cb)
+    else:
+        fwd = bwd = 0
+    return LayerComm(tp_one, tp_one, fwd, bwd)
+
+
+def all_reduce_bytes(size: int, n: int) -> int:
+    """Bytes one rank sends in an all-reduce of ``size`` bytes over n ranks: 2(n−1)/n·size."""
+    return 2 * (n - 1) * size // n
+
+
+def gradient_sync_bytes(param_bytes_local: int, group: int, optimizer_sharding: str) -> int:
+    """Per-step bytes a device sends to reduce float32 gradients over the data × sequence group: an
+    all-reduce (or reduce-scatter + all-gather of the updated parameters, the same bytes, for zero1/zero2);
+    FSDP adds an all-gather of the parameters for the backward: 3·(g−1)/g·size."""
+    if optimizer_sharding == "fsdp":
+        return 3 * (group - 1) * param_bytes_local // group
+    return all_reduce_bytes(param_bytes_local, group)

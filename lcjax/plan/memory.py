@@ -1,0 +1,151 @@
+"""Per-device memory of one lcjax training step: parameters, gradients, optimizer state, activations.
+
+Everything is in bytes on one device. Parameters are float32 (``param_bytes``), split over ``model``
+exactly as lcjax.sharding.rules splits them (lcjax.plan.shapes.param_elements_per_device). Gradients are
+float32 like the parameters; AdamW keeps two float32 moments. ``optimizer_sharding`` models ZeRO
+(Rajbhandari et al. 2020, arXiv:1910.02054) over the data × sequence group (g = dp·sp devices):
+
+- ``none``   parameters, gradients and moments replicated over data and sequence (what lcjax does today);
+- ``zero1``  moments / g;  ``zero2`` moments and gradients / g;
+- ``fsdp``   moments, gradients and parameters / g, plus one layer gathered whole (compute dtype).
+
+Activations, two estimates (flash attention keeps no T×T scores in either):
+
+- ``formulas``: the LLaMA-adapted count of formulas §1.3 (ours, not from a paper): per layer and token, in
+  the compute dtype, attention-norm input D, QKV input D, Q D, K d_kv, V d_kv, O D, MLP-norm input D, MLP
+  input D, gate F, up F, silu(gate)·up F (7B: 32.125·sbh bytes at bf16).
+- ``lcjax`` (default): what JAX's autodiff of lcjax's ``Block`` actually keeps per layer, read off
+  ``jax.ad_checkpoint.print_saved_residuals`` (docs/planner.md): in the compute dtype the inputs of the
+  QKV and gate/up matmuls (2D), the attention output (input of Wo), Q, K, V and six F-wide SwiGLU tensors;
+  in float32 the two RMSNorms' internals (4D), RoPE cos/sin for Q and K (2H), the ring's float32 output and
+  lse, four per-token norm scalars; int32 positions and segment ids; and, when the compute dtype is not
+  float32, a compute-dtype copy of the layer's weight matrices (the cast is saved for the backward).
+  Outside the layers: embedding and final-norm outputs, float32 logits and their gradient, and the
+  backward's working set, taken as one more layer's residuals. ≈ 2× ``formulas`` for LLaMA-2-7B.
+
+lcjax has TP without Megatron sequence parallelism, so D-wide tensors are replicated over ``model`` and
+head/F-wide ones split; tokens are split over data and sequence. ``stored_bytes`` = 4 models XLA's CPU
+backend, which keeps bfloat16 tensors as float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lcjax.plan.flops import REMAT_POLICIES
+from lcjax.plan.shapes import Shape, layer_matrix_elements_per_device, local_heads, param_elements_per_device
+
+OPTIMIZER_SHARDINGS = ("none", "zero1", "zero2", "fsdp")
+ACTIVATION_MODELS = ("lcjax", "formulas")
+ADAM_MOMENTS = 2
+
+
+@dataclass(frozen=True)
+class MemoryBytes:
+    """Bytes on one device. ``total`` = params + grads + optimizer + activations."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "total": self.total}
+
+
+def _check_sharding(optimizer_sharding: str) -> None:
+    if optimizer_sharding not in OPTIMIZER_SHARDINGS:
+        raise ValueError(f"optimizer sharding {optimizer_sharding!r} must be one of "
+                         f"{', '.join(OPTIMIZER_SHARDINGS)}")
+
+
+def state_bytes(s: Shape, tp: int, group: int, optimizer_sharding: str = "none",
+                param_bytes: int = 4, compute_bytes: int = 2) -> tuple[int, int, int]:
+    """(params, grads, optimizer) bytes per device. ``group``: devices of the data × sequence group."""
+    _check_sharding(optimizer_sharding)
+    local = param_elements_per_device(s, tp) * param_bytes
+    level = OPTIMIZER_SHARDINGS.index(optimizer_sharding)
+    optimizer = ADAM_MOMENTS * local // (group if level >= 1 else 1)
+    grads = local // (group if level >= 2 else 1)
+    params = local // (group if level >= 3 else 1)
+    if level >= 3:  # one layer gathered whole for its forward/backward (compute dtype)
+        params += (param_elements_per_device(s, tp) // s.L) * compute_bytes
+    return params, grads, optimizer
+
+
+def layer_activation_elements_per_token(s: Shape, tp: int = 1) -> int:
+    """Stored activation elements per token of one layer on one ``model`` shard (formulas §1.3):
+    4D replicated + Q, O (N/tp·H each) + K, V (kv heads on the shard) + 3F/tp. tp=1: 6D + 2d_kv + 3F."""
+    n_loc, k_loc = local_heads(s, tp)
+    return 4 * s.D + 2 * n_loc * s.H + 2 * k_loc * s.H + 3 * s.F // tp
+
+
+def layer_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2) -> int:
+    """Activation bytes one layer stores for ``tokens`` tokens on one device (formulas §1.3, estimate).
+    LLaMA-2-7B, 32768 tokens, bf16, tp=1: 4,311,744,512 (= 32.125·sbh)."""
+    return compute_bytes * tokens * layer_activation_elements_per_token(s, tp)
+
+
+def lcjax_layer_residual_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
+                               stored_bytes: int | None = None) -> int:
+    """Bytes of the per-token residuals JAX keeps for one lcjax layer (``lcjax`` model, module doc):
+    stored·(2D + (2N' + 2K')·H + 6F/tp) + 4·(4D + 2H + N'·H + N' + 4) + 8 per token (N', K' heads on the
+    shard). LLaMA-2-7B, tp=1, bf16: 264,344 bytes per token (2.01× formulas §1.3)."""
+    n_loc, k_loc = local_heads(s, tp)
+    stored = stored_bytes or compute_bytes
+    low = 2 * s.D + (2 * n_loc + 2 * k_loc) * s.H + 6 * s.F // tp
+    f32 = 4 * s.D + 2 * s.H + n_loc * s.H + n_loc + 4
+    return tokens * (stored * low + 4 * f32 + 8)
+
+
+def cast_weight_bytes(s: Shape, tp: int = 1, compute_bytes: int = 2, param_bytes: int = 4,
+                      stored_bytes: int | None = None) -> int:
+    """The compute-dtype copy of one layer's weight matrices that autodiff keeps (0 if no cast)."""
+    if compute_bytes == param_bytes:
+        return 0
+    return layer_matrix_elements_per_device(s, tp) * (stored_bytes or compute_bytes)
+
+
+def head_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
+                          stored_bytes: int | None = None) -> int:
+    """Outside the layers (estimate): embedding output and final-norm output (D each, compute dtype) and
+    the float32 vocabulary-parallel logits with their gradient (2 × Vp/tp); Korthikanti et al. §4.3 note
+    the fp32 logits term 4sbv/t is not negligible at long T."""
+    return tokens * (2 * s.D * (stored_bytes or compute_bytes) + 2 * 4 * s.Vp // tp)
+
+
+def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2, remat: str = "none", *,
+                     model: str = "lcjax", param_bytes: int = 4, stored_bytes: int | None = None) -> int:
+    """All activation bytes of one device for ``tokens`` local tokens (estimate; module doc).
+
+    remat ``none``: every layer keeps its residuals; ``full``: each layer keeps only its input (Korthikanti
+    Table 2, 2sbh) and one layer is rematerialised whole at a time during the backward. ``model``:
+    ``lcjax`` or ``formulas``. Plus the head's activations (and, for ``lcjax``, the working set).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} must be one of {', '.join(REMAT_POLICIES)}")
+    if model not in ACTIVATION_MODELS:
+        raise ValueError(f"activation model {model!r} must be one of {', '.join(ACTIVATION_MODELS)}")
+    stored = stored_bytes or compute_bytes
+    if model == "formulas":
+        layer, working = layer_activation_bytes(s, tokens, tp, stored), 0
+    else:
+        working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored)
+        layer = working + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
+    layers = s.L * tokens * s.D * stored + layer if remat == "full" else s.L * layer
+    return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored)
+
+
+def memory_per_device(s: Shape, tokens: int, tp: int, group: int, *, optimizer_sharding: str = "none",
+                      remat: str = "none", compute_bytes: int = 2, param_bytes: int = 4,
+                      activation_model: str = "lcjax", stored_bytes: int | None = None) -> MemoryBytes:
+    """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp))."""
+    params, grads, optimizer = state_bytes(s, tp, group, optimizer_sharding, param_bytes, compute_bytes)
+    acts = activation_bytes(s, tokens, tp, compute_bytes, remat, model=activation_model,
+                            param_bytes=param_bytes, stored_bytes=stored_bytes)
+    return MemoryBytes(params, grads, optimizer, acts)

@@ -1,0 +1,199 @@
+"""One training step per device, analytically: memory, communication, FLOPs, time, tokens/s and MFU.
+
+Time model (an estimate; every input is named): compute = hardware FLOPs / (peak · efficiency);
+TP all-reduces, Ulysses all-to-alls, the gradient reduction and the embedding's all-reduce wait for the
+network (exposed); a ring hop hides under the attention of the block in hand and only its excess is exposed
+(Liu et al. 2023, arXiv:2310.01889 §3). A contiguous-layout causal ring runs at P/(2P−1) of balanced
+speed in attention (formulas §6); zigzag and striped are taken as balanced. Collectives use the
+intra-node bandwidth when their devices lie within one node (mesh order data, sequence, model: ``model``
+is innermost), else the inter-node one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lcjax import config as config_lib
+from lcjax.plan import comm, flops, memory
+from lcjax.plan.hardware import Device
+from lcjax.plan.memory import MemoryBytes, memory_per_device
+from lcjax.plan.shapes import Shape, param_elements_per_device
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What a step's cost depends on. Mesh sizes (data, sequence, model); ``compute_bytes`` 2 (bfloat16)
+    or 4 (float32); ``attention`` ring, ulysses or local; ``remat`` none or full; ``optimizer_sharding``
+    none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
+    backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory)."""
+
+    shape: Shape
+    seq_len: int
+    global_batch: int
+    data: int = 1
+    sequence: int = 1
+    model: int = 1
+    attention: str = "ring"
+    layout: str = "zigzag"
+    compute_bytes: int = 2
+    param_bytes: int = 4
+    remat: str = "none"
+    optimizer_sharding: str = "none"
+    activation_model: str = "lcjax"
+    stored_bytes: int | None = None
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.sequence * self.model
+
+    @property
+    def tokens_per_device(self) -> int:
+        """(B/dp)·(T/sp): the tokens whose activations one device holds."""
+        return self.global_batch // self.data * self.seq_len // self.sequence
+
+    @classmethod
+    def from_config(cls, cfg: config_lib.Config, *, attention: str | None = None, remat: str = "none",
+                    optimizer_sharding: str = "none", activation_model: str = "lcjax",
+                    stored_bytes: int | None = None) -> "StepInputs":
+        """Inputs of a (validated) lcjax config; ``attention`` overrides ``attention.impl``."""
+        return cls(shape=Shape.from_model_config(cfg.model), seq_len=cfg.data.seq_len,
+                   global_batch=cfg.data.global_batch, data=cfg.mesh.data, sequence=cfg.mesh.sequence,
+                   model=cfg.mesh.model, attention=attention or cfg.attention.impl, layout=cfg.attention.layout,
+                   compute_bytes=4 if cfg.train.dtype == "float32" else 2, remat=remat,
+                   optimizer_sharding=optimizer_sharding, activation_model=activation_model,
+                   stored_bytes=stored_bytes)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The analytic result for one mesh on one device type (bytes, seconds, tokens/s, fractions)."""
+
+    inputs: StepInputs
+    device: Device
+    memory: MemoryBytes
+    layer_comm: comm.LayerComm
+    step_comm_bytes: int
+    compute_s: float
+    comm_exposed_s: float
+    flops_per_token: dict
+
+    @property
+    def step_time_s(self) -> float:
+        return self.compute_s + self.comm_exposed_s
+
+    @property
+    def tokens_per_sec_per_device(self) -> float:
+        i = self.inputs
+        return i.global_batch * i.seq_len / i.devices / self.step_time_s
+
+    @property
+    def mfu(self) -> dict:
+        """Model FLOPs utilisation, causal-honest and PaLM convention (formulas §3.3)."""
+        peak = self.device.peak(self.inputs.compute_bytes)
+        return {k: self.tokens_per_sec_per_device * v / peak for k, v in self.flops_per_token.items()}
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.device.memory_bytes
+
+    @property
+    def over_by_bytes(self) -> int:
+        return max(0, self.memory.total - self.device.memory_bytes)
+
+
+def model_flops(s: Shape, T: int) -> dict:
+    """{'causal', 'palm'} model FLOPs per token (lcjax.plan.flops)."""
+    return {"causal": flops.flops_per_token(s, T, causal=True), "palm": flops.flops_per_token(s, T, causal=False)}
+
+
+def _attention_seconds(i: StepInputs, rate: float) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's attention on one device; backward = 2.5× forward
+    (FlashAttention-2 §4); a contiguous causal ring is slowed by (2P−1)/P."""
+    fwd = flops.attention_forward_flops_per_token(i.shape, i.seq_len) * i.tokens_per_device / i.model / rate
+    if i.attention == "ring" and i.layout == "contiguous" and i.sequence > 1:
+        fwd *= (2 * i.sequence - 1) / i.sequence
+    return fwd, 2.5 * fwd
+
+
+def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate: float) -> float:
+    """Seconds one layer waits on the network (forward + backward)."""
+    tp_s = (lc.tp_fwd + lc.tp_bwd) / dev.bandwidth(i.model) if i.model > 1 else 0.0
+    if i.sequence == 1:
+        return tp_s
+    bw = dev.bandwidth(i.sequence * i.model)
+    if i.attention == "ulysses":
+        return tp_s + (lc.seq_fwd + lc.seq_bwd) / bw
+    hidden = (i.sequence - 1) / i.sequence
+    fwd, bwd = _attention_seconds(i, rate)
+    return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
+
+
+def plan_step(i: StepInputs, dev: Device) -> StepPlan:
+    """The :class:`StepPlan` of ``i`` on device ``dev``."""
+    s, cb, tokens = i.shape, i.compute_bytes, i.tokens_per_device
+    group = i.data * i.sequence
+    memory = memory_per_device(s, tokens, i.model, group, optimizer_sharding=i.optimizer_sharding,
+                               remat=i.remat, compute_bytes=cb, param_bytes=i.param_bytes,
+                               activation_model=i.activation_model, stored_bytes=i.stored_bytes)
+    lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
+    if i.remat == "full":  # the recomputed forward communicates again
+        lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=2 * lc.seq_fwd)
+    rate = dev.peak(cb) * dev.efficiency
+    compute_s = flops.hardware_flops_per_token(s, i.seq_len, i.remat) * tokens / i.model / rate
+    grads = comm.gradient_sync_bytes(param_elements_per_device(s, i.model) * 4, group, i.optimizer_sharding)
+    embed = comm.all_reduce_bytes(tokens * s.D * cb, i.model)
+    exposed = (s.L * _layer_exposed_seconds(i, lc, dev, rate) + grads / dev.bandwidth(i.devices)
+               + (embed / dev.bandwidth(i.model) if i.model > 1 else 0.0))
+    return StepPlan(i, dev, memory, lc, grads + embed, compute_s, exposed, model_flops(s, i.seq_len))
+
+
+def mesh_factorisations(n: int) -> list[tuple[int, int, int]]:
+    """Every (data, sequence, model) with data·sequence·model = n, ordered by model then sequence."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return [(n // (m * q), q, m) for m in divisors for q in divisors if (n // m) % q == 0]
+
+
+def ulysses_rule(s: Shape, sp: int, tp: int) -> str | None:
+    """The all-to-all's head constraint: sp must divide the query heads of a ``model`` shard."""
+    if (s.N // tp) % sp:
+        return f"attention ulysses needs mesh.sequence {sp} to divide n_heads/mesh.model = {s.N // tp}"
+    return None
+
+
+def check_options(attention: str, remat: str, optimizer_sharding: str, activation_model: str) -> None:
+    """Raise ValueError naming the first option outside its choices."""
+    for name, value, allowed in (("--attention", attention, comm.ATTENTION_IMPLS),
+                                 ("--remat", remat, flops.REMAT_POLICIES),
+                                 ("--optimizer-sharding", optimizer_sharding, memory.OPTIMIZER_SHARDINGS),
+                                 ("--activations", activation_model, memory.ACTIVATION_MODELS)):
+        if value not in allowed:
+            raise ValueError(f"{name} {value!r} must be one of {', '.join(allowed)}")
+
+
+def candidates(cfg: config_lib.Config, n_devices: int, dev: Device, *, attention: str | None = None,
+               remat: str = "none", optimizer_sharding: str = "none", activation_model: str = "lcjax"):
+    """(plans, rejected) for every factorisation of ``n_devices``. A mesh is kept when the config with that
+    mesh passes lcjax.config.validate (and the Ulysses head rule); ``rejected`` lists (mesh, reason)."""
+    impl = attention or cfg.attention.impl
+    check_options(impl, remat, optimizer_sharding, activation_model)
+    plans, rejected = [], []
+    for mesh in mesh_factorisations(n_devices):
+        trial = replace(cfg, mesh=config_lib.MeshConfig(*mesh),
+                        attention=replace(cfg.attention, impl="ring" if impl == "ulysses" else impl))
+        try:
+            config_lib.validate(trial)
+            if impl == "ulysses" and ulysses_rule(Shape.from_model_config(cfg.model), mesh[1], mesh[2]):
+                raise ValueError(ulysses_rule(Shape.from_model_config(cfg.model), mesh[1], mesh[2]))
+        except ValueError as e:
+            rejected.append((mesh, str(e)))
+            continue
+        inputs = StepInputs.from_config(trial, attention=impl, remat=remat, optimizer_sharding=optimizer_sharding,
+                                        activation_model=activation_model)
+        plans.append(plan_step(inputs, dev))
+    return plans, rejected
+
+
+def best(plans: list[StepPlan]) -> StepPlan | None:
+    """The fitting plan with the most tokens/s per device (ties: less memory), or None."""
+    fitting = [p for p in plans if p.fits]
+    return max(fitting, key=lambda p: (p.tokens_per_sec_per_device, -p.memory.total), default=None)
