@@ -74,63 +74,77 @@ def _shift(x, plan: RingPlan, size: int, hops: int = 1):
     return jax.tree.map(lambda a: lax.ppermute(a, plan.axis_name, perm), x)
 
 
-def ring_steps(plan: RingPlan, ring_size: int, local_len: int) -> int:
+def ring_steps(ring_size: int, local_len: int, *, layout: str, causal: bool, window: int | None) -> int:
     """How many blocks each shard attends to (itself included): all ``ring_size`` of them, except for a
     causal sliding window in the contiguous layout, where blocks wholly more than W−1 tokens behind are
     never visible: the block s steps back is at least (s−1)·L+1 positions away (L = T/P; positions
     strictly increase within a document), so s ≤ ⌈(W−1)/L⌉ suffices."""
-    if plan.window is None or not plan.causal or plan.layout != "contiguous":
+    if window is None or not causal or layout != "contiguous":
         return ring_size
-    return min(ring_size, 1 + -(-(plan.window - 1) // local_len))
+    return min(ring_size, 1 + -(-(window - 1) // local_len))
 
 
-def _half(x, which):
-    """First (0) or second (1) half of x along the token axis 1."""
+def src_before(ring_pos, step, ring_size):
+    """Did the block visiting at ``step`` start on an earlier ring position? (works on ints and tracers)"""
+    return (ring_pos - step) % ring_size < ring_pos
+
+
+def step_halves(zigzag_half: bool, earlier: bool):
+    """Which half of the local queries and of the visiting keys one ring step computes (None = all).
+
+    Zigzag + causal, block from an earlier shard: every query, the first (early) key chunk; from a later
+    shard: the second (late) query chunk, every key. Otherwise the whole block.
+    """
+    if not zigzag_half:
+        return None, None
+    return (None, 0) if earlier else (1, None)
+
+
+def _sel(x, half):
+    """x, or its first (0) / second (1) half along the token axis 1."""
+    if half is None:
+        return x
     n = x.shape[1] // 2
-    return x[:, :n] if which == 0 else x[:, n:]
+    return x[:, :n] if half == 0 else x[:, n:]
 
 
-def _pad_half(x, fill, which):
-    """Place x (half length) into the first/second half of a double-length array filled with ``fill``."""
+def _place(x, fill, half):
+    """Inverse of :func:`_sel`: a half-length result placed into a full-length array filled with ``fill``."""
+    if half is None:
+        return x
     other = jnp.full_like(x, fill)
-    return jnp.concatenate([x, other] if which == 0 else [other, x], axis=1)
+    return jnp.concatenate([x, other] if half == 0 else [other, x], axis=1)
 
 
-def _forward_step(kernel, q, kv, q_pos, q_seg, *, zigzag_half, src_before, kw):
+def _forward_step(kernel, q, kv, q_pos, q_seg, *, zigzag_half, earlier, kw):
     """Attention of local queries to one visiting block. Returns (out, lse) for all local queries."""
     k, v, k_pos, k_seg = kv
+
+    def branch(earlier_static):
+        qh, kh = step_halves(zigzag_half, earlier_static)
+        out, lse = kernel.flash_forward(_sel(q, qh), _sel(k, kh), _sel(v, kh), _sel(q_pos, qh), _sel(k_pos, kh),
+                                        _sel(q_seg, qh), _sel(k_seg, kh), **kw)
+        return _place(out, 0.0, qh), _place(lse, NEG_INF, qh)
+
     if not zigzag_half:
-        return kernel.flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw)
-
-    def first_key_half(_):
-        return kernel.flash_forward(q, _half(k, 0), _half(v, 0), q_pos, _half(k_pos, 0), q_seg,
-                                   _half(k_seg, 0), **kw)
-
-    def second_query_half(_):
-        out, lse = kernel.flash_forward(_half(q, 1), k, v, _half(q_pos, 1), k_pos, _half(q_seg, 1), k_seg,
-                                       **kw)
-        return _pad_half(out, 0.0, 1), _pad_half(lse, NEG_INF, 1)
-
-    return lax.cond(src_before, first_key_half, second_query_half, None)
+        return branch(False)
+    return lax.cond(earlier, lambda _: branch(True), lambda _: branch(False), None)
 
 
-def _backward_step(kernel, q, kv, out, lse, dout, q_pos, q_seg, *, zigzag_half, src_before, kw):
+def _backward_step(kernel, q, kv, out, lse, dout, q_pos, q_seg, *, zigzag_half, earlier, kw):
     """Gradient contributions of one visiting block: (dq for local queries, dk, dv for the block)."""
     k, v, k_pos, k_seg = kv
+
+    def branch(earlier_static):
+        qh, kh = step_halves(zigzag_half, earlier_static)
+        dq, dk, dv = kernel.flash_backward(_sel(q, qh), _sel(k, kh), _sel(v, kh), _sel(out, qh), _sel(lse, qh),
+                                           _sel(dout, qh), _sel(q_pos, qh), _sel(k_pos, kh), _sel(q_seg, qh),
+                                           _sel(k_seg, kh), **kw)
+        return _place(dq, 0.0, qh), _place(dk, 0.0, kh), _place(dv, 0.0, kh)
+
     if not zigzag_half:
-        return kernel.flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, **kw)
-
-    def first_key_half(_):
-        dq, dk, dv = kernel.flash_backward(q, _half(k, 0), _half(v, 0), out, lse, dout, q_pos,
-                                          _half(k_pos, 0), q_seg, _half(k_seg, 0), **kw)
-        return dq, _pad_half(dk, 0.0, 0), _pad_half(dv, 0.0, 0)
-
-    def second_query_half(_):
-        dq, dk, dv = kernel.flash_backward(_half(q, 1), k, v, _half(out, 1), _half(lse, 1), _half(dout, 1),
-                                          _half(q_pos, 1), k_pos, _half(q_seg, 1), k_seg, **kw)
-        return _pad_half(dq, 0.0, 1), dk, dv
-
-    return lax.cond(src_before, first_key_half, second_query_half, None)
+        return branch(False)
+    return lax.cond(earlier, lambda _: branch(True), lambda _: branch(False), None)
 
 
 def _ring_geometry(plan: RingPlan, q, q_pos, q_seg):
@@ -153,16 +167,15 @@ def _fwd(q, k, v, q_pos, q_seg, plan: RingPlan):
     kernel, kw = get_kernel(plan.kernel), _kw(plan)
     idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
     zigzag_half = plan.layout == "zigzag" and plan.causal and ring > 1
-    steps = ring_steps(plan, ring, q.shape[1])
+    steps = ring_steps(ring, q.shape[1], layout=plan.layout, causal=plan.causal, window=plan.window)
     kv = (k, v, q_pos, q_seg)
     out, lse = kernel.flash_forward(q, k, v, q_pos, q_pos, q_seg, q_seg, **kw)
     if steps == 1:
         return out.astype(q.dtype), (q, k, v, q_pos, q_seg, out, lse)
 
     def attend(s, kv, acc):
-        src_before = (idx - s) % ring < idx
-        o, l = _forward_step(kernel, q, kv, q_pos, q_seg, zigzag_half=zigzag_half, src_before=src_before,
-                             kw=kw)
+        o, l = _forward_step(kernel, q, kv, q_pos, q_seg, zigzag_half=zigzag_half,
+                             earlier=src_before(idx, s, ring), kw=kw)
         return merge(*acc, o, l)
 
     def body(s, carry):
@@ -180,15 +193,14 @@ def _bwd(plan: RingPlan, res, dout):
     kernel, kw = get_kernel(plan.kernel), _kw(plan)
     idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
     zigzag_half = plan.layout == "zigzag" and plan.causal and ring > 1
-    steps = ring_steps(plan, ring, q.shape[1])
+    steps = ring_steps(ring, q.shape[1], layout=plan.layout, causal=plan.causal, window=plan.window)
     dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, q_pos, q_pos, q_seg, q_seg, **kw)
     if steps > 1:
         def step(s, carry):
             dq, kv, (dk, dv) = carry
             kv, (dk, dv) = _shift((kv, (dk, dv)), plan, size)
-            src_before = (idx - s) % ring < idx
             dq_s, dk_s, dv_s = _backward_step(kernel, q, kv, out, lse, dout, q_pos, q_seg,
-                                              zigzag_half=zigzag_half, src_before=src_before, kw=kw)
+                                              zigzag_half=zigzag_half, earlier=src_before(idx, s, ring), kw=kw)
             return dq + dq_s, kv, (dk + dk_s, dv + dv_s)
 
         dq, _, (dk, dv) = lax.fori_loop(1, steps, step, (dq, (k, v, q_pos, q_seg), (dk, dv)))
@@ -232,3 +244,44 @@ def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag
         segment_ids = jnp.zeros_like(positions)
     plan = RingPlan(axis_name, layout, causal, window, scale, block_q, block_k, kernel, group)
     return _ring(q, k, v, positions, segment_ids, plan)
+
+
+def schedule(ring_pos: int, ring_size: int, local_len: int, *, layout: str, causal: bool,
+             window: int | None):
+    """The (step, query half, key half) triples the ring runs on ring position ``ring_pos`` (halves as in
+    :func:`step_halves`), from the same functions the traced ring uses: for benchmarks and tests."""
+    zigzag_half = layout == "zigzag" and causal and ring_size > 1
+    steps = ring_steps(ring_size, local_len, layout=layout, causal=causal, window=window)
+    return [(s, *((None, None) if s == 0 else step_halves(zigzag_half, src_before(ring_pos, s, ring_size))))
+            for s in range(steps)]
+
+
+def computed_area(positions, segment_ids, *, ring_size, layout, causal=True, window=None, block_q=512,
+                  block_k=512):
+    """Query–key pairs each ring position actually computes: int64 [ring_size].
+
+    positions, segment_ids: numpy int [B, T] of the whole sequence in layout order (ring position r holds
+    tokens [r·T/R, (r+1)·T/R)). Counts, for every step of :func:`schedule`, the (block_q × block_k) tiles
+    the XLA kernel does not skip (its own ``fit_block`` and ``block_may_be_visible``), summed over the
+    batch. The max/mean over positions is the ring's work balance.
+    """
+    import numpy as np
+
+    from lcjax.kernels.flash_attention import xla
+
+    n = positions.shape[1] // ring_size
+    local = lambda x, r: x[:, r * n:(r + 1) * n]
+    area = np.zeros(ring_size, np.int64)
+    for r in range(ring_size):
+        for s, qh, kh in schedule(r, ring_size, n, layout=layout, causal=causal, window=window):
+            src = (r - s) % ring_size
+            qp, qs = (np.asarray(_sel(local(x, r), qh)) for x in (positions, segment_ids))
+            kp, ks = (np.asarray(_sel(local(x, src), kh)) for x in (positions, segment_ids))
+            bq, bk = xla.fit_block(qp.shape[1], block_q), xla.fit_block(kp.shape[1], block_k)
+            for b in range(qp.shape[0]):
+                for i in range(0, qp.shape[1], bq):
+                    for j in range(0, kp.shape[1], bk):
+                        seen = xla.block_may_be_visible(qp[b:b + 1, i:i + bq], kp[b:b + 1, j:j + bk],
+                                                        qs[b:b + 1, i:i + bq], ks[b:b + 1, j:j + bk], causal, window)
+                        area[r] += bq * bk * bool(seen)
+    return area
