@@ -58,6 +58,14 @@ class Checkpointer:
         self._manager.close()
 
 
+def saved_steps(directory: str | Path) -> list[int]:
+    """Steps of the complete checkpoints under ``directory`` (without opening Orbax or writing anything)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def abstract_like(tree):
     """ShapeDtypeStruct pytree (with shardings) of a pytree of arrays: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),

@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        raise SystemExit(_fail(f"{self.prog}: {message}"))
+        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
 
 
 def _fail(message: str) -> int:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lcjax", description="Long-context LLaMA training on sharded device meshes.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a model (see configs/demo.yaml)")
-    train.add_argument("--config", required=True, help="YAML config file")
+    train.add_argument("--config", help="YAML config file (default with --resume: the run's config.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.n_layers=2 (repeatable)")
     train.add_argument("--run-dir", help="run directory (default runs/<config name>-<UTC time>)")
@@ -68,16 +68,18 @@ def default_run_dir(cfg: config_lib.Config) -> Path:
 
 
 def _train(args) -> int:
-    cfg = config_lib.load(args.config, args.set)
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir")
+    if args.config is None and not args.resume:
+        raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
+    cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     provision_host_devices(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
     from lcjax.train.loop import train  # imports JAX: after the devices are provisioned
 
     result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(f"lcjax: step {result['step']} loss {result['loss']} — run dir {run_dir}, "
-          f"checkpoint {result['checkpoint']}")
+    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
+    print(f"lcjax: step {result['step']} loss {loss} — run dir {run_dir}, checkpoint {result['checkpoint']}")
     return 0
 
 
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": _train, "plan": _plan}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        print("lcjax: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

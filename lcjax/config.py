@@ -136,7 +136,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         if "name" not in _read_yaml(Path(path)):
             merged = _merge(merged, OmegaConf.create({"name": Path(path).stem}), "name")
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise ValueError(f"--set {item!r} must have the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"--set {item}")
     cfg = OmegaConf.to_object(merged)
@@ -144,28 +144,36 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def _read_yaml(path: Path):
-    if not path.is_file():
+def _read_yaml(path: Path, seen: tuple = ()):
+    if not path.exists():
         raise ValueError(f"--config {path}: file does not exist")
+    if not path.is_file():
+        raise ValueError(f"--config {path}: not a file")
+    if path.resolve() in seen:
+        raise ValueError(f"--config {path}: 'defaults' includes itself")
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and OmegaConf's own; reported as one line
         raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    defaults = raw.pop("defaults", []) if OmegaConf.is_dict(raw) else []
+    if not OmegaConf.is_dict(raw):
+        raise ValueError(f"--config {path}: must be a mapping of config sections (mesh:, model:, ...)")
+    defaults = raw.pop("defaults", [])
     base = OmegaConf.create({})
     for rel in defaults:
-        base = OmegaConf.merge(base, _read_yaml(path.parent / rel))
-    return OmegaConf.merge(base, raw)
+        base = _merge(base, _read_yaml(path.parent / rel, seen + (path.resolve(),)), str(path.parent / rel))
+    return _merge(base, raw, str(path))
 
 
 def _merge(base, other, origin: str):
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
+        key = getattr(e, "full_key", None) or "config"
         msg = str(e).splitlines()[0]
         if "not in" in msg:
             raise ValueError(f"{key}: unknown config key (from {origin})") from None
+        if "Merge error" in msg or "subclass" in msg:
+            msg = "must be a mapping of keys, not a single value"
         raise ValueError(f"{key}: {msg} (from {origin})") from None
 
 
@@ -206,14 +214,23 @@ def _positive(cfg: Config) -> str | None:
     for key, value in checks.items():
         if value < 1:
             return f"{key} {value} must be >= 1"
-    if cfg.train.lr <= 0:
-        return f"train.lr {cfg.train.lr} must be > 0"
-    if cfg.train.warmup_steps < 0:
-        return f"train.warmup_steps {cfg.train.warmup_steps} must be >= 0"
-    if not 0 <= cfg.train.min_lr_ratio <= 1:
-        return f"train.min_lr_ratio {cfg.train.min_lr_ratio} must be in [0, 1]"
-    if cfg.model.rope.base <= 1:
-        return f"model.rope.base {cfg.model.rope.base} must be > 1"
+    t = cfg.train
+    # written as "not (x > bound)" so that NaN fails every rule
+    floats = (("train.lr", t.lr, 0, False), ("train.grad_clip", t.grad_clip, 0, False),
+              ("train.weight_decay", t.weight_decay, 0, True), ("model.norm_eps", cfg.model.norm_eps, 0, False),
+              ("model.init_std", cfg.model.init_std, 0, False), ("model.rope.base", cfg.model.rope.base, 1, False))
+    for key, value, bound, inclusive in floats:
+        if not (value >= bound if inclusive else value > bound) or math.isinf(value):
+            return f"{key} {value} must be a finite number {'>=' if inclusive else '>'} {bound}"
+    for key, value in (("train.b1", t.b1), ("train.b2", t.b2)):
+        if not 0 <= value < 1:
+            return f"{key} {value} must be in [0, 1)"
+    if t.warmup_steps < 0:
+        return f"train.warmup_steps {t.warmup_steps} must be >= 0"
+    if not 0 <= t.min_lr_ratio <= 1:
+        return f"train.min_lr_ratio {t.min_lr_ratio} must be in [0, 1]"
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        return f"name {cfg.name!r} must be a plain file name (no '/', not starting with '.')"
     return None
 
 

@@ -59,6 +59,10 @@ def test_padded_vocab():
     (["attention.kernel=cuda"], "attention.kernel 'cuda' must be one of xla, pallas"),
     (["attention.window=0"], "attention.window 0 must be >= 1"),
     (["nokeyvalue"], "must have the form key=value"),
+    (["=5"], "must have the form key=value"),
+    (["train.lr=nan"], "train.lr nan must be a finite number > 0"),
+    (["model.norm_eps=-1"], "model.norm_eps -1.0 must be a finite number > 0"),
+    (["name=../elsewhere"], "name '../elsewhere' must be a plain file name"),
 ])
 def test_bad_configs_name_key_and_rule(sets, message):
     with pytest.raises(ValueError, match=None) as info:
@@ -87,6 +91,21 @@ def test_cli_bad_input_exits_2_with_one_line(args, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("lcjax: error:"), result.stderr
     assert "Traceback" not in result.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("text,message", [("- a\n- b\n", "must be a mapping of config sections"),
+                                          ("model: 5\n", "must be a mapping of keys"),
+                                          ("defaults: [c.yaml]\n", "'defaults' includes itself")])
+def test_malformed_yaml_files(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        config_lib.load(tmp_path / "c.yaml")
+
+
+def test_cli_run_dir_below_a_file_is_refused_before_work(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = _cli("train", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path / "afile" / "run"), cwd=ROOT)
+    assert result.returncode == 2 and "is not a directory" in result.stderr
 
 
 def test_cli_existing_run_dir_is_untouched(tmp_path):

@@ -1,6 +1,7 @@
 """End to end: train through the loop and the CLI on a small corpus (this repository's own source)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,14 @@ def test_resume_reproduces_the_uninterrupted_run(straight_run, tmp_path):
     tmp, straight = straight_run
     run_dir = tmp_path / "run"
     train(_cfg(tmp, "train.steps=6", "checkpoint.every=3"), run_dir, progress=False)  # constant lr: same updates
+    shutil.rmtree(run_dir / "checkpoints" / "6")  # as if killed after step 6 was logged but before it was saved
     result = train(_cfg(tmp, "train.steps=12", "checkpoint.every=3"), run_dir, resume=True, progress=False)
     assert result["step"] == 12
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, 13))  # steps 4-6 were redone once, not logged twice
     assert _losses(run_dir) == _losses(straight)  # bitwise on CPU, float32, data order included
+    with pytest.raises(ValueError, match="train.steps 12 must be greater than the newest checkpoint's step 12"):
+        train(_cfg(tmp, "train.steps=12"), run_dir, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("mesh", [("8", "1"), ("2", "4")])
@@ -73,3 +79,8 @@ def test_cli_trains_and_refuses_to_overwrite(tmp_path):
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.count("\n") == 1
     assert len(_losses(run_dir)) == 2
+    resume = [sys.executable, "-m", "lcjax.cli", "train", "--run-dir", str(run_dir), "--resume", "--no-progress",
+              "--set", "train.steps=3"]  # no --config: the run's own config.yaml
+    more = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr
+    assert len(_losses(run_dir)) == 3

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lcjax import config as config_lib
-from lcjax.checkpoint import Checkpointer, abstract_like
+from lcjax.checkpoint import Checkpointer, abstract_like, saved_steps
 from lcjax.config import Config
 from lcjax.data import build_dataset
 from lcjax.data.loader import make_loader
@@ -27,21 +27,36 @@ from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_train_step
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Raise ValueError unless ``run_dir`` is new (fresh run) or holds a run (``--resume``)."""
+    """Raise ValueError unless ``run_dir`` is new and creatable (fresh run) or holds a run (``--resume``)."""
     if resume and not (run_dir / "config.yaml").is_file():
         raise ValueError(f"--resume: run dir {run_dir} holds no run (no config.yaml)")
     if not resume and run_dir.exists():
         raise ValueError(f"--run-dir {run_dir} already exists; pass --resume to continue it")
+    ancestor = run_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--run-dir {run_dir}: {ancestor} is not a directory")
 
 
 def check_resume_compatible(saved: Config, cfg: Config) -> None:
     """Raise ValueError when a resumed run changes what a checkpoint cannot follow (the model shape,
     the data order)."""
     for section in ("model", "data"):
-        if getattr(saved, section) != getattr(cfg, section):
-            a, b = config_lib.to_dict(saved)[section], config_lib.to_dict(cfg)[section]
-            key = next(k for k in a if a[k] != b[k])
-            raise ValueError(f"{section}.{key}: --resume cannot change it ({a[key]!r} -> {b[key]!r})")
+        a, b = config_lib.to_dict(saved)[section], config_lib.to_dict(cfg)[section]
+        for key in a:
+            if a[key] != b[key] and key not in RESUME_FREE:
+                raise ValueError(f"{section}.{key}: --resume cannot change it ({a[key]!r} -> {b[key]!r})")
+
+
+RESUME_FREE = ("cache_dir",)  # keys of the model/data sections that do not affect a resumed run
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop metrics.jsonl records after ``step`` (steps a resumed run is about to redo)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def metrics_record(step: int, metrics: dict, step_time: float, tokens: int) -> dict:
@@ -73,12 +88,19 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
+    saved = saved_steps(run_dir / "checkpoints") if resume else []
     if resume:
         check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
+        if saved and cfg.train.steps <= saved[-1]:
+            raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
+                             f"{saved[-1]} to --resume")
     d, m = cfg.data, cfg.model
-    print(f"lcjax: data {d.source}: tokenizing (cached after the first run)", flush=True)
-    tokenizer, tokens, doc_starts = build_dataset(d.source, tokenizer_kind=d.tokenizer,
-                                                  vocab_size=m.vocab_size, cache_dir=d.cache_dir)
+    print(f"lcjax: data {d.source}: loading (tokenized on first use, then cached)", flush=True)
+    try:
+        tokenizer, tokens, doc_starts = build_dataset(d.source, tokenizer_kind=d.tokenizer,
+                                                      vocab_size=m.vocab_size, cache_dir=d.cache_dir)
+    except OSError as e:
+        raise ValueError(f"data.cache_dir {d.cache_dir or '~/.cache/lcjax'}: {e.strerror or e}") from None
     print(f"lcjax: data {d.source}: {len(doc_starts):,} documents, {len(tokens):,} tokens, "
           f"{d.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids", flush=True)
     if tokenizer.vocab_size > m.vocab_size:
@@ -89,13 +111,14 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
                          cross_document_attention=d.cross_document_attention, doc_starts=doc_starts)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    tokenizer.save(run_dir / "tokenizer")
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-    if resume and ckpt.latest_step() is not None:
+    if saved:
         state = ckpt.restore(abstract_like(state))
         loader.set_state(data_state_dict(state.data_state))
     start = int(state.step)
+    keep_metrics_up_to(run_dir / "metrics.jsonl", start)
+    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    tokenizer.save(run_dir / "tokenizer")
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
     sharding = batch_sharding(mesh)

@@ -12,10 +12,14 @@ NO_DECAY = ("embed", "attn_norm", "mlp_norm", "final_norm")
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Learning rate per step: 0 → ``lr`` over ``warmup_steps``, then cosine to ``lr · min_lr_ratio``."""
+    """Learning rate of update ``count`` (0-based): linear warmup lr·(count+1)/warmup_steps, reaching ``lr``
+    at update ``warmup_steps`` (so the first update already moves), then cosine decay to
+    ``lr · min_lr_ratio`` at the last step. It depends on ``train.steps``: resuming with more steps
+    stretches the decay from there on."""
     warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
+    base = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
                                               end_value=cfg.lr * cfg.min_lr_ratio)
+    return lambda count: base(count + 1) if warmup else base(count)
 
 
 def decay_mask(params):
