@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+
+from bench_attention import timed  # same folder: scripts/ is sys.path[0] when run as a script
 
 
 def parse_args(argv=None):
@@ -50,18 +51,6 @@ def attention_fn(name, block):
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
-def measure(fn, args, iters):
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def run(args):
     import jax
     import jax.numpy as jnp
@@ -81,7 +70,7 @@ def run(args):
             for pass_name, fn, flops in (("fwd", fwd, fwd_flops), ("fwd_bwd", both, 3.5 * fwd_flops)):
                 record = {"kernel": name, "seq_len": t, "pass": pass_name}
                 try:
-                    seconds = measure(fn, (q, k, v), args.iters)
+                    seconds = timed(fn, q, k, v, iters=args.iters)
                     record.update(seconds=seconds, tflops=flops / seconds / 1e12)
                 except Exception as e:  # reported, not hidden: cuDNN absent on CPU, dense OOM at long T
                     record.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

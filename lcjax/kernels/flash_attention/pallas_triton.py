@@ -42,6 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from lcjax.kernels.flash_attention.xla import block_may_be_visible
+
 NEG_INF = float("-inf")
 MIN_BLOCK = 16  # Triton dots need M, N, K >= 16
 # (query tile cap, key tile cap) per kernel; checked against H100/H200 shared memory at H = 128 (bf16).
@@ -129,16 +131,6 @@ def _dot(a, b, precision, *, ta=False, tb=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _may_see(qp, qs, kp, ks, causal, window):
-    """Scalar bool: False only when no key of the tile can be visible to any query of the tile."""
-    ok = (jnp.min(ks) <= jnp.max(qs)) & (jnp.max(ks) >= jnp.min(qs))
-    if causal:
-        ok &= jnp.min(kp) <= jnp.max(qp)
-    if window is not None:
-        ok &= jnp.max(kp) > jnp.min(qp) - window
-    return ok
-
-
 def _index_valid(start, size, length, padded):
     """Bool [size]: which rows of a tile lie inside the unpadded length (None when nothing is padded)."""
     if not padded:
@@ -187,7 +179,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_
             pv = _dot(p.astype(v.dtype), v, precision)
             return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv
 
-        return lax.cond(_may_see(qp, qs, kp, ks, causal, window), compute, lambda c: c, carry)
+        return lax.cond(block_may_be_visible(qp, kp, qs, ks, causal, window), compute, lambda c: c, carry)
 
     init = (jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
             jnp.zeros((bq, hp), jnp.float32))
@@ -287,7 +279,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qp_ref, kp_ref, qs
             dk = dk + _dot(ds.astype(q.dtype), q, precision, ta=True)
             return dk, dv
 
-        return lax.cond(_may_see(qp, qs, kp, ks, causal, window),
+        return lax.cond(block_may_be_visible(qp, kp, qs, ks, causal, window),
                         lambda c: lax.fori_loop(0, g, head, c), lambda c: c, carry)
 
     zeros = jnp.zeros((bk, hp), jnp.float32)
@@ -318,7 +310,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qp_ref, kp_ref, qs_
             ds = p * (_dot(do, v, precision, tb=True) - delta[:, None]) * scale
             return dq + _dot(ds.astype(k.dtype), k, precision)
 
-        return lax.cond(_may_see(qp, qs, kp, ks, causal, window), compute, lambda c: c, dq)
+        return lax.cond(block_may_be_visible(qp, kp, qs, ks, causal, window), compute, lambda c: c, dq)
 
     dq_ref[...] = lax.fori_loop(0, n_kblocks, body, jnp.zeros((bq, hp), jnp.float32))
 
