@@ -17,6 +17,9 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class Device:
+    """A device preset: dense peak FLOP/s per dtype, memory (bytes), link bandwidth per direction
+    (bytes/s) inside and across nodes, devices per node, and the share of peak assumed reachable."""
+
     name: str
     peak_bf16: float       # FLOP/s
     peak_f32: float        # FLOP/s
