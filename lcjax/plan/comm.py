@@ -13,7 +13,7 @@ Positions and segment ids travelling with lcjax's K/V (8 bytes per token per hop
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from lcjax.plan.shapes import Shape, local_heads
 
@@ -34,8 +34,7 @@ class LayerComm:
         return self.tp_fwd + self.tp_bwd + self.seq_fwd + self.seq_bwd
 
     def as_dict(self) -> dict:
-        return {"tp_fwd": self.tp_fwd, "tp_bwd": self.tp_bwd, "seq_fwd": self.seq_fwd,
-                "seq_bwd": self.seq_bwd, "total": self.total}
+        return {**asdict(self), "total": self.total}
 
 
 def tp_bytes(s: Shape, tokens: int, tp: int, cb: int = 2) -> int:

@@ -30,7 +30,7 @@ backend, which keeps bfloat16 tensors as float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from lcjax.plan.flops import REMAT_POLICIES
 from lcjax.plan.shapes import Shape, layer_matrix_elements_per_device, local_heads, param_elements_per_device
@@ -54,8 +54,7 @@ class MemoryBytes:
         return self.params + self.grads + self.optimizer + self.activations
 
     def as_dict(self) -> dict:
-        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
-                "activations": self.activations, "total": self.total}
+        return {**asdict(self), "total": self.total}
 
 
 def _check_sharding(optimizer_sharding: str) -> None:

@@ -58,16 +58,22 @@ def compute_dtype(cfg: Config):
     return jnp.dtype(cfg.train.dtype)
 
 
+def _over_replicated_axes(op, tree, specs):
+    """Apply ``op(x, axes)`` to each leaf with the mesh axes its parameter is replicated over (if any)."""
+    def apply(x, spec):
+        axes = rules.replicated_axes(spec)
+        return op(x, axes) if axes else x
+    return jax.tree.map(apply, tree, specs)
+
+
 def _vary(tree, specs):
     """Cast each parameter shard to vary over the mesh axes it is replicated over."""
-    return jax.tree.map(lambda x, s: lax.pcast(x, rules.replicated_axes(s), to="varying")
-                        if rules.replicated_axes(s) else x, tree, specs)
+    return _over_replicated_axes(lambda x, axes: lax.pcast(x, axes, to="varying"), tree, specs)
 
 
 def _sum_replicated(tree, specs):
     """Sum each gradient over the mesh axes its parameter is replicated over (exactly once)."""
-    return jax.tree.map(lambda g, s: lax.psum(g, rules.replicated_axes(s)) if rules.replicated_axes(s)
-                        else g, tree, specs)
+    return _over_replicated_axes(lax.psum, tree, specs)
 
 
 def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool | None = None):

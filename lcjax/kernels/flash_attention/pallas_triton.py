@@ -190,6 +190,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_ref, lse_
     lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), NEG_INF)
 
 
+def _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, hp, tp, sp):
+    """Zero-pad the head dim to ``hp``, queries to ``tp`` and keys to ``sp`` tokens; positions and
+    segment ids are edge-padded (the kernels mask padded rows and columns by index)."""
+    q_ = _pad_to(_pad_to(q, 3, hp), 1, tp)
+    k_, v_ = (_pad_to(_pad_to(x, 3, hp), 1, sp) for x in (k, v))
+    qp_, qs_ = (_pad_to(x.astype(jnp.int32), 1, tp, "edge") for x in (q_pos, q_seg))
+    kp_, ks_ = (_pad_to(x.astype(jnp.int32), 1, sp, "edge") for x in (k_pos, k_seg))
+    return q_, k_, v_, qp_, kp_, qs_, ks_
+
+
 def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None, scale=None,
                   block_q=512, block_k=512, interpret=None):
     """Flash attention forward (FlashAttention-2, arXiv:2307.08691, Alg. 1) as a Pallas Triton kernel.
@@ -215,10 +225,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
     bq, bk = _tile(block_q, FWD_MAX_BLOCK[0], t), _tile(block_k, FWD_MAX_BLOCK[1], s_len)
     hp, tp, sp = _head_dim(h), _round_up(t, bq), _round_up(s_len, bk)
 
-    q_ = _pad_to(_pad_to(q, 3, hp), 1, tp)
-    k_, v_ = (_pad_to(_pad_to(x, 3, hp), 1, sp) for x in (k, v))
-    qp_, qs_ = (_pad_to(x.astype(jnp.int32), 1, tp, "edge") for x in (q_pos, q_seg))
-    kp_, ks_ = (_pad_to(x.astype(jnp.int32), 1, sp, "edge") for x in (k_pos, k_seg))
+    q_, k_, v_, qp_, kp_, qs_, ks_ = _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, hp, tp, sp)
 
     kernel = functools.partial(_fwd_kernel, causal=causal, window=window, scale=scale, block_k=bk,
                                s_len=s_len, precision=_precision(q.dtype))
@@ -343,10 +350,8 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
 
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     lse_, dl_ = (_pad_to(jnp.transpose(x.astype(jnp.float32), (0, 2, 1)), 2, tp) for x in (lse, delta))
-    q_, do_ = (_pad_to(_pad_to(x, 3, hp), 1, tp) for x in (q, dout.astype(q.dtype)))
-    k_, v_ = (_pad_to(_pad_to(x, 3, hp), 1, sp) for x in (k, v))
-    qp_, qs_ = (_pad_to(x.astype(jnp.int32), 1, tp, "edge") for x in (q_pos, q_seg))
-    kp_, ks_ = (_pad_to(x.astype(jnp.int32), 1, sp, "edge") for x in (k_pos, k_seg))
+    q_, k_, v_, qp_, kp_, qs_, ks_ = _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, hp, tp, sp)
+    do_ = _pad_to(_pad_to(dout.astype(q.dtype), 3, hp), 1, tp)
     args = (q_, k_, v_, do_, lse_, dl_, qp_, kp_, qs_, ks_)
     static = dict(causal=causal, window=window, scale=scale, t_len=t, s_len=s_len, q_padded=q_padded,
                   k_padded=k_padded, precision=_precision(q.dtype))
