@@ -53,9 +53,11 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--device", default="h100", help="preset: a100, h100, h200, h800, cpu (default h100)")
     plan.add_argument("--attention", choices=("ring", "ulysses", "local"),
                       help="attention over sequence (default attention.impl)")
-    plan.add_argument("--remat", default="none", help="none or full (the trainer implements none)")
-    plan.add_argument("--optimizer-sharding", default="none",
-                      help="none, zero1, zero2 or fsdp over data x sequence (the trainer implements none)")
+    plan.add_argument("--remat", help="none or full (default: the config's train.remat; selective "
+                                      "policies count as full)")
+    plan.add_argument("--optimizer-sharding",
+                      help="none, zero1, zero2 or fsdp over data x sequence (default: from the config's "
+                           "train.fsdp and train.shard_optimizer)")
     plan.add_argument("--activations", default="lcjax",
                       help="activation estimate: lcjax (what autodiff keeps) or formulas (formulas.md 1.3)")
     plan.add_argument("--efficiency", type=float, help="share of peak FLOP/s reached (default preset, 0.5)")
@@ -102,7 +104,8 @@ def _plan(args) -> int:
     settings = {"seq_len": cfg.data.seq_len, "global_batch": cfg.data.global_batch, "devices": n,
                 "device": dev.name, "efficiency": dev.efficiency,
                 "attention": args.attention or cfg.attention.impl, "layout": cfg.attention.layout,
-                "dtype": cfg.train.dtype, "remat": args.remat, "optimizer_sharding": args.optimizer_sharding,
+                "dtype": cfg.train.dtype, "remat": plans[0].inputs.remat if plans else args.remat,
+                "optimizer_sharding": plans[0].inputs.optimizer_sharding if plans else args.optimizer_sharding,
                 "activations": args.activations}
     if args.json:
         print(json.dumps(report.to_json(shape, cfg.data.seq_len, plans, rejected, settings), indent=1))

@@ -24,6 +24,7 @@ ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "attention")
 TOKENIZERS = ("bpe", "bytes")
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
 
@@ -88,7 +89,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer (AdamW, linear warmup then cosine decay to ``lr * min_lr_ratio``) and run length."""
+    """Optimizer (AdamW, linear warmup then cosine decay to ``lr * min_lr_ratio``), run length and memory.
+
+    Memory options (docs/memory.md): ``dtype`` is the compute dtype of activations and matmuls;
+    ``param_dtype`` the stored parameters' (float32: float32 master weights; bfloat16: no master copy, the
+    optimizer state stays float32 either way); ``remat`` the per-layer rematerialisation policy (none,
+    full: save only each layer's input, dots: also save matmul outputs, attention: also save attention
+    outputs); ``fsdp`` shards parameters, gradients and optimizer state over data x sequence (ZeRO-3);
+    ``shard_optimizer`` shards gradients and optimizer state only (ZeRO-1/2); ``loss_tile`` / ``mlp_tile``
+    compute the cross-entropy / MLP over the sequence in tiles of that many tokens per shard (0: whole).
+    """
 
     steps: int = 100
     lr: float = 1e-3
@@ -100,6 +110,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    fsdp: bool = False
+    shard_optimizer: bool = False
+    loss_tile: int = 0
+    mlp_tile: int = 0
 
 
 @dataclass(frozen=True)
@@ -240,6 +256,8 @@ def _choices(cfg: Config) -> str | None:
         ("attention.layout", cfg.attention.layout, LAYOUTS),
         ("attention.kernel", cfg.attention.kernel, KERNELS),
         ("train.dtype", cfg.train.dtype, DTYPES),
+        ("train.param_dtype", cfg.train.param_dtype, DTYPES),
+        ("train.remat", cfg.train.remat, REMAT_POLICIES),
         ("data.tokenizer", cfg.data.tokenizer, TOKENIZERS),
     ):
         if value not in allowed:
@@ -306,4 +324,19 @@ def _ulysses(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses)
+def _memory(cfg: Config) -> str | None:
+    t, m = cfg.train, cfg.model
+    group = cfg.mesh.data * cfg.mesh.sequence
+    for key, on in (("train.fsdp", t.fsdp), ("train.shard_optimizer", t.shard_optimizer)):
+        if on and m.d_model % group:
+            return (f"{key}: model.d_model {m.d_model} must be divisible by mesh.data x mesh.sequence = "
+                    f"{group} (parameters are sharded over it along d_model)")
+    local = cfg.data.seq_len // cfg.mesh.sequence
+    for key, tile in (("train.loss_tile", t.loss_tile), ("train.mlp_tile", t.mlp_tile)):
+        if tile < 0 or (tile and local % tile):
+            return (f"{key} {tile} must be 0 (no tiling) or divide the tokens per sequence shard, "
+                    f"data.seq_len / mesh.sequence = {local}")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _memory)

@@ -7,15 +7,18 @@
 The step is compiled, never run, on a mesh of simulated host devices (at most 64): parameters, optimizer
 state and the batch are ``jax.ShapeDtypeStruct``s with their shardings and the model is built with
 ``nnx.eval_shape``, so nothing of a 7B model is allocated. XLA's per-device figure is argument + output +
-temporary − alias bytes of ``compiled.memory_analysis()`` (DESIGN.md, "Numbers"). Only ``--target cpu``
-is implemented: CPU-backend figures are estimates of a GPU's (the CPU compiler widens bfloat16 arithmetic to
-float32 and schedules differently), labelled so in the output.
+temporary − alias bytes of ``compiled.memory_analysis()`` (DESIGN.md, "Numbers"). ``--target cpu`` compiles
+for simulated host devices (at most 64): its figures only estimate a GPU's (the CPU compiler widens bfloat16
+arithmetic to float32 and schedules differently) and are labelled so. ``--target a100|h100|h200`` compiles
+for that GPU without one (the ``aot`` extra; XLA's real GPU pipeline on the CPU host, see
+lcjax.sharding.mesh.deviceless_gpus): those are the per-device figures to compare with GPU measurements.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,11 +29,11 @@ from lcjax import config as config_lib  # noqa: E402
 from lcjax import plan as plan_lib  # noqa: E402
 from lcjax.sharding.mesh import provision_host_devices  # noqa: E402
 
-MAX_DEVICES = 64
-TARGETS = ("cpu",)
+MAX_DEVICES = {"cpu": 64, "gpu": 1024}  # simulated host devices; deviceless GPUs
+TARGETS = ("cpu", "a100", "h100", "h200")
 
 
-def parse_mesh(text: str) -> tuple[int, int, int]:
+def parse_mesh(text: str, target: str = "cpu") -> tuple[int, int, int]:
     """'16,4,1' -> (16, 4, 1); raises ValueError naming --mesh."""
     try:
         mesh = tuple(int(x) for x in text.split(","))
@@ -38,8 +41,9 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
         mesh = ()
     if len(mesh) != 3 or min(mesh) < 1:
         raise ValueError(f"--mesh {text!r} must be three positive integers D,S,M")
-    if mesh[0] * mesh[1] * mesh[2] > MAX_DEVICES:
-        raise ValueError(f"--mesh {text}: at most {MAX_DEVICES} simulated devices")
+    limit = MAX_DEVICES["cpu" if target == "cpu" else "gpu"]
+    if mesh[0] * mesh[1] * mesh[2] > limit:
+        raise ValueError(f"--mesh {text}: at most {limit} devices for --target {target}")
     return mesh
 
 
@@ -51,40 +55,23 @@ def load_config(path, seq_len, mesh, overrides=()) -> config_lib.Config:
     return config_lib.load(path, [*overrides, *extra])
 
 
-def abstract_state(cfg, mesh):
-    """(graphdef, specs, optimizer, TrainState of ShapeDtypeStructs with shardings): nothing allocated."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
+def xla_memory(cfg, target: str = "cpu") -> dict:
+    """Compile the train step of ``cfg`` for ``target``; XLA's per-device bytes and parts.
 
-    from lcjax.train.optim import make_optimizer
-    from lcjax.train.state import model_graph, opt_state_shardings, param_shardings
-    from lcjax.train.step import TrainState
-
-    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-    graphdef, abstract = model_graph(cfg)
-    specs, shardings = param_shardings(cfg, mesh, abstract)
-    params = jax.tree.map(sds, abstract, shardings)
-    optimizer = make_optimizer(cfg.train, params)
-    opt_abstract = jax.eval_shape(optimizer.init, params)
-    opt_state = jax.tree.map(sds, opt_abstract, opt_state_shardings(optimizer, params, shardings))
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return graphdef, specs, optimizer, TrainState(params, opt_state, step, {})
-
-
-def xla_memory(cfg) -> dict:
-    """Compile the train step of ``cfg`` on simulated CPU devices; XLA's per-device bytes and parts.
-
-    Needs mesh.data·mesh.sequence·mesh.model host devices (provisioned before JAX starts).
+    ``cpu``: on mesh.data·mesh.sequence·mesh.model simulated host devices (provisioned before JAX starts);
+    a GPU target: on deviceless GPUs of that type (lcjax.sharding.mesh.deviceless_gpus).
     """
     import jax
     import jax.numpy as jnp
 
-    from lcjax.sharding.mesh import make_mesh
+    from lcjax.sharding.mesh import deviceless_gpus, make_mesh
+    from lcjax.train.state import abstract_state
     from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_train_step
 
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
-    graphdef, specs, optimizer, state = abstract_state(cfg, mesh)
+    count = cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model
+    devices = None if target == "cpu" else deviceless_gpus(target, count)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
+    graphdef, specs, optimizer, state = abstract_state(cfg, mesh)  # nothing allocated
     shape = (cfg.data.global_batch, cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh)) for k in BATCH_FIELDS}
     t0 = time.perf_counter()
@@ -94,29 +81,34 @@ def xla_memory(cfg) -> dict:
              "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
     total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
     return {"xla_bytes_per_device": total, "xla_parts": parts, "compile_s": time.perf_counter() - t0,
-            "backend": jax.devices()[0].platform}
+            "backend": mesh.devices.flat[0].platform, "target": target}
 
 
-def plan_memory(cfg) -> dict:
-    """The planner's per-device bytes for ``cfg`` as lcjax trains it today (no remat, no ZeRO): as on a
-    GPU (activations in the compute dtype) and as on the CPU backend (bfloat16 kept as float32), with
-    both activation estimates (lcjax.plan.memory)."""
+def plan_memory(cfg, gpu: bool = False) -> dict:
+    """The planner's per-device bytes for ``cfg`` with its remat and ZeRO settings (lcjax.plan), as on a
+    GPU (activations in the compute dtype) and as on the CPU backend (bfloat16 kept as float32), with both
+    activation estimates (lcjax.plan.memory). ``plan_bytes_per_device`` is the variant that matches the
+    compile target."""
     out = {}
     for model in ("lcjax", "formulas"):
         for name, stored in (("gpu", None), ("cpu", 4)):
             inputs = plan_lib.StepInputs.from_config(cfg, activation_model=model, stored_bytes=stored)
             p = plan_lib.plan_step(inputs, plan_lib.device("cpu"))
             out[f"{model}_{name}"] = p.memory.as_dict()
-    return {"plan_bytes_per_device": out["lcjax_cpu"]["total"], "plan_parts": out["lcjax_cpu"],
-            "plan_variants": out}
+    chosen = out["lcjax_gpu" if gpu else "lcjax_cpu"]
+    return {"plan_bytes_per_device": chosen["total"], "plan_parts": chosen, "plan_variants": out}
 
 
-def compare(cfg) -> dict:
+def compare(cfg, target: str = "cpu") -> dict:
     """Plan and XLA side by side, with the relative gap (plan − xla) / xla."""
-    out = {**plan_memory(cfg), **xla_memory(cfg)}
+    out = {**plan_memory(cfg, gpu=target != "cpu"), **xla_memory(cfg, target)}
     out["relative_gap"] = (out["plan_bytes_per_device"] - out["xla_bytes_per_device"]) / out["xla_bytes_per_device"]
-    out["label"] = ("CPU backend: XLA's figure and plan_bytes_per_device (plan_variants lcjax_cpu) both keep "
-                    "bfloat16 activations as float32; plan_variants *_gpu is the planner's GPU estimate")
+    if target == "cpu":
+        out["label"] = ("CPU backend: XLA's figure and plan_bytes_per_device (plan_variants lcjax_cpu) both keep "
+                        "bfloat16 activations as float32; plan_variants *_gpu is the planner's GPU estimate")
+    else:
+        out["label"] = (f"{target.upper()} (deviceless compile with XLA's GPU pipeline); plan_bytes_per_device "
+                        "is plan_variants lcjax_gpu")
     out["mesh"] = {"data": cfg.mesh.data, "sequence": cfg.mesh.sequence, "model": cfg.mesh.model}
     out["seq_len"], out["dtype"] = cfg.data.seq_len, cfg.train.dtype
     return out
@@ -127,26 +119,34 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--mesh", required=True, help="D,S,M sizes of data, sequence, model")
-    parser.add_argument("--target", default="cpu", help="compile target; only cpu is implemented")
+    parser.add_argument("--target", default="cpu",
+                        help="compile target: cpu (simulated host devices) or a GPU without one: a100, h100, h200 "
+                             "(needs the aot extra)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.target not in TARGETS:
-            raise ValueError(f"--target {args.target!r} must be one of {', '.join(TARGETS)} "
-                             "(GPU deviceless compilation is not implemented)")
-        mesh = parse_mesh(args.mesh)
+            raise ValueError(f"--target {args.target!r} must be one of {', '.join(TARGETS)}")
+        mesh = parse_mesh(args.mesh, args.target)
         cfg = load_config(args.config, args.seq_len, mesh, args.set)
     except ValueError as e:
         print(f"validate_plan: error: {e}", file=sys.stderr)
         return 2
-    provision_host_devices(mesh[0] * mesh[1] * mesh[2])
-    result = compare(cfg)
+    if args.target == "cpu":
+        provision_host_devices(mesh[0] * mesh[1] * mesh[2])
+    else:
+        os.environ["JAX_PLATFORMS"] = "cpu"  # compile for the GPU target; run nothing
+    try:
+        result = compare(cfg, args.target)
+    except RuntimeError as e:
+        print(f"validate_plan: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         gb = lambda b: f"{b / 1e9:.3f} GB"
-        print(f"mesh {args.mesh}, T={cfg.data.seq_len}, {cfg.train.dtype}; {result['label']}")
+        print(f"mesh {args.mesh}, T={cfg.data.seq_len}, {cfg.train.dtype}, target {args.target}; {result['label']}")
         print(f"plan {gb(result['plan_bytes_per_device'])} "
               + " ".join(f"{k}={gb(v)}" for k, v in result["plan_parts"].items()))
         print(f"xla  {gb(result['xla_bytes_per_device'])} "

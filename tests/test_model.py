@@ -134,7 +134,7 @@ def test_tied_embeddings_match_dense():
 @pytest.mark.parametrize("check_vma,mistake", [(True, "twice"), (False, "never")])
 def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, mistake):
     """Summing gradients twice over `sequence` (check_vma on), or not at all (check_vma off), must fail."""
-    def wrong(tree, specs):
+    def wrong(tree, specs, grad_specs):
         def reduce(g, s):
             axes = step_lib.rules.replicated_axes(s)
             if mistake == "never":
@@ -143,10 +143,34 @@ def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, mistake):
             return lax.psum(g, "sequence") if mistake == "twice" and "sequence" in axes else g
         return jax.tree.map(reduce, tree, specs)
 
-    monkeypatch.setattr(step_lib, "_sum_replicated", wrong)
+    monkeypatch.setattr(step_lib, "_reduce_grads", wrong)
     loss, grads, _, _ = _sharded_loss_and_grads((1, 4, 2), check_vma=check_vma)
     with pytest.raises(AssertionError):
         _compare(loss, grads, *oracle)
+
+
+@pytest.mark.parametrize("mesh_shape,extra", [
+    ((1, 4, 2), ("train.fsdp=true",)),
+    ((2, 2, 2), ("train.fsdp=true", "train.remat=full")),
+    ((1, 4, 2), ("train.shard_optimizer=true", "train.remat=dots")),
+    ((2, 2, 2), ("train.shard_optimizer=true", "train.loss_tile=8")),
+    ((1, 4, 2), ("train.remat=attention", "train.mlp_tile=4", "train.loss_tile=4")),
+    ((1, 8, 1), ("train.fsdp=true", "train.remat=full", "train.mlp_tile=4", "attention.impl=hybrid",
+                 "attention.ulysses_size=2")),
+])
+def test_memory_options_match_dense(mesh_shape, extra, oracle):
+    """FSDP, ZeRO-1/2 gradient sharding, every remat policy and MLP/loss tiles leave the loss and every
+    gradient unchanged (float32)."""
+    loss, grads, _, _ = _sharded_loss_and_grads(mesh_shape, *extra)
+    _compare(loss, grads, *oracle)
+
+
+def test_fsdp_with_tied_embeddings_and_check_vma_off():
+    loss, grads, params, cfg = _sharded_loss_and_grads((1, 2, 4), "model.tie_embeddings=true", "train.fsdp=true",
+                                                       "train.loss_tile=8", check_vma=False)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    ref_loss, ref_grads = jax.value_and_grad(dense_loss)(params, cfg, batch)
+    _compare(loss, grads, float(ref_loss), ref_grads)
 
 
 def test_bfloat16_compute_is_close_to_float32(oracle):

@@ -12,6 +12,11 @@ parameters and calls collectives explicitly through ``lcjax.parallel``:
 - RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) weights replicated;
 - loss: vocabulary-parallel cross-entropy; logits are never gathered.
 
+Memory (docs/memory.md): with FSDP (``Axes.fsdp`` non-empty) every matrix arrives split along d_model and
+is all-gathered in the compute dtype where it is used, inside the scanned layer body; the layer body can be
+rematerialised (``MemorySpec.remat``) and the MLP and the loss computed over tiles of tokens so that the
+[T, F] activations and [T, V] logits never exist whole.
+
 The layer stack is stored stacked (leading axis L) and run with ``lax.scan``.
 Shapes per shard: tokens [B/dp, T/sp]; hidden [B/dp, T/sp, D].
 """
@@ -24,10 +29,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from lcjax.config import ModelConfig, padded_vocab
 from lcjax.ops import rope
-from lcjax.parallel import tensor
+from lcjax.parallel import fsdp, tensor
 from lcjax.parallel.sequence import sequence_parallel_attention
 
 
@@ -37,6 +43,23 @@ class Axes(NamedTuple):
     data: str = "data"
     sequence: str = "sequence"
     model: str = "model"
+    fsdp: tuple[str, ...] = ()  # axes the parameters are split over besides model (FSDP); () = none
+
+
+class MemorySpec(NamedTuple):
+    """Static memory settings: the layer body's remat policy (none, full, dots, attention) and the tiles,
+    in tokens per shard, of the MLP and of the loss (0: untiled)."""
+
+    remat: str = "none"
+    mlp_tile: int = 0
+    loss_tile: int = 0
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # save only the layer input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # + projection/MLP matmul outputs
+    "attention": jax.checkpoint_policies.save_only_these_names("attention"),  # + attention outputs
+}
 
 
 class AttentionSpec(NamedTuple):
@@ -53,6 +76,26 @@ class AttentionSpec(NamedTuple):
 
 def _normal(rngs: nnx.Rngs, shape, std):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+def tiled_over_tokens(fn, *xs, tile: int):
+    """``fn(*xs)`` computed over tiles of ``tile`` tokens along axis 1 ([B, T, ...] inputs and output).
+
+    Each tile is rematerialised in the backward pass, so only one tile's intermediates are alive at a time
+    (e.g. the [B, tile, F] MLP activations or [B, tile, V/tp] logits). ``fn`` must act on each token
+    independently. ``tile`` 0, or >= T, calls ``fn`` once on the whole arrays.
+    """
+    b, t = xs[0].shape[:2]
+    if not tile or t <= tile:
+        return fn(*xs)
+    tiles = [x.reshape(b, t // tile, tile, *x.shape[2:]).swapaxes(0, 1) for x in xs]
+    _, ys = lax.scan(lambda carry, x: (carry, jax.checkpoint(fn)(*x)), None, tiles)
+    return ys.swapaxes(0, 1).reshape(b, t, *ys.shape[3:])
+
+
+def swiglu(h, w_gate, w_up, w_down, axis: str):
+    """SwiGLU MLP (Shazeer 2020) with column-parallel gate/up and row-parallel down: [B, T, D] -> [B, T, D]."""
+    return tensor.row_parallel(jax.nn.silu(h @ w_gate) * (h @ w_up), w_down, axis)
 
 
 def rms_norm(x, weight, eps):
@@ -79,15 +122,15 @@ class Block(nnx.Module):
         self.w_down = nnx.Param(_normal(rngs, (cfg.d_ff, d), std))
 
     def __call__(self, x, cos, sin, positions, segment_ids, *, cfg: ModelConfig, attn: AttentionSpec,
-                 axes: Axes, dtype):
+                 axes: Axes, dtype, mlp_tile: int = 0):
         """x [B, T/sp, D] -> [B, T/sp, D] (replicated over ``model``)."""
         b, t, _ = x.shape
         hd = cfg.d_model // cfg.n_heads
-        w = lambda p: p[...].astype(dtype)
-        kv = lambda p: tensor.kv_columns(w(p), n_kv_heads=cfg.n_kv_heads, n_heads=cfg.n_heads,
+        w = lambda p, dim: fsdp.gather(p[...].astype(dtype), axes.fsdp, dim)  # dim: the d_model dimension
+        kv = lambda p: tensor.kv_columns(w(p, 0), n_kv_heads=cfg.n_kv_heads, n_heads=cfg.n_heads,
                                          head_dim=hd, axis=axes.model)
         h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-        q = (h @ w(self.wq)).reshape(b, t, -1, hd)
+        q = (h @ w(self.wq, 0)).reshape(b, t, -1, hd)
         k = (h @ kv(self.wk)).reshape(b, t, -1, hd)
         v = (h @ kv(self.wv)).reshape(b, t, -1, hd)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
@@ -95,10 +138,11 @@ class Block(nnx.Module):
                                         layout=attn.layout, causal=True, window=attn.window,
                                         block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
                                         ulysses_size=attn.ulysses_size)
-        x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo), axes.model)
+        o = checkpoint_name(o, "attention")
+        x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo, 1), axes.model)
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
-        a = jax.nn.silu(h @ w(self.w_gate)) * (h @ w(self.w_up))
-        return x + tensor.row_parallel(a, w(self.w_down), axes.model)
+        mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)
+        return x + tiled_over_tokens(mlp, h, tile=mlp_tile)
 
 
 class Llama(nnx.Module):
@@ -115,30 +159,44 @@ class Llama(nnx.Module):
             self.lm_head = nnx.Param(_normal(rngs, (cfg.d_model, vp), cfg.init_std))
 
     def hidden(self, tokens, positions, segment_ids, *, max_position: int, attn: AttentionSpec,
-               axes: Axes, dtype=jnp.float32):
+               axes: Axes, dtype=jnp.float32, mem: MemorySpec = MemorySpec()):
         """Final-norm hidden states [B, T/sp, D] for per-shard tokens/positions/segment ids [B, T/sp]."""
         cfg = self.cfg
         hd = cfg.d_model // cfg.n_heads
-        x = tensor.vocab_parallel_embed(tokens, self.embed[...], axes.model).astype(dtype)
+        x = tensor.vocab_parallel_embed(tokens, self._embedding(axes, dtype), axes.model)
         cos, sin = rope.cos_sin(positions, rope.rope_tables(max_position, hd, cfg.rope.base))
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, state):
             block = nnx.merge(graphdef, state)
-            return block(x, cos, sin, positions, segment_ids, cfg=cfg, attn=attn, axes=axes, dtype=dtype), None
+            return block(x, cos, sin, positions, segment_ids, cfg=cfg, attn=attn, axes=axes, dtype=dtype,
+                         mlp_tile=mem.mlp_tile), None
 
+        if mem.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[mem.remat], prevent_cse=False)
         x, _ = lax.scan(layer, x, stacked)
         return rms_norm(x, self.final_norm[...], cfg.norm_eps)
 
+    def _embedding(self, axes: Axes, dtype):
+        """This shard's embedding rows [V/tp, D] in ``dtype`` (gathered along D under FSDP)."""
+        return fsdp.gather(self.embed[...].astype(dtype), axes.fsdp, 1)
+
     def token_losses(self, tokens, labels, positions, segment_ids, *, max_position: int,
-                     attn: AttentionSpec, axes: Axes, dtype=jnp.float32):
-        """Per-token cross-entropy float32 [B, T/sp] (nats), from vocabulary-parallel logits."""
+                     attn: AttentionSpec, axes: Axes, dtype=jnp.float32, mem: MemorySpec = MemorySpec()):
+        """Per-token cross-entropy float32 [B, T/sp] (nats), from vocabulary-parallel logits computed in
+        tiles of ``mem.loss_tile`` tokens (the [B, T/sp, V/tp] logits never exist whole when tiled)."""
         h = self.hidden(tokens, positions, segment_ids, max_position=max_position, attn=attn, axes=axes,
-                        dtype=dtype)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
-        return tensor.vocab_parallel_cross_entropy(logits, labels, vocab_size=self.cfg.vocab_size,
-                                                   axis=axes.model)
+                        dtype=dtype, mem=mem)
+        if self.cfg.tie_embeddings:
+            head = self._embedding(axes, dtype).T
+        else:
+            head = fsdp.gather(self.lm_head[...].astype(dtype), axes.fsdp, 0)
+
+        def losses(h, labels):
+            logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+            return tensor.vocab_parallel_cross_entropy(logits, labels, vocab_size=self.cfg.vocab_size,
+                                                       axis=axes.model)
+        return tiled_over_tokens(losses, h, labels, tile=mem.loss_tile)
 
 
 def _stacked_blocks(cfg: ModelConfig, keys) -> Block:

@@ -52,14 +52,22 @@ class StepInputs:
         return self.global_batch // self.data * self.seq_len // self.sequence
 
     @classmethod
-    def from_config(cls, cfg: config_lib.Config, *, attention: str | None = None, remat: str = "none",
-                    optimizer_sharding: str = "none", activation_model: str = "lcjax",
+    def from_config(cls, cfg: config_lib.Config, *, attention: str | None = None, remat: str | None = None,
+                    optimizer_sharding: str | None = None, activation_model: str = "lcjax",
                     stored_bytes: int | None = None) -> "StepInputs":
-        """Inputs of a (validated) lcjax config; ``attention`` overrides ``attention.impl``."""
+        """Inputs of a (validated) lcjax config; ``attention`` overrides ``attention.impl``, ``remat`` and
+        ``optimizer_sharding`` the config's (None: read from ``train.remat`` — the selective policies
+        counted as ``full``, a lower bound — and ``train.fsdp`` / ``train.shard_optimizer``)."""
+        t = cfg.train
+        if remat is None:
+            remat = "none" if t.remat == "none" else "full"
+        if optimizer_sharding is None:
+            optimizer_sharding = "fsdp" if t.fsdp else "zero2" if t.shard_optimizer else "none"
         return cls(shape=Shape.from_model_config(cfg.model), seq_len=cfg.data.seq_len,
                    global_batch=cfg.data.global_batch, data=cfg.mesh.data, sequence=cfg.mesh.sequence,
                    model=cfg.mesh.model, attention=attention or cfg.attention.impl, layout=cfg.attention.layout,
-                   compute_bytes=4 if cfg.train.dtype == "float32" else 2, remat=remat,
+                   compute_bytes=4 if t.dtype == "float32" else 2,
+                   param_bytes=4 if t.param_dtype == "float32" else 2, remat=remat,
                    optimizer_sharding=optimizer_sharding, activation_model=activation_model,
                    stored_bytes=stored_bytes)
 
@@ -171,10 +179,13 @@ def check_options(attention: str, remat: str, optimizer_sharding: str, activatio
 
 
 def candidates(cfg: config_lib.Config, n_devices: int, dev: Device, *, attention: str | None = None,
-               remat: str = "none", optimizer_sharding: str = "none", activation_model: str = "lcjax"):
+               remat: str | None = None, optimizer_sharding: str | None = None, activation_model: str = "lcjax"):
     """(plans, rejected) for every factorisation of ``n_devices``. A mesh is kept when the config with that
-    mesh passes lcjax.config.validate (and the Ulysses head rule); ``rejected`` lists (mesh, reason)."""
+    mesh passes lcjax.config.validate (and the Ulysses head rule); ``rejected`` lists (mesh, reason).
+    ``remat`` / ``optimizer_sharding`` None: the config's (:meth:`StepInputs.from_config`)."""
     impl = attention or cfg.attention.impl
+    own = StepInputs.from_config(cfg, remat=remat, optimizer_sharding=optimizer_sharding)
+    remat, optimizer_sharding = own.remat, own.optimizer_sharding
     check_options(impl, remat, optimizer_sharding, activation_model)
     plans, rejected = [], []
     for mesh in mesh_factorisations(n_devices):

@@ -18,6 +18,33 @@ def provision_host_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+GPU_TARGETS = {"a100": "a100_sxm_80.txtpb", "h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
+
+
+def deviceless_gpus(target: str, count: int) -> list:
+    """``count`` devices of a GPU described by XLA's target description, for compiling without a GPU.
+
+    ``target``: a100 (SXM 80 GB), h100 (SXM) or h200; the descriptions (lcjax/plan/gpu_targets/, from
+    XLA's own specs) drive XLA's real GPU pipeline on a CPU host. Needs the ``aot`` extra
+    (jax-cuda13-plugin) and ``JAX_PLATFORMS=cpu``; the devices can build a mesh (:func:`make_mesh`) and
+    compile (``jit(f).lower(*abstract).compile()``), never run. Raises ValueError for an unknown target
+    and RuntimeError when the CUDA plugin is missing.
+    """
+    from pathlib import Path
+
+    from jax.experimental import topologies
+
+    if target not in GPU_TARGETS:
+        raise ValueError(f"--target {target!r} must be one of {', '.join(GPU_TARGETS)}")
+    spec = (Path(__file__).resolve().parents[1] / "plan" / "gpu_targets" / GPU_TARGETS[target]).read_text()
+    try:
+        topology = topologies.get_topology_desc("", "cuda", target_config=spec, topology=f"1x1x{count}")
+    except Exception as e:  # the plugin is missing or does not load: one line
+        raise RuntimeError(f"deviceless compile for {target} needs the aot extra (pip install -e '.[aot]'): "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return list(topology.devices)
+
+
 def make_mesh(data: int = 1, sequence: int = 1, model: int = 1, devices=None):
     """A ``jax.sharding.Mesh`` of shape (data, sequence, model) with Auto axis types.
 

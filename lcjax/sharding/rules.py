@@ -1,7 +1,9 @@
 """The one table from parameter and activation names to PartitionSpecs over (data, sequence, model).
 
-Parameters are never sharded over ``data`` or ``sequence`` here (no FSDP yet): they are replicated there
-and their gradients are summed over those axes once. Over ``model`` (TP): column-parallel weights split
+Without ZeRO, parameters are replicated over ``data`` and ``sequence`` and their gradients are summed over
+those axes once. With ZeRO (``zero=True``: FSDP parameters, or sharded gradients and optimizer state) every
+matrix is also split along its d_model dimension over ``data`` × ``sequence`` (:data:`ZERO_AXES`); norms
+stay replicated (they are tiny). Over ``model`` (TP): column-parallel weights split
 their output dimension, row-parallel weights their input dimension, the embedding and output head the
 vocabulary; norms are replicated. K/V projections are split by kv head when n_kv_heads >= tp and
 replicated (stored once, gradients summed) when n_kv_heads < tp. Stacked layer weights have a leading
@@ -33,6 +35,12 @@ _PARAM_RULES = {  # name -> spec of the unstacked parameter
 }
 _STACKED = "layers"
 
+# ZeRO / FSDP: the mesh axes parameters are sharded over besides ``model``, and the dimension of each
+# (unstacked) matrix that holds d_model, the one they split (d_model is never split over ``model``)
+ZERO_AXES = (DATA, SEQUENCE)
+D_MODEL_DIM = {"embed": 1, "lm_head": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w_gate": 0, "w_up": 0,
+               "w_down": 1}
+
 # activations and batches: [B, T, ...] split over data and sequence
 BATCH = P(DATA, SEQUENCE)
 
@@ -41,20 +49,34 @@ def _name(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def param_spec(path: tuple[str, ...], *, n_kv_heads: int, tp: int) -> P:
-    """PartitionSpec of the parameter at ``path`` (e.g. ("layers", "wq")); raises KeyError if unknown."""
+def param_spec(path: tuple[str, ...], *, n_kv_heads: int, tp: int, zero: bool = False) -> P:
+    """PartitionSpec of the parameter at ``path`` (e.g. ("layers", "wq")); raises KeyError if unknown.
+
+    ``zero``: also split matrices along d_model over :data:`ZERO_AXES` (FSDP / ZeRO layout).
+    """
     name = path[-1]
-    spec = _PARAM_RULES[name]
+    entries = list(_PARAM_RULES[name])
     if name in ("wk", "wv") and n_kv_heads < tp:
-        spec = P(None, None)
-    return P(None, *spec) if _STACKED in path else spec
+        entries = [None, None]
+    if zero and name in D_MODEL_DIM:
+        entries[D_MODEL_DIM[name]] = ZERO_AXES
+    return P(None, *entries) if _STACKED in path else P(*entries)
 
 
-def param_specs(params, *, n_kv_heads: int, tp: int):
-    """The pytree of PartitionSpecs matching ``params`` (an nnx.State of the model's parameters)."""
+def param_specs(params, *, n_kv_heads: int, tp: int, zero: bool = False):
+    """The pytree of PartitionSpecs matching ``params`` (an nnx.State of the model's parameters, or a
+    pytree of PartitionSpecs of the same structure)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: param_spec(tuple(p for p in _name(path) if p != "value"), n_kv_heads=n_kv_heads,
-                                   tp=tp), params)
+                                   tp=tp, zero=zero), params, is_leaf=lambda x: isinstance(x, P))
+
+
+def zero_dim(spec: P, zero_spec: P) -> int | None:
+    """The dimension ``zero_spec`` splits over :data:`ZERO_AXES` where ``spec`` does not (None if none)."""
+    for dim, (a, b) in enumerate(zip(spec, zero_spec)):
+        if a != b:
+            return dim
+    return None
 
 
 def replicated_axes(spec: P) -> tuple[str, ...]:

@@ -8,6 +8,17 @@ those axes once (``psum``). With ``check_vma=True`` JAX transposes the TP ``psum
 ``check_vma=False`` (needed around Pallas kernels in interpret mode) a ``psum`` transposes to a ``psum``,
 so the objective becomes the sum over the ``model`` axis of identical local losses and the local loss is
 divided by the TP size to compensate. Both settings give the single-device gradient (tests/test_model.py).
+
+ZeRO (docs/memory.md). With ``train.fsdp`` the parameters arrive split along d_model over data × sequence
+and are all-gathered per layer inside the model; the transpose of that all-gather reduce-scatters their
+gradients. With ``train.shard_optimizer`` alone the parameters are replicated, and each gradient is
+reduce-scattered (``psum_scatter``) over data × sequence here; the optimizer state lives in the same
+split layout, XLA updates each slice where it lives and all-gathers the new parameters. Either way no
+gradient is all-reduced over data × sequence and then sliced.
+
+Mixed precision. ``train.dtype`` is the compute dtype (activations, matmuls, parameter all-gathers);
+``train.param_dtype`` the stored parameters'. The optimizer always sees float32 (its moments are float32),
+and the loss, the softmax statistics and the ring's accumulators are float32.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax.config import Config
-from lcjax.model.llama import AttentionSpec, Axes
+from lcjax.model.llama import AttentionSpec, Axes, MemorySpec
+from lcjax.parallel import fsdp
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES
 from lcjax.train.optim import schedule
@@ -48,6 +60,17 @@ def attention_spec(cfg: Config) -> AttentionSpec:
                          kernel=a.kernel, ulysses_size=a.ulysses_size)
 
 
+def memory_spec(cfg: Config) -> MemorySpec:
+    """The static memory settings of a config (remat policy, MLP and loss tiles)."""
+    t = cfg.train
+    return MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile)
+
+
+def zero_grads(cfg: Config) -> bool:
+    """Whether gradients and optimizer state are split over data × sequence (FSDP or ZeRO-1/2)."""
+    return cfg.train.fsdp or cfg.train.shard_optimizer
+
+
 def needs_check_vma(cfg: Config) -> bool:
     """check_vma for the training shard_map: on, except around Pallas kernels (interpret mode needs it off)."""
     return cfg.attention.kernel != "pallas"
@@ -71,9 +94,24 @@ def _vary(tree, specs):
     return _over_replicated_axes(lambda x, axes: lax.pcast(x, axes, to="varying"), tree, specs)
 
 
-def _sum_replicated(tree, specs):
-    """Sum each gradient over the mesh axes its parameter is replicated over (exactly once)."""
-    return _over_replicated_axes(lax.psum, tree, specs)
+def _reduce_grads(grads, specs, grad_specs):
+    """Sum each gradient over the mesh axes its parameter is replicated over, exactly once: by a
+    reduce-scatter over data × sequence along d_model where ``grad_specs`` splits what ``specs`` does not
+    (ZeRO-1/2), by a ``psum`` over the remaining replicated axes."""
+    def reduce(g, spec, grad_spec):
+        dim = rules.zero_dim(spec, grad_spec)
+        if dim is not None:
+            g = fsdp.reduce_scatter(g, rules.ZERO_AXES, dim)
+        axes = rules.replicated_axes(grad_spec)
+        return lax.psum(g, axes) if axes else g
+    return jax.tree.map(reduce, grads, specs, grad_specs)
+
+
+def grad_specs_of(params, cfg: Config, mesh):
+    """PartitionSpecs of the gradients (and optimizer state) of ``params``: split over data × sequence
+    along d_model under FSDP or ZeRO-1/2, else like the parameters."""
+    return rules.param_specs(params, n_kv_heads=cfg.model.n_kv_heads, tp=mesh.shape["model"],
+                             zero=zero_grads(cfg))
 
 
 def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool | None = None):
@@ -81,8 +119,12 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
 
     params: the model's nnx.State (sharded by ``specs``); batch: dict of int32 [B, T] arrays in layout order
     (sharded P('data', 'sequence')). loss: float32 scalar, mean cross-entropy per target token (nats).
+    grads: like params, sharded by :func:`grad_specs_of` (split over data × sequence under ZeRO).
     """
-    axes, attn, dtype = Axes(*AXES), attention_spec(cfg), compute_dtype(cfg)
+    fsdp_axes = rules.ZERO_AXES if cfg.train.fsdp else ()
+    axes, attn, dtype = Axes(*AXES, fsdp=fsdp_axes), attention_spec(cfg), compute_dtype(cfg)
+    mem = memory_spec(cfg)
+    grad_specs = grad_specs_of(specs, cfg, mesh)
     check_vma = needs_check_vma(cfg) if check_vma is None else check_vma
     seq_len = cfg.data.seq_len
     tp_correction = 1.0 if check_vma else 1.0 / mesh.shape[axes.model]
@@ -95,17 +137,17 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
             model = nnx.merge(graphdef, p)
             losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"],
                                         batch["segment_ids"], max_position=seq_len, attn=attn, axes=axes,
-                                        dtype=dtype)
+                                        dtype=dtype, mem=mem)
             return jnp.sum(losses * mask) / jnp.maximum(count, 1.0)
 
         p = _vary(params, specs) if check_vma else params
         loss, grads = jax.value_and_grad(lambda q: loss_fn(q) * tp_correction)(p)
-        grads = _sum_replicated(grads, specs)
+        grads = _reduce_grads(grads, specs, grad_specs)
         loss = lax.psum(loss, (axes.data, axes.sequence)) / tp_correction
         return loss, grads, count
 
     batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
-    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), specs, P()),
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), grad_specs, P()),
                          check_vma=check_vma)
 
 
@@ -125,19 +167,30 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
     def update(arrays, batch):
         params, opt_state, step = arrays
         loss, grads, count = loss_and_grads(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        grads = as_float32(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, as_float32(params))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_at(step), "tokens": count}
-        return (optax.apply_updates(params, updates), opt_state, step + 1), metrics
+        return (apply_updates(params, updates), opt_state, step + 1), metrics
 
-    jitted = jax.jit(update, donate_argnums=0)
-    executable = [jitted]
+    def jitted(arrays):
+        """The jitted update, its outputs pinned to the inputs' shardings (under ZeRO-1/2 XLA must
+        all-gather the updated parameter slices back to the replicated layout)."""
+        shardings = jax.tree.map(lambda x: x.sharding, arrays)
+        return jax.jit(update, donate_argnums=0, out_shardings=(shardings, None))
+
+    executable = [None]
+
+    def arrays_of(state: TrainState):
+        return state.params, state.opt_state, state.step
 
     def run(state: TrainState, batch):
-        (params, opt_state, step), metrics = executable[0]((state.params, state.opt_state, state.step), batch)
+        if executable[0] is None:
+            executable[0] = jitted(arrays_of(state))
+        (params, opt_state, step), metrics = executable[0](arrays_of(state), batch)
         return TrainState(params, opt_state, step, state.data_state), metrics
 
     def lower(state: TrainState, batch):
-        return jitted.lower((state.params, state.opt_state, state.step), batch)
+        return jitted(arrays_of(state)).lower(arrays_of(state), batch)
 
     def compile_for(state: TrainState, batch):
         """Compile ahead of the first step (so step times exclude compilation); returns the executable."""
@@ -146,6 +199,16 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
 
     run.lower, run.compile = lower, compile_for
     return run
+
+
+def as_float32(tree):
+    """Every floating array of ``tree`` as float32 (what the optimizer sees, whatever the parameters' dtype)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def apply_updates(params, updates):
+    """params + updates, added in float32 and stored back in each parameter's dtype."""
+    return jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype), params, updates)
 
 
 def batch_sharding(mesh) -> NamedSharding:
