@@ -48,25 +48,40 @@ def _names(files, root):
 # --- corpus -----------------------------------------------------------------------------------------------
 
 
-def test_folder_gives_sorted_utf8_files_without_hidden(corpus_dir):
+TEXT_DOCS = sorted(n for n, text in DOCS.items() if text)  # empty files are skipped
+
+
+def test_folder_gives_sorted_text_files_without_hidden(corpus_dir):
     files = corpus_files(f"files:{corpus_dir}")
-    assert _names(files, corpus_dir) == sorted(DOCS)
+    assert _names(files, corpus_dir) == TEXT_DOCS
 
 
 def test_paths_keep_their_order(corpus_dir):
     files = corpus_files(f"files:{corpus_dir / 'z.py'}, {corpus_dir / 'b'}")
-    assert _names(files, corpus_dir) == ["z.py", "b/c.txt", "b/d/e.md", "b/empty.txt"]
+    assert _names(files, corpus_dir) == ["z.py", "b/c.txt", "b/d/e.md"]
+
+
+def test_binary_empty_and_non_utf8_files_in_folders_are_skipped_and_counted(corpus_dir):
+    (corpus_dir / "b" / "nul.txt").write_bytes(b"valid UTF-8 \x00 but binary")
+    (corpus_dir / "b" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    files, skipped = corpus.scan(f"files:{corpus_dir}")
+    assert _names(files, corpus_dir) == TEXT_DOCS
+    assert skipped == {"binary": 2, "empty": 1, "not UTF-8": 1}
+    assert corpus.describe_skipped(skipped) == "2 binary, 1 empty, 1 not UTF-8"
 
 
 @pytest.mark.parametrize("source, message", [
-    ("foo", r"data.source 'foo' must be 'stdlib' or 'files:PATH\[,PATH\.\.\.\]'"),
+    ("foo", r"data.source 'foo' must be 'stdlib', 'files:PATH\[,PATH\.\.\.\]' or 'tfds:NAME\[/CONFIG\]'"),
     ("files:", "must name at least one path"),
     ("files:{root}/missing", "does not exist"),
-    ("files:{root}/b/binary.bin", "is not valid UTF-8"),
-    ("files:{root}/nothing", "no UTF-8 text files found"),
+    ("files:{root}/b/binary.bin", r"is not readable text \(binary\)"),
+    ("files:{root}/b/empty.txt", r"is not readable text \(empty\)"),
+    ("files:{root}/nothing", r"no readable text files found \(skipped: 1 binary, 1 empty\)"),
 ])
 def test_bad_sources_raise_one_line(corpus_dir, source, message):
     (corpus_dir / "nothing").mkdir()
+    (corpus_dir / "nothing" / "x.bin").write_bytes(b"\x00\x01")
+    (corpus_dir / "nothing" / "y.txt").write_bytes(b"")
     with pytest.raises(ValueError, match=message) as err:
         corpus_files(source.format(root=corpus_dir))
     assert "data.source" in str(err.value) and "\n" not in str(err.value)
@@ -150,7 +165,7 @@ def test_bytes_tokenizer_uses_byte_values():
 
 
 @pytest.mark.parametrize("kind, vocab, message", [
-    ("words", 1000, "data.tokenizer 'words' must be one of bpe, bytes"),
+    ("words", 1000, "data.tokenizer 'words' must be bpe, bytes or a Hugging Face tokenizer.json"),
     ("bpe", 256, "model.vocab_size 256 must be >= 257"),
 ])
 def test_bad_tokenizer_arguments(kind, vocab, message):
@@ -162,13 +177,15 @@ def test_bad_tokenizer_arguments(kind, vocab, message):
 
 
 def test_token_stream_appends_eos_to_each_document(corpus_dir, cache_dir):
-    tok, stream, starts = build_dataset(f"files:{corpus_dir}", tokenizer_kind="bpe", vocab_size=320,
-                                        cache_dir=cache_dir)
+    data = build_dataset(f"files:{corpus_dir}", tokenizer_kind="bpe", vocab_size=320, cache_dir=cache_dir)
+    tok, stream, starts = data.tokenizer, data.tokens, data.doc_starts
     assert isinstance(stream, np.memmap) and stream.dtype == np.uint16 and starts.dtype == np.int64
     ends = np.append(starts[1:], len(stream))
     assert starts[0] == 0 and np.all(stream[ends - 1] == tok.eos_id)
-    assert np.sum(stream == tok.eos_id) == len(DOCS)  # the literal "<|endoftext|>" in e.md is not EOS
-    texts = [DOCS[n] for n in sorted(DOCS)]
+    assert np.sum(stream == tok.eos_id) == len(TEXT_DOCS)  # the literal "<|endoftext|>" in e.md is not EOS
+    assert data.skipped == {"binary": 1, "empty": 1}
+    assert "skipped files: 1 binary, 1 empty" in data.summary(8)[0]
+    texts = [DOCS[n] for n in TEXT_DOCS]
     assert [tok.decode(stream[s:e - 1]) for s, e in zip(starts, ends)] == texts
 
 
