@@ -2,13 +2,18 @@
 
 The stream is cut into consecutive windows of T+1 tokens that overlap by one: window w is
 ``stream[w·T : w·T + T + 1]``, its inputs the first T tokens and its labels the last T, so there are
-(len − 1) // T windows and every token but the first is a label exactly once per epoch. A window may hold
-the end of one document, whole documents and the start of another; each token carries its position and
-segment (document) id inside the window, so attention masks never cross documents (unless asked to).
+(len − 1) // T windows and every token but the first is a label exactly once per epoch; nothing is padded,
+and the only tokens an epoch leaves out of the labels are those of the final partial window
+(:func:`epoch_summary`). A window may hold the end of one document, whole documents and the start of
+another; each token carries its position and segment (document) id inside the window, so attention masks
+never cross documents (unless asked to).
 
-The order of windows is a Grain ``MapDataset`` shuffle with ``data.seed`` (a fresh permutation each epoch),
-batched to the global batch; the mesh only enters in the last step, the layout permutation, so the same
-seed gives the same global batches on every mesh.
+The pipeline is a Grain ``MapDataset``: window indices shuffled with ``data.seed`` (a fresh permutation each
+epoch) → batched to the global batch → :class:`Rows` (this process's rows, packed) → :class:`LayOut` (the
+layout permutation of every field); the mesh only enters in the last step, so the same seed gives the same
+global batches on every mesh. The iterator position is the number of global batches delivered: restoring
+slices the ``MapDataset`` there, so a resumed loader continues exactly, whatever threads, worker processes
+or process count either side used.
 
 Grain is imported inside the functions that use it: importing it imports JAX, which the rest of the data
 pipeline (and a CLI that provisions devices before JAX starts) should not pay for or trigger.
