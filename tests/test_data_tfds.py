@@ -218,3 +218,56 @@ def test_hugging_face_tokenizer_json_with_its_own_eos(tmp_path, corpus_dir):
     (folder / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a Hugging Face tokenizer.json"):
         Tokenizer.load(folder, field="data.tokenizer")
+
+
+# --- config keys and training on a prepared dataset ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.workers=-1"], "data.workers -1 must be >= 0"),
+    (["data.tokenizer=words"], "data.tokenizer 'words' must be one of bpe, bytes or a path"),
+    (["data.source=hf:x"], "data.source 'hf:x' must be 'stdlib', 'files:PATH"),
+])
+def test_data_config_rules(sets, message):
+    from lcjax import config as config_lib
+
+    with pytest.raises(ValueError, match=message):
+        config_lib.load(None, sets)
+    cfg = config_lib.load(None, ["data.workers=2", "data.data_dir=/d", "data.tokenizer=/t/tokenizer.json",
+                                 "data.source=tfds:name/config"])
+    assert (cfg.data.workers, cfg.data.data_dir, cfg.data.tokenizer) == (2, "/d", "/t/tokenizer.json")
+
+
+SMALL = ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
+         "data.seq_len=32", "data.global_batch=2", "attention.block_q=8", "attention.block_k=8",
+         "train.lr=3e-3", "train.warmup_steps=1", "train.min_lr_ratio=1.0", "checkpoint.every=2",
+         "mesh.data=2", "mesh.sequence=2", "mesh.model=2"]
+
+
+@pytest.mark.slow
+def test_training_on_a_prepared_dataset_resumes_exactly_with_worker_processes(corpus_dir, tmp_path, capsys):
+    """prepare → train 4 steps; and train 2 steps, resume with 2 Grain worker processes to step 4: the same
+    losses bit for bit; a changed tokenizer file is refused on resume."""
+    from lcjax import config as config_lib
+    from lcjax.train.loop import train
+
+    for i in range(30):  # enough windows for a few batches
+        (corpus_dir / "more" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (corpus_dir / "more" / f"{i}.txt").write_text(f"document {i}: " + "lorem ipsum dolor " * (i + 3))
+    code, lines, err = _run(capsys, "data", "prepare", "--source", f"files:{corpus_dir}", "--out", tmp_path / "tfds",
+                            "--tokenizer", "bytes")
+    assert code == 0, err
+    sets = [*SMALL, *shlex.split(lines[-1])[1::2], f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = lambda *extra: config_lib.load(None, [*sets, *extra])
+    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train(cfg("train.steps=4"), tmp_path / "straight", progress=False)
+    train(cfg("train.steps=2"), tmp_path / "resumed", progress=False)
+    train(cfg("train.steps=4", "data.workers=2"), tmp_path / "resumed", resume=True, progress=False)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    tokenizer = tmp_path / "tfds" / "lcjax_text" / "1.0.0" / "tokenizer.json"
+    text = tokenizer.read_text().replace('"<|endoftext|>"', '"<|end_of_text|>"')
+    tokenizer.write_text(text)  # another tokenizer under the same path: the checkpoint's data state refuses it
+    before = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="token stream id .* the data iterator cannot be restored"):
+        train(cfg("train.steps=6"), tmp_path / "resumed", resume=True, progress=False)
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == before
