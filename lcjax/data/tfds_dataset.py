@@ -65,11 +65,9 @@ def dataset_dir(source: str, data_dir: str | os.PathLike | None) -> pathlib.Path
     versions = sorted((p for p in folder.glob("*") if (p / "dataset_info.json").is_file()),
                       key=lambda p: _version_key(p.name)) if folder.is_dir() else []
     if not versions:
-        found = sorted(p.parent.parent.relative_to(root).as_posix() if p.parent.parent != root else p.parent.name
-                       for p in root.glob("**/dataset_info.json"))
-        there = ", ".join(sorted({f.split("/")[0] if not config else f for f in found})) or "none"
+        found = sorted({p.parent.parent.relative_to(root).as_posix() for p in root.glob("**/dataset_info.json")})
         raise ValueError(f"data.source {source}: no prepared TFDS dataset {name}{'/' + config if config else ''} "
-                         f"under data.data_dir {root} (found: {there})")
+                         f"under data.data_dir {root} (found: {', '.join(found) or 'none'})")
     return versions[-1]
 
 
