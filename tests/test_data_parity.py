@@ -49,7 +49,7 @@ def _token_losses_fn(cfg, mesh, graphdef, specs, seq_len):
 
     fields = ("tokens", "labels", "positions", "segment_ids")
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in fields}),
-                                 out_specs=rules.BATCH))
+                                 out_specs=rules.BATCH, check_vma=step_lib.needs_check_vma(cfg)))
 
 
 def _batch(cfg):
@@ -89,12 +89,17 @@ def _segments(natural):
             yield row, np.flatnonzero(seg == s)
 
 
-CASES = [((1, 4, 2), ("attention.layout=zigzag",)),
-         ((1, 2, 4), ("attention.layout=striped",)),
-         pytest.param((2, 2, 2), ("attention.layout=contiguous",), marks=pytest.mark.slow),
-         pytest.param((1, 8, 1), ("attention.impl=ulysses", "attention.layout=zigzag"), marks=pytest.mark.slow),
-         pytest.param((1, 8, 1), ("attention.impl=hybrid", "attention.ulysses_size=2", "attention.layout=striped"),
-                      marks=pytest.mark.slow)]
+def _case(mesh, *extra, slow=False):
+    name = "x".join(map(str, mesh)) + "-" + "-".join(e.split("=")[1] for e in extra)
+    return pytest.param(mesh, extra, id=name, marks=[pytest.mark.slow] if slow else [])
+
+
+CASES = [_case((1, 4, 2), "attention.layout=zigzag"),
+         _case((1, 2, 4), "attention.layout=striped"),
+         _case((2, 2, 2), "attention.layout=contiguous", slow=True),
+         _case((1, 8, 1), "attention.impl=ulysses", "attention.layout=zigzag", slow=True),
+         _case((1, 8, 1), "attention.impl=hybrid", "attention.ulysses_size=2", "attention.layout=striped", slow=True),
+         _case((1, 4, 2), "attention.kernel=pallas", slow=True)]
 
 
 @pytest.mark.parametrize("mesh_shape, extra", CASES)
