@@ -149,7 +149,7 @@ class Loader:
         self._dataset, self._identity = dataset, identity
         self._prefetch, self._workers = prefetch, workers
         self._next = 0
-        self._iterator = self._start(0)
+        self._iterator = None  # started by the first next(): a restore before it starts nothing twice
 
     def _start(self, batch: int):
         import grain
@@ -166,6 +166,8 @@ class Loader:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._start(self._next)
         batch = next(self._iterator)
         self._next += 1
         return batch
@@ -184,13 +186,13 @@ class Loader:
             raise ValueError(f"data loader state lacks {', '.join(missing)}: the data iterator cannot be restored")
         self.close()
         self._next = int(state["batch"])
-        self._iterator = self._start(self._next)
 
     def close(self) -> None:
-        """Stop the prefetch threads and worker processes."""
+        """Stop the prefetch threads and worker processes (the next ``next`` starts them again)."""
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
+        self._iterator = None
 
 
 def _mismatch(key: str, saved, now) -> str:
