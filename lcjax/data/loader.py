@@ -21,7 +21,6 @@ pipeline (and a CLI that provisions devices before JAX starts) should not pay fo
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from lcjax.ops.layout import check_divisible, permute
