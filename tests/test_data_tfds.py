@@ -102,8 +102,8 @@ def test_prepare_round_trip_without_tensorflow(corpus_dir, tmp_path, capsys):
     (["--source", "files:{root}/notes/image.png"], r"image.png: file .* is not readable text \(binary\)"),
     (["--source", "files:{root}/nothing"], "no readable text files found"),
     (["--source", "files:{root}", "--name", "Bad-Name"], "--name 'Bad-Name' must be lower case"),
-    (["--source", "files:{root}", "--tokenizer", "{root}/none.json"], "none.json does not exist"),
-    (["--source", "files:{root}", "--vocab-size", "100"], "model.vocab_size 100 must be >= 257"),
+    (["--source", "files:{root}", "--tokenizer", "{root}/none.json"], "--tokenizer .*none.json.* does not exist"),
+    (["--source", "files:{root}", "--vocab-size", "100"], "--vocab-size 100 must be >= 257"),
 ])
 def test_prepare_bad_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path, capsys, args, message):
     (corpus_dir / "nothing").mkdir()

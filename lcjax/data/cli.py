@@ -18,7 +18,11 @@ def run(args) -> int:
     try:
         return {"prepare": _prepare, "tokenizer": _tokenizer}[args.data_command](args)
     except ValueError as e:  # name the flag the user typed, not the config key it stands for
-        raise ValueError(str(e).replace("data.source", "--source", 1)) from None
+        message = str(e)
+        for key, flag in (("data.source", "--source"), ("data.tokenizer", "--tokenizer"),
+                          ("model.vocab_size", "--vocab-size"), ("data.data_dir", "--data-dir")):
+            message = message.replace(key, flag, 1) if message.startswith(key) else message
+        raise ValueError(message) from None
 
 
 def _say(line: str) -> None:
