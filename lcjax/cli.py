@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_plan_parser(sub)
+    _add_data_parser(sub)
     return parser
 
 
@@ -62,6 +63,29 @@ def _add_plan_parser(sub) -> None:
                       help="activation estimate: lcjax (what autodiff keeps) or formulas (formulas.md 1.3)")
     plan.add_argument("--efficiency", type=float, help="share of peak FLOP/s reached (default preset, 0.5)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="prepare TFDS datasets and tokenizers (docs/data.md)")
+    what = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    prep = what.add_parser("prepare", help="tokenize text files into a TFDS array_record dataset")
+    prep.add_argument("--source", required=True, help="files:PATH[,PATH...] or stdlib")
+    prep.add_argument("--out", required=True, help="TFDS data dir to write into (becomes data.data_dir)")
+    prep.add_argument("--name", default="lcjax_text", help="dataset name (default lcjax_text)")
+    prep.add_argument("--tokenizer", default="bpe", help="bpe (trained here), bytes, or a tokenizer.json path")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--cache-dir", help="lcjax cache (default $LCJAX_CACHE or ~/.cache/lcjax)")
+    tok = what.add_parser("tokenizer", help="train a byte-level BPE tokenizer and write its tokenizer.json")
+    tok.add_argument("--source", required=True, help="files:PATH[,PATH...], stdlib or tfds:NAME[/CONFIG]")
+    tok.add_argument("--vocab-size", type=int, required=True, help="at most this many ids (>= 257)")
+    tok.add_argument("--out", required=True, help="folder to write tokenizer.json into (must not hold one)")
+    tok.add_argument("--data-dir", help="TFDS data dir for tfds: sources")
+
+
+def _data(args) -> int:
+    from lcjax.data import cli as data_cli  # tokenizers and TFDS: imported only here
+
+    return data_cli.run(args)
 
 
 def default_run_dir(cfg: config_lib.Config) -> Path:
@@ -118,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "plan": _plan}[args.command](args)
+        return {"train": _train, "plan": _plan, "data": _data}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

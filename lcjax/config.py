@@ -76,7 +76,12 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Corpus, tokenizer and batching. ``global_batch`` sequences of ``seq_len`` tokens per step."""
+    """Corpus, tokenizer and batching (docs/data.md). ``global_batch`` sequences of ``seq_len`` tokens per step.
+
+    ``source``: ``stdlib``, ``files:PATH[,PATH...]`` or ``tfds:NAME[/CONFIG]`` (under ``data_dir``, default
+    ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); ``tokenizer``: ``bpe``, ``bytes`` or a path to a Hugging
+    Face tokenizer.json; ``workers``: Grain worker processes (0: threads in the training process).
+    """
 
     source: str = "stdlib"
     tokenizer: str = "bpe"
@@ -85,6 +90,8 @@ class DataConfig:
     seed: int = 0
     cross_document_attention: bool = False
     cache_dir: Optional[str] = None
+    data_dir: Optional[str] = None
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,6 @@ def _choices(cfg: Config) -> str | None:
         ("train.dtype", cfg.train.dtype, DTYPES),
         ("train.param_dtype", cfg.train.param_dtype, DTYPES),
         ("train.remat", cfg.train.remat, REMAT_POLICIES),
-        ("data.tokenizer", cfg.data.tokenizer, TOKENIZERS),
     ):
         if value not in allowed:
             return f"{key} {value!r} must be one of {', '.join(allowed)}"
@@ -339,4 +345,16 @@ def _memory(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _memory)
+def _data(cfg: Config) -> str | None:
+    d = cfg.data
+    if not (d.source == "stdlib" or d.source.startswith(("files:", "tfds:"))):
+        return f"data.source {d.source!r} must be 'stdlib', 'files:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]'"
+    if d.tokenizer not in TOKENIZERS and "/" not in d.tokenizer and not d.tokenizer.endswith(".json"):
+        return (f"data.tokenizer {d.tokenizer!r} must be one of {', '.join(TOKENIZERS)} or a path to a "
+                f"Hugging Face tokenizer.json (or a folder holding one)")
+    if d.workers < 0:
+        return f"data.workers {d.workers} must be >= 0 (0: no worker processes)"
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _memory, _data)

@@ -48,25 +48,40 @@ def _names(files, root):
 # --- corpus -----------------------------------------------------------------------------------------------
 
 
-def test_folder_gives_sorted_utf8_files_without_hidden(corpus_dir):
+TEXT_DOCS = sorted(n for n, text in DOCS.items() if text)  # empty files are skipped
+
+
+def test_folder_gives_sorted_text_files_without_hidden(corpus_dir):
     files = corpus_files(f"files:{corpus_dir}")
-    assert _names(files, corpus_dir) == sorted(DOCS)
+    assert _names(files, corpus_dir) == TEXT_DOCS
 
 
 def test_paths_keep_their_order(corpus_dir):
     files = corpus_files(f"files:{corpus_dir / 'z.py'}, {corpus_dir / 'b'}")
-    assert _names(files, corpus_dir) == ["z.py", "b/c.txt", "b/d/e.md", "b/empty.txt"]
+    assert _names(files, corpus_dir) == ["z.py", "b/c.txt", "b/d/e.md"]
+
+
+def test_binary_empty_and_non_utf8_files_in_folders_are_skipped_and_counted(corpus_dir):
+    (corpus_dir / "b" / "nul.txt").write_bytes(b"valid UTF-8 \x00 but binary")
+    (corpus_dir / "b" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    files, skipped = corpus.scan(f"files:{corpus_dir}")
+    assert _names(files, corpus_dir) == TEXT_DOCS
+    assert skipped == {"binary": 2, "empty": 1, "not UTF-8": 1}
+    assert corpus.describe_skipped(skipped) == "2 binary, 1 empty, 1 not UTF-8"
 
 
 @pytest.mark.parametrize("source, message", [
-    ("foo", r"data.source 'foo' must be 'stdlib' or 'files:PATH\[,PATH\.\.\.\]'"),
+    ("foo", r"data.source 'foo' must be 'stdlib', 'files:PATH\[,PATH\.\.\.\]' or 'tfds:NAME\[/CONFIG\]'"),
     ("files:", "must name at least one path"),
     ("files:{root}/missing", "does not exist"),
-    ("files:{root}/b/binary.bin", "is not valid UTF-8"),
-    ("files:{root}/nothing", "no UTF-8 text files found"),
+    ("files:{root}/b/binary.bin", r"is not readable text \(binary\)"),
+    ("files:{root}/b/empty.txt", r"is not readable text \(empty\)"),
+    ("files:{root}/nothing", r"no readable text files found \(skipped: 1 binary, 1 empty\)"),
 ])
 def test_bad_sources_raise_one_line(corpus_dir, source, message):
     (corpus_dir / "nothing").mkdir()
+    (corpus_dir / "nothing" / "x.bin").write_bytes(b"\x00\x01")
+    (corpus_dir / "nothing" / "y.txt").write_bytes(b"")
     with pytest.raises(ValueError, match=message) as err:
         corpus_files(source.format(root=corpus_dir))
     assert "data.source" in str(err.value) and "\n" not in str(err.value)
@@ -150,7 +165,7 @@ def test_bytes_tokenizer_uses_byte_values():
 
 
 @pytest.mark.parametrize("kind, vocab, message", [
-    ("words", 1000, "data.tokenizer 'words' must be one of bpe, bytes"),
+    ("words", 1000, "data.tokenizer 'words' must be bpe, bytes or a Hugging Face tokenizer.json"),
     ("bpe", 256, "model.vocab_size 256 must be >= 257"),
 ])
 def test_bad_tokenizer_arguments(kind, vocab, message):
@@ -162,13 +177,15 @@ def test_bad_tokenizer_arguments(kind, vocab, message):
 
 
 def test_token_stream_appends_eos_to_each_document(corpus_dir, cache_dir):
-    tok, stream, starts = build_dataset(f"files:{corpus_dir}", tokenizer_kind="bpe", vocab_size=320,
-                                        cache_dir=cache_dir)
+    data = build_dataset(f"files:{corpus_dir}", tokenizer_kind="bpe", vocab_size=320, cache_dir=cache_dir)
+    tok, stream, starts = data.tokenizer, data.tokens, data.doc_starts
     assert isinstance(stream, np.memmap) and stream.dtype == np.uint16 and starts.dtype == np.int64
     ends = np.append(starts[1:], len(stream))
     assert starts[0] == 0 and np.all(stream[ends - 1] == tok.eos_id)
-    assert np.sum(stream == tok.eos_id) == len(DOCS)  # the literal "<|endoftext|>" in e.md is not EOS
-    texts = [DOCS[n] for n in sorted(DOCS)]
+    assert np.sum(stream == tok.eos_id) == len(TEXT_DOCS)  # the literal "<|endoftext|>" in e.md is not EOS
+    assert data.skipped == {"binary": 1, "empty": 1}
+    assert "skipped files: 1 binary, 1 empty" in data.summary(8)[0]
+    texts = [DOCS[n] for n in TEXT_DOCS]
     assert [tok.decode(stream[s:e - 1]) for s, e in zip(starts, ends)] == texts
 
 
@@ -317,3 +334,93 @@ def test_loader_errors(kwargs, message):
 def test_data_package_never_imports_jax():
     sources = pathlib.Path(corpus.__file__).parent.glob("*.py")
     assert not [p.name for p in sources if "import jax" in p.read_text() or "from jax" in p.read_text()]
+
+
+def test_resume_at_every_batch_gives_exactly_the_uninterrupted_batches():
+    straight = _loader(seed=5, prefetch=3)
+    want = [next(straight) for _ in range(8)]  # more than two epochs of 3 batches
+    for cut in range(8):
+        lo = _loader(seed=5)
+        for _ in range(cut):
+            next(lo)
+        state = json.loads(json.dumps(lo.get_state()))
+        lo.close()
+        assert state["batch"] == cut and all(isinstance(v, int) for v in state.values())
+        resumed = _loader(seed=5, prefetch=0)
+        resumed.set_state(state)
+        for w in want[cut:]:
+            got = next(resumed)
+            assert all(np.array_equal(w[k], got[k]) for k in loader.FIELDS)
+        resumed.close()
+
+
+def test_worker_processes_give_the_same_batches_and_restore_exactly(tmp_path):
+    path = tmp_path / "stream.bin"
+    STREAM.tofile(path)
+    stream = np.memmap(path, dtype=STREAM.dtype, mode="r", shape=STREAM.shape)  # travels as a file name
+
+    def make(workers):
+        return make_loader(stream, seq_len=8, global_batch=4, seed=3, layout="zigzag", num_shards=2,
+                           doc_starts=STARTS, workers=workers)
+
+    threads = make(0)
+    want = [next(threads) for _ in range(7)]
+    threads.close()
+    procs = make(2)
+    first = [next(procs) for _ in range(3)]
+    state = procs.get_state()
+    procs.close()
+    resumed = make(2)
+    resumed.set_state(state)
+    rest = [next(resumed) for _ in range(4)]
+    resumed.close()
+    for w, got in zip(want, first + rest):
+        assert all(np.array_equal(w[k], got[k]) for k in loader.FIELDS)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_slices_are_contiguous_rows_of_the_same_global_batch(count):
+    full = _loader(batch=4)
+    want = [next(full) for _ in range(4)]
+    parts = [_loader(batch=4, process_index=i, process_count=count) for i in range(count)]
+    for w in want:
+        got = [next(p) for p in parts]
+        assert all(g["tokens"].shape == (4 // count, 8) for g in got)
+        for name in loader.FIELDS:
+            np.testing.assert_array_equal(np.concatenate([g[name] for g in got]), w[name])
+    state = parts[1].get_state()
+    restored = _loader(batch=4)  # a state of one process restores the global position for any count
+    restored.set_state(state)
+    np.testing.assert_array_equal(next(restored)["tokens"], next(full)["tokens"])
+
+
+def test_state_of_another_stream_or_vocabulary_is_refused():
+    lo = _loader(stream=11, vocab_size=257)
+    with pytest.raises(ValueError, match="vocabulary size .* checkpoint's data state has 257 but this run has 4096"):
+        _loader(stream=11, vocab_size=4096).set_state(lo.get_state())
+    with pytest.raises(ValueError, match="token stream id"):
+        _loader(stream=12, vocab_size=257).set_state(lo.get_state())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(process_count=3), "cannot be split into 3 per-process slices"),
+    (dict(process_index=2, process_count=2), "for process 2"),
+    (dict(workers=-1), "data.workers -1"),
+])
+def test_bad_loader_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _loader(**kwargs)
+
+
+def test_packing_loses_and_duplicates_no_token():
+    """Over one epoch every stream offset but the first is a label exactly once, only the final partial
+    window is left out, and each label is masked exactly where it starts a document."""
+    seq_len, windows = 8, num_windows(len(STREAM), 8)
+    lo = _loader(batch=2, seq_len=seq_len)
+    batches = [_natural(next(lo)) for _ in range(windows // 2)]
+    labels = np.concatenate([b["labels"].ravel() for b in batches])
+    tail = len(STREAM) - 1 - windows * seq_len
+    assert sorted(labels) == list(range(1, len(STREAM) - tail))
+    masked = np.concatenate([(b["labels"] * (1 - b["loss_mask"])).ravel() for b in batches])
+    assert set(masked[masked > 0]) == set(STARTS[1:]) & set(labels)
+    assert f"leaves {tail} tokens" in loader.epoch_summary(len(STREAM), seq_len)

@@ -1,33 +1,101 @@
 """Data pipeline: corpus → tokenizer → token stream → packed windows → layout → Grain loader.
 
-Numpy, ``tokenizers`` and Grain only; nothing here imports JAX.
+Sources (``data.source``): ``stdlib`` (the Python standard library's source, the built-in default corpus),
+``files:PATH[,PATH...]`` (local text files and folders) and ``tfds:NAME[/CONFIG]`` (a prepared TFDS dataset in
+array_record format under ``data.data_dir``; see :mod:`lcjax.data.tfds_dataset`). Numpy, ``tokenizers``,
+Grain and TFDS only; nothing here imports JAX directly (Grain does, lazily).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
-from lcjax.data.corpus import corpus_files, corpus_fingerprint
-from lcjax.data.loader import FIELDS, Loader, make_loader
+from lcjax.data.corpus import TFDS_PREFIX, corpus_files, corpus_fingerprint, describe_skipped, scan
+from lcjax.data.loader import FIELDS, Loader, epoch_summary, make_loader, stream_id
 from lcjax.data.tokenizer import Tokenizer, load_or_train_tokenizer
-from lcjax.data.tokens import load_or_tokenize
+from lcjax.data.tokens import load_or_build, load_or_tokenize, stream_key
 
-__all__ = ["FIELDS", "Loader", "Tokenizer", "build_dataset", "corpus_files", "corpus_fingerprint",
+__all__ = ["FIELDS", "Dataset", "Loader", "Tokenizer", "build_dataset", "corpus_files", "corpus_fingerprint",
            "load_or_tokenize", "load_or_train_tokenizer", "make_loader"]
 
 
-def build_dataset(source: str, *, tokenizer_kind: str, vocab_size: int,
-                  cache_dir: str | os.PathLike | None = None) -> tuple[Tokenizer, np.memmap, np.ndarray]:
-    """The tokenizer, token stream and document starts of ``source`` (``data.source``), cached on disk.
+@dataclasses.dataclass
+class Dataset:
+    """A source's tokenizer and token stream.
 
-    Returns ``(tokenizer, tokens, doc_starts)``: see :func:`load_or_train_tokenizer` and
-    :func:`load_or_tokenize`; pass ``tokens`` and ``doc_starts`` to :func:`make_loader`. ``cache_dir``
-    defaults to ``$LCJAX_CACHE`` or ``~/.cache/lcjax``. Raises ValueError for a bad source, tokenizer kind
-    or vocab size.
+    Attributes:
+      tokenizer: the :class:`Tokenizer` (saved into the run directory by the trainer).
+      tokens: read-only memmap [num_tokens] (uint16 or uint32), each document followed by EOS.
+      doc_starts: int64 [num_docs], each document's first offset.
+      key: 16 hex digits naming the stream (corpus and tokenizer); ``stream_id(key)`` goes into the loader
+        state so a checkpoint of other data is refused.
+      skipped: files of folders left out, by reason (``{"binary": 2, "empty": 1}``).
     """
-    files = corpus_files(source)
+
+    source: str
+    tokenizer: Tokenizer
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+    key: str
+    skipped: dict
+
+    def summary(self, seq_len: int) -> list[str]:
+        """Log lines: documents, tokens, tokenizer, skipped files, and what packing costs per epoch."""
+        return [f"data {self.source}: {len(self.doc_starts):,} documents, {len(self.tokens):,} tokens, "
+                f"tokenizer with {self.tokenizer.vocab_size:,} ids"
+                f"{describe_skipped(self.skipped, '; skipped files: ', '')}",
+                f"data: {epoch_summary(len(self.tokens), seq_len, len(self.doc_starts))}"]
+
+    def loader(self, **kwargs) -> Loader:
+        """:func:`make_loader` on this stream (documents, stream id and vocabulary filled in)."""
+        return make_loader(self.tokens, doc_starts=self.doc_starts, stream=stream_id(self.key),
+                           vocab_size=self.tokenizer.vocab_size, **kwargs)
+
+
+def build_dataset(source: str, *, tokenizer_kind: str, vocab_size: int,
+                  cache_dir: str | os.PathLike | None = None,
+                  data_dir: str | os.PathLike | None = None) -> Dataset:
+    """The :class:`Dataset` of ``source`` (``data.source``), tokenized once and cached on disk.
+
+    ``tokenizer_kind`` is ``data.tokenizer`` (bpe, bytes or a tokenizer.json path), ``vocab_size`` the BPE
+    size (``model.vocab_size``), ``cache_dir`` defaults to ``$LCJAX_CACHE`` or ``~/.cache/lcjax``, ``data_dir``
+    (``data.data_dir``) is where ``tfds:`` datasets live. Raises ValueError (one line) for a bad source,
+    tokenizer kind or vocab size, or a tokenizer other than the one a token dataset was prepared with.
+    """
+    if source.startswith(TFDS_PREFIX):
+        return _tfds_dataset(source, tokenizer_kind, vocab_size, cache_dir, data_dir)
+    files, skipped = scan(source)
     tokenizer = load_or_train_tokenizer(files, kind=tokenizer_kind, vocab_size=vocab_size, cache_dir=cache_dir)
+    key = stream_key(corpus_fingerprint(files), tokenizer)
     tokens, doc_starts = load_or_tokenize(files, tokenizer, cache_dir=cache_dir)
-    return tokenizer, tokens, doc_starts
+    return Dataset(source, tokenizer, tokens, doc_starts, key, skipped)
+
+
+def _tfds_dataset(source, tokenizer_kind, vocab_size, cache_dir, data_dir) -> Dataset:
+    from lcjax.data.tfds_dataset import TfdsDocuments
+
+    docs = TfdsDocuments(source, data_dir)
+    if docs.has_tokens:
+        tokenizer = _dataset_tokenizer(docs, tokenizer_kind, vocab_size)
+    else:
+        tokenizer = load_or_train_tokenizer(docs, kind=tokenizer_kind, vocab_size=vocab_size, cache_dir=cache_dir)
+    key = stream_key(f"tfds:{docs.fingerprint}:{docs.feature}", tokenizer)
+    tokens, doc_starts = load_or_build(key, lambda: docs.token_ids(tokenizer), tokenizer, cache_dir=cache_dir)
+    return Dataset(source, tokenizer, tokens, doc_starts, key, {})
+
+
+def _dataset_tokenizer(docs, kind: str, vocab_size: int) -> Tokenizer:
+    """The configured tokenizer, which must be the one the token dataset was prepared with."""
+    stored = docs.tokenizer()
+    hint = f"set data.tokenizer={docs.directory / 'tokenizer.json'}" if stored else "it stores no tokenizer.json"
+    if kind == "bpe":
+        raise ValueError(f"data.tokenizer bpe: data.source {docs.source} holds token ids, not text, so no BPE "
+                         f"can be trained on it; {hint}")
+    configured = load_or_train_tokenizer([], kind=kind, vocab_size=max(vocab_size, 257))
+    if stored is None or stored.fingerprint != configured.fingerprint:
+        raise ValueError(f"data.tokenizer {kind}: data.source {docs.source} was tokenized with another tokenizer; "
+                         f"{hint}")
+    return configured

@@ -2,21 +2,24 @@
 
 The stream is cut into consecutive windows of T+1 tokens that overlap by one: window w is
 ``stream[w·T : w·T + T + 1]``, its inputs the first T tokens and its labels the last T, so there are
-(len − 1) // T windows and every token but the first is a label exactly once per epoch. A window may hold
-the end of one document, whole documents and the start of another; each token carries its position and
-segment (document) id inside the window, so attention masks never cross documents (unless asked to).
+(len − 1) // T windows and every token but the first is a label exactly once per epoch; nothing is padded,
+and the only tokens an epoch leaves out of the labels are those of the final partial window
+(:func:`epoch_summary`). A window may hold the end of one document, whole documents and the start of
+another; each token carries its position and segment (document) id inside the window, so attention masks
+never cross documents (unless asked to).
 
-The order of windows is a Grain ``MapDataset`` shuffle with ``data.seed`` (a fresh permutation each epoch),
-batched to the global batch; the mesh only enters in the last step, the layout permutation, so the same
-seed gives the same global batches on every mesh.
+The pipeline is a Grain ``MapDataset``: window indices shuffled with ``data.seed`` (a fresh permutation each
+epoch) → batched to the global batch → :class:`Rows` (this process's rows, packed) → :class:`LayOut` (the
+layout permutation of every field); the mesh only enters in the last step, so the same seed gives the same
+global batches on every mesh. The iterator position is the number of global batches delivered: restoring
+slices the ``MapDataset`` there, so a resumed loader continues exactly, whatever threads, worker processes
+or process count either side used.
 
 Grain is imported inside the functions that use it: importing it imports JAX, which the rest of the data
 pipeline (and a CLI that provisions devices before JAX starts) should not pay for or trigger.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
@@ -81,82 +84,200 @@ def window(stream: np.ndarray, doc_starts: np.ndarray | None, index: int, seq_le
     return {"tokens": chunk[:-1], "labels": chunk[1:], **extra}
 
 
+class LayOut:
+    """The layout permutation as one Grain map transform: every [B, T] array of a batch (tokens, labels,
+    positions, segment ids, loss mask alike) is permuted along T from natural order into ``layout`` order
+    for ``num_shards`` sequence shards (``attention.layout``, ``mesh.sequence``)."""
+
+    def __init__(self, layout: str, num_shards: int):
+        self.layout, self.num_shards = layout, num_shards
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: permute(array, self.layout, self.num_shards, axis=1) for name, array in batch.items()}
+
+
 def lay_out(batch: dict[str, np.ndarray], layout: str, num_shards: int) -> dict[str, np.ndarray]:
     """Every [B, T] array of ``batch`` permuted along T from natural order into ``layout`` order."""
-    return {name: permute(array, layout, num_shards, axis=1) for name, array in batch.items()}
+    return LayOut(layout, num_shards)(batch)
+
+
+class Rows:
+    """Grain map transform: an int array of global-batch window indices → this process's rows, packed.
+
+    Holds the token stream; a memmap travels to worker processes as its file name and is reopened there
+    (pickling never copies the corpus).
+    """
+
+    def __init__(self, stream, doc_starts, seq_len: int, cross_document_attention: bool, rows: slice):
+        self.stream, self.doc_starts, self.seq_len = stream, doc_starts, seq_len
+        self.cross, self.rows = cross_document_attention, rows
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        windows = [window(self.stream, self.doc_starts, int(i), self.seq_len, self.cross)
+                   for i in np.asarray(indices)[self.rows]]
+        return {name: np.stack([w[name] for w in windows]) for name in FIELDS}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if isinstance(self.stream, np.memmap) and self.stream.filename:
+            state["stream"] = ("memmap", self.stream.filename, self.stream.dtype.str, len(self.stream),
+                               self.stream.offset)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["stream"], tuple):
+            _, name, dtype, length, offset = state["stream"]
+            state["stream"] = np.memmap(name, dtype=dtype, mode="r", shape=(length,), offset=offset)
+        self.__dict__.update(state)
 
 
 class Loader:
-    """An endless iterator of global batches; its position can be saved and restored.
+    """An endless iterator of batches; its position can be saved and restored exactly.
 
-    ``next(loader)`` returns a dict of int32 numpy arrays [global_batch, seq_len] named as :data:`FIELDS`,
-    in layout order. ``get_state()`` returns a JSON-serialisable dict; ``set_state(state)`` on a loader
-    made with the same corpus, seq_len, global_batch and seed continues exactly where the saved one was
-    (the layout and number of shards may differ).
+    ``next(loader)`` returns a dict of int32 numpy arrays [global_batch / process_count, seq_len] named as
+    :data:`FIELDS`, in layout order: this process's rows of the next global batch. ``get_state()`` returns
+    a flat dict of ints (JSON-serialisable; the trainer keeps it as ``TrainState.data_state`` in the Orbax
+    checkpoint): ``batch``, the number of global batches delivered, plus what identifies the data.
+    ``set_state(state)`` on a loader made from the same token stream, seq_len, global_batch and seed
+    continues with exactly the next batch, whatever the layout, number of shards, worker processes,
+    prefetch depth or process count of either loader.
     """
 
-    def __init__(self, dataset: "grain.MapDataset", identity: dict, prefetch: int):
+    def __init__(self, dataset: "grain.MapDataset", identity: dict, *, prefetch: int, workers: int):
+        self._dataset, self._identity = dataset, identity
+        self._prefetch, self._workers = prefetch, workers
+        self._next = 0
+        self._iterator = None  # started by the first next(): a restore before it starts nothing twice
+
+    def _start(self, batch: int):
         import grain
 
-        options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
-        self._identity = identity
-        self._iterator = iter(dataset.to_iter_dataset(options))
+        options = grain.ReadOptions(num_threads=self._prefetch, prefetch_buffer_size=self._prefetch)
+        dataset = self._dataset[batch:].to_iter_dataset(options)
+        if self._workers:
+            _absl_flags_parsed()
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._workers, per_worker_buffer_size=max(self._prefetch, 1)))
+        return iter(dataset)
 
     def __iter__(self) -> "Loader":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        if self._iterator is None:
+            self._iterator = self._start(self._next)
+        batch = next(self._iterator)
+        self._next += 1
+        return batch
 
     def get_state(self) -> dict:
-        """The position of the loader: Grain's iterator state plus what the loader was built with."""
-        return {"grain": self._iterator.get_state(), **self._identity}
+        """The position of the loader: ``{"batch": global batches delivered, **identity}`` (all ints)."""
+        return {"batch": self._next, **self._identity}
 
     def set_state(self, state: dict) -> None:
         """Continue from ``state`` (from :meth:`get_state`). Raises ValueError if it belongs to other data."""
         for key, value in self._identity.items():
-            if state.get(key) != value:
-                raise ValueError(f"data loader state has {key} {state.get(key)!r} but this run has {value!r}: "
-                                 f"the data iterator cannot be restored")
-        self._iterator.set_state(state["grain"])
+            if key in state and state[key] != value:
+                raise ValueError(_mismatch(key, state[key], value))
+        missing = [key for key in self._identity if key not in state]
+        if missing:
+            raise ValueError(f"data loader state lacks {', '.join(missing)}: the data iterator cannot be restored")
+        self.close()
+        self._next = int(state["batch"])
 
     def close(self) -> None:
-        """Stop the prefetch threads."""
-        self._iterator.close()
+        """Stop the prefetch threads and worker processes (the next ``next`` starts them again)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+        self._iterator = None
+
+
+def _mismatch(key: str, saved, now) -> str:
+    what = {"vocab_size": "the tokenizer's vocabulary size (data.tokenizer)",
+            "stream": "the token stream id (data.source or data.tokenizer changed)",
+            "num_windows": "the number of windows (data.source or data.tokenizer changed)"}.get(key, f"data.{key}")
+    return (f"{what}: the checkpoint's data state has {saved!r} but this run has {now!r}; "
+            f"the data iterator cannot be restored")
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; mark them parsed when the host program does not use absl."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def stream_id(key: str) -> int:
+    """A hex cache key (e.g. :attr:`lcjax.data.Dataset.key`) as a non-negative int63 for the loader state."""
+    return int(key[:15], 16)
 
 
 def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int, layout: str,
                 num_shards: int, cross_document_attention: bool = False,
-                doc_starts: np.ndarray | None = None, prefetch: int = 2) -> Loader:
-    """A :class:`Loader` of shuffled, packed global batches from a token stream.
+                doc_starts: np.ndarray | None = None, prefetch: int = 2, workers: int = 0,
+                process_index: int = 0, process_count: int = 1, stream: int | None = None,
+                vocab_size: int | None = None) -> Loader:
+    """A :class:`Loader` of shuffled, packed batches from a token stream.
 
     Args:
       tokens: [num_tokens] integer token stream (a memmap is fine; it is read lazily).
       seq_len: T, tokens per sequence (``data.seq_len``).
-      global_batch: B, sequences per batch (``data.global_batch``).
-      seed: ``data.seed`` in [0, 2**32); epoch e is shuffled with seed + e.
+      global_batch: B, sequences per global batch (``data.global_batch``).
+      seed: ``data.seed`` in [0, 2**32); each epoch is a fresh permutation of the windows drawn from it.
       layout, num_shards: the sequence layout (contiguous, zigzag, striped) and ``mesh.sequence``.
       cross_document_attention: if True positions run 0…T−1 and segment ids are 1 across whole windows.
       doc_starts: int64 [num_docs] sorted document start offsets; None means one long document.
-      prefetch: batches computed ahead by as many background threads (0: none).
+      prefetch: batches computed ahead (0: none); with ``workers`` = 0 by as many threads, else per worker.
+      workers: Grain worker processes (``data.workers``); 0 computes batches in this process's threads.
+      process_index, process_count: per-process slices for multi-host runs. The global batch is the same
+        whatever the process count; process i of n gets its contiguous rows [i·B/n, (i+1)·B/n) of every
+        global batch (the batch axis is sharded over ``data`` first, in mesh order, so process i feeds the
+        i-th block of data-parallel rows). Processes that share rows (a sequence axis spanning hosts)
+        pass the same index, and n is then the number of distinct row blocks. B must be divisible by n.
+      stream, vocab_size: ints identifying the token stream and tokenizer, checked by ``set_state`` (so a
+        checkpoint of another corpus or tokenizer is refused with a clear error); None leaves them out.
 
     Batches span epochs without a gap; the loader never ends. Raises ValueError (one line naming the
     data field) when seq_len or global_batch is below 1, the layout cannot split seq_len on num_shards,
-    the seed is out of range, or the corpus has fewer windows than one global batch.
+    the seed is out of range, the process slice is impossible, or the corpus has fewer windows than one
+    global batch.
     """
     import grain
 
     windows = _check(len(tokens), seq_len, global_batch, seed, layout, num_shards)
-    make_window = functools.partial(window, tokens, doc_starts, seq_len=seq_len,
-                                    cross_document_attention=cross_document_attention)
+    if workers < 0 or prefetch < 0:
+        raise ValueError(f"data.workers {workers} and prefetch {prefetch} must be >= 0")
+    if process_count < 1 or not 0 <= process_index < process_count or global_batch % process_count:
+        raise ValueError(f"data.global_batch {global_batch} cannot be split into {process_count} per-process "
+                         f"slices for process {process_index} (B must be divisible by the process count)")
+    rows = global_batch // process_count
+    rows_of = Rows(tokens, doc_starts, seq_len, cross_document_attention,
+                   slice(process_index * rows, (process_index + 1) * rows))
     dataset = (grain.MapDataset.range(windows)
                .shuffle(seed=seed)
                .repeat(None)
-               .map(make_window)
                .batch(global_batch, drop_remainder=True)
-               .map(functools.partial(lay_out, layout=layout, num_shards=num_shards)))
+               .map(rows_of)
+               .map(LayOut(layout, num_shards)))
     identity = {"seed": seed, "seq_len": seq_len, "global_batch": global_batch, "num_windows": windows}
-    return Loader(dataset, identity, prefetch)
+    identity.update({k: v for k, v in (("stream", stream), ("vocab_size", vocab_size)) if v is not None})
+    return Loader(dataset, identity, prefetch=prefetch, workers=workers)
+
+
+def epoch_summary(num_tokens: int, seq_len: int, num_docs: int | None = None) -> str:
+    """One line on what packing costs: windows per epoch and the tokens of the final partial window.
+
+    Windows are cut from one token stream, so no padding is ever added; the only tokens an epoch does not
+    train on as labels are the (num_tokens − 1) mod T at the end of the stream (the final partial window).
+    """
+    windows = num_windows(num_tokens, seq_len)
+    tail = num_tokens - 1 - windows * seq_len if num_tokens else 0
+    docs = f" from {num_docs:,} documents" if num_docs is not None else ""
+    share = 100 * tail / max(num_tokens, 1)
+    return (f"{windows:,} windows of {seq_len:,} tokens per epoch{docs}; no padding; the final partial window "
+            f"leaves {tail:,} tokens ({share:.3f}%) of each epoch out of the labels")
 
 
 def _check(num_tokens: int, seq_len: int, global_batch: int, seed: int, layout: str, num_shards: int) -> int:

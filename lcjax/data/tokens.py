@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -36,30 +36,60 @@ def load_or_tokenize(files: list[pathlib.Path], tokenizer: Tokenizer, *,
     [num_docs], the offset of each document's first token (``doc_starts[0] == 0``, increasing). Prints
     nothing. ``cache_dir`` defaults to ``$LCJAX_CACHE`` or ``~/.cache/lcjax``.
     """
-    key = cache.short_hash(corpus_fingerprint(files), tokenizer.fingerprint, _FORMAT)
+    key = stream_key(corpus_fingerprint(files), tokenizer)
     folder = cache.cache_root(cache_dir) / "tokens" / key
     if not (folder / "meta.json").is_file():
         with cache.atomic_dir(folder) as tmp:
             _write_stream(files, tokenizer, tmp)
-    return _open_stream(folder)
+    return open_stream(folder)
+
+
+def stream_key(corpus: str, tokenizer: Tokenizer) -> str:
+    """The cache key (16 hex digits) of the token stream of corpus fingerprint ``corpus`` under ``tokenizer``."""
+    return cache.short_hash(corpus, tokenizer.fingerprint, _FORMAT)
+
+
+def load_or_build(key: str, documents: Callable[[], Iterable[np.ndarray]], tokenizer: Tokenizer, *,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[np.memmap, np.ndarray]:
+    """Like :func:`load_or_tokenize` for any documents: ``documents()`` yields each one's token ids
+    (without EOS); the stream is cached under ``<cache>/tokens/<key>/``."""
+    folder = cache.cache_root(cache_dir) / "tokens" / key
+    if not (folder / "meta.json").is_file():
+        with cache.atomic_dir(folder) as tmp:
+            write_stream(tmp, documents(), tokenizer)
+    return open_stream(folder)
+
+
+def encode_files(files: list[pathlib.Path], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+    """Token ids (int64 [n], no EOS) of each file in order, encoded in groups of about CHUNK_BYTES."""
+    for chunk in _chunks(files, CHUNK_BYTES):
+        for ids in tokenizer.encode_batch([read_text(p) for p in chunk]):
+            yield np.asarray(ids, np.int64)
 
 
 def _write_stream(files: list[pathlib.Path], tokenizer: Tokenizer, folder: pathlib.Path) -> None:
+    write_stream(folder, encode_files(files, tokenizer), tokenizer)
+
+
+def write_stream(folder: pathlib.Path, documents: Iterable[np.ndarray], tokenizer: Tokenizer) -> None:
+    """Write ``tokens.bin``, ``doc_starts.npy`` and ``meta.json`` (last: it marks the folder complete)."""
     dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype)
     lengths = []
     with open(folder / "tokens.bin", "wb") as out:
-        for chunk in _chunks(files, CHUNK_BYTES):
-            docs = [np.asarray(ids, dtype) for ids in tokenizer.encode_batch([read_text(p) for p in chunk])]
-            out.write(np.concatenate([part for doc in docs for part in (doc, eos)]).tobytes())
-            lengths.extend(len(doc) + 1 for doc in docs)
+        for doc in documents:
+            out.write(np.concatenate([np.asarray(doc).astype(dtype), eos]).tobytes())
+            lengths.append(len(doc) + 1)
+    if not lengths:
+        raise ValueError("data.source: the corpus holds no documents")
     starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.int64)
     np.save(folder / "doc_starts.npy", starts)
     meta = {"dtype": dtype.name, "num_tokens": int(sum(lengths)), "num_docs": len(lengths)}
-    (folder / "meta.json").write_text(json.dumps(meta))  # written last: marks the folder complete
+    (folder / "meta.json").write_text(json.dumps(meta))
 
 
-def _open_stream(folder: pathlib.Path) -> tuple[np.memmap, np.ndarray]:
+def open_stream(folder: pathlib.Path) -> tuple[np.memmap, np.ndarray]:
+    """The cached stream in ``folder``: (tokens memmap, doc_starts)."""
     meta = json.loads((folder / "meta.json").read_text())
     tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
     return tokens, np.load(folder / "doc_starts.npy")

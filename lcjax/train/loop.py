@@ -19,7 +19,6 @@ from lcjax import config as config_lib
 from lcjax.checkpoint import Checkpointer, abstract_like, saved_steps
 from lcjax.config import Config
 from lcjax.data import build_dataset
-from lcjax.data.loader import make_loader
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
 from lcjax.train.state import data_state_arrays, data_state_dict, init_state
@@ -49,7 +48,7 @@ def check_resume_compatible(saved: Config, cfg: Config) -> None:
                 raise ValueError(f"{section}.{key}: --resume cannot change it ({a[key]!r} -> {b[key]!r})")
 
 
-RESUME_FREE = ("cache_dir",)  # keys of the model/data sections that do not affect a resumed run
+RESUME_FREE = ("cache_dir", "data_dir", "workers")  # keys of the model/data sections that do not affect a resumed run
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
@@ -97,18 +96,18 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
     d, m = cfg.data, cfg.model
     print(f"lcjax: data {d.source}: loading (tokenized on first use, then cached)", flush=True)
     try:
-        tokenizer, tokens, doc_starts = build_dataset(d.source, tokenizer_kind=d.tokenizer,
-                                                      vocab_size=m.vocab_size, cache_dir=d.cache_dir)
+        dataset = build_dataset(d.source, tokenizer_kind=d.tokenizer, vocab_size=m.vocab_size,
+                                cache_dir=d.cache_dir, data_dir=d.data_dir)
     except OSError as e:
         raise ValueError(f"data.cache_dir {d.cache_dir or '~/.cache/lcjax'}: {e.strerror or e}") from None
-    print(f"lcjax: data {d.source}: {len(doc_starts):,} documents, {len(tokens):,} tokens, "
-          f"{d.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids", flush=True)
+    tokenizer = dataset.tokenizer
+    print("\n".join(f"lcjax: {line}" for line in dataset.summary(d.seq_len)), flush=True)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(f"model.vocab_size {m.vocab_size} must be >= the tokenizer's {tokenizer.vocab_size}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
-    loader = make_loader(tokens, seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
-                         layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                         cross_document_attention=d.cross_document_attention, doc_starts=doc_starts)
+    loader = dataset.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
+                            layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                            cross_document_attention=d.cross_document_attention, workers=d.workers)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
