@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_plan_parser(sub)
     _add_data_parser(sub)
+    _add_generate_parser(sub)
     return parser
 
 
@@ -80,6 +81,52 @@ def _add_data_parser(sub) -> None:
     tok.add_argument("--vocab-size", type=int, required=True, help="at most this many ids (>= 257)")
     tok.add_argument("--out", required=True, help="folder to write tokenizer.json into (must not hold one)")
     tok.add_argument("--data-dir", help="TFDS data dir for tfds: sources")
+
+
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="continue a prompt with a trained run's newest checkpoint (KV cache)")
+    gen.add_argument("--run-dir", required=True, help="run directory (its config.yaml, tokenizer, checkpoints)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to add (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                     help="0: greedy (default); > 0: sample from softmax(logits / T)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the run's config, e.g. --set mesh.sequence=1 (not model.*)")
+
+
+def _generate(args) -> int:
+    """Check everything the user typed or points at, then load the run (reading only) and generate."""
+    import math
+
+    from lcjax.checkpoint import saved_steps
+
+    run_dir = Path(args.run_dir)
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if not (args.temperature >= 0) or math.isinf(args.temperature):
+        raise ValueError(f"--temperature {args.temperature} must be a finite number >= 0")
+    if not (run_dir / "config.yaml").is_file():
+        what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
+        raise ValueError(f"--run-dir {run_dir} {what}")
+    if not saved_steps(run_dir / "checkpoints"):
+        raise ValueError(f"--run-dir {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    cfg = config_lib.load(run_dir / "config.yaml", args.set)
+    provision_host_devices(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
+    from lcjax import generate  # imports JAX: after the devices are provisioned
+
+    model, tokenizer = generate.load(run_dir, args.set)
+    prompt = tokenizer.encode_batch([args.prompt])[0]
+    if not prompt:
+        raise ValueError("--prompt encodes to no tokens")
+    new = generate.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed, eos_id=tokenizer.eos_id)[0]
+    if new and new[-1] == tokenizer.eos_id:
+        new = new[:-1]
+    print(args.prompt + tokenizer.decode(new), flush=True)
+    return 0
 
 
 def _data(args) -> int:
@@ -142,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "plan": _plan, "data": _data}[args.command](args)
+        return {"train": _train, "plan": _plan, "data": _data, "generate": _generate}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

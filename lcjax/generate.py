@@ -1,0 +1,417 @@
+"""Text generation with a KV cache: a sharded prefill of the prompts, then decoding token by token.
+
+Prefill runs the prompts through the training model in one ``shard_map`` over the whole mesh, exactly as a
+training step's forward does (the layers are :class:`lcjax.model.llama.Block` itself): prompts [B, T] in
+the config's layout (zigzag …) split over ``sequence`` (ring, Ulysses or hybrid attention), batch over
+``data``, heads, MLP width and vocabulary over ``model`` (TP). Besides the logits of every prompt's last
+token it returns the KV cache: each layer's roped keys and values, computed from the layer's input with the
+layer's own weights, and left where they were made, in layout order and split over ``sequence``
+(flash-decoding style, so the cache of a long prompt is divided by SP × TP, never gathered).
+
+Decoding runs one new token per prompt in a second ``shard_map`` over the same mesh. The new token (its
+query) is replicated over ``sequence``; every sequence shard attends it to its slice of the prompt's cache
+and the partial results are merged across ``sequence`` by the log-sum-exp rule (one ``pmax`` and one
+``psum`` per layer), together with the keys of the tokens generated so far, which live in a small "tail"
+cache replicated over ``sequence``. Heads stay split over ``model`` (TP; row-parallel ``psum`` as in
+training) and the batch over ``data``. GQA: the caches hold kv heads only — per model shard its K/tp kv
+heads, or, when K < tp, the one kv head its query heads use — never the N query heads.
+
+Shapes (global, as held between calls): cache keys/values [L, B, T, K', H] with K' = max(K, tp) (P(None,
+data, sequence, model)); tail [L, B, M, K', H] for M = ``max_new_tokens`` (P(None, data, None, model));
+logits float32 [B, V] over the true vocabulary. Prompts of different lengths are right-padded to a common
+T (a multiple of the layout's unit); padded keys are masked by position, and generated token i of a
+prompt of length n takes position n + i whatever the padding. Parameters are replicated over data ×
+sequence here (no optimizer state is loaded), whatever ``train.fsdp`` says; compute in ``train.dtype``.
+
+Entry points: :func:`load` (a run dir's newest checkpoint, config and tokenizer), :func:`from_params`
+(parameters in memory), :func:`prompt_logits` (next-token logits of a batch of prompts),
+:func:`prefill` / :func:`decode_step` (the cache, e.g. for teacher-forced scoring), :func:`generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcjax import config as config_lib
+from lcjax.checkpoint import restore_params, saved_steps
+from lcjax.config import Config
+from lcjax.model.llama import AttentionSpec, Axes, Llama, rms_norm, swiglu
+from lcjax.ops import rope
+from lcjax.ops.layout import permute
+from lcjax.parallel import tensor
+from lcjax.sharding import rules
+from lcjax.sharding.mesh import AXES, make_mesh
+
+DATA, SEQUENCE, MODEL = AXES
+CACHE_SPEC = P(None, DATA, SEQUENCE, MODEL, None)  # prefill keys/values [L, B, T, K', H]
+TAIL_SPEC = P(None, DATA, None, MODEL, None)  # generated keys/values [L, B, M, K', H]
+
+
+class Cache(NamedTuple):
+    """The KV cache of a batch of prompts (global arrays, see the module doc for shapes and specs).
+
+    k, v: prefill keys (roped) and values, layout order; positions: int32 [B, T] their positions (layout
+    order); lengths: int32 [B] prompt lengths; tail_k, tail_v: keys/values of generated tokens, slot i =
+    the i-th token fed to :func:`decode_step`; step: int32 [] tokens decoded so far.
+    """
+
+    k: Any
+    v: Any
+    positions: Any
+    lengths: Any
+    tail_k: Any
+    tail_v: Any
+    step: Any
+
+
+class Model(NamedTuple):
+    """A model ready to generate: its config, mesh, NNX graphdef, parameters (an nnx.State of global arrays
+    placed by ``specs``) and the jitted prefill/decode functions built for them."""
+
+    cfg: Config
+    mesh: Any
+    graphdef: Any
+    params: Any
+    specs: Any
+    fns: dict
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def abstract_params(cfg: Config, mesh):
+    """(graphdef, specs, ShapeDtypeStructs with shardings) of the parameters for generation on ``mesh``:
+    ``train.param_dtype``, split over ``model`` only (replicated over data × sequence)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, nnx.Rngs(0))))
+    specs = rules.param_specs(abstract, n_kv_heads=cfg.model.n_kv_heads, tp=mesh.shape[MODEL])
+    dtype = jnp.dtype(cfg.train.param_dtype)
+    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=NamedSharding(mesh, s))
+    return graphdef, specs, jax.tree.map(sds, abstract, specs)
+
+
+def from_params(cfg: Config, params, mesh=None) -> Model:
+    """A :class:`Model` from parameters in memory: an nnx.State (or a TrainState, whose ``params`` are
+    used) of arrays placed anywhere; they are moved to ``mesh`` (default: the config's mesh)."""
+    params = getattr(params, "params", params)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model) if mesh is None else mesh
+    graphdef, specs, abstract = abstract_params(cfg, mesh)
+    params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)
+    return _model(cfg, mesh, graphdef, params, specs)
+
+
+def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None = None):
+    """(:class:`Model`, tokenizer) of a run dir: its ``config.yaml`` with ``overrides`` (``key=value``;
+    e.g. ``mesh.*``, ``attention.*``, ``train.dtype``; never ``model.*``), the newest checkpoint's (or
+    ``step``'s) parameters on the config's mesh, and ``<run dir>/tokenizer``. Reads only; raises
+    ValueError (one line) for a missing run dir, config, checkpoint or tokenizer, or a changed model."""
+    from lcjax.data.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir, overrides)
+    steps = saved_steps(run_dir / "checkpoints")
+    if not steps or (step is not None and step not in steps):
+        raise ValueError(f"--run-dir {run_dir}: no checkpoint{'' if step is None else f' {step}'} in "
+                         f"{run_dir / 'checkpoints'}")
+    tokenizer = Tokenizer.load(run_dir / "tokenizer", field="--run-dir tokenizer")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
+    graphdef, specs, abstract = abstract_params(cfg, mesh)
+    try:
+        params = restore_params(run_dir / "checkpoints", abstract, step)
+    except (OSError, ValueError, KeyError) as e:  # a damaged or foreign checkpoint: one line
+        raise ValueError(f"--run-dir {run_dir}: cannot read checkpoint {step or steps[-1]} "
+                         f"({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
+    return _model(cfg, mesh, graphdef, params, specs), tokenizer
+
+
+def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The run's ``config.yaml`` with ``overrides``; ValueError when there is none or a ``model.*`` key
+    changes (the checkpoint fixes the model)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
+        raise ValueError(f"--run-dir {run_dir} {what}")
+    saved = config_lib.load(run_dir / "config.yaml")
+    cfg = config_lib.load(run_dir / "config.yaml", list(overrides))
+    before, after = config_lib.to_dict(saved)["model"], config_lib.to_dict(cfg)["model"]
+    for key in before:
+        if before[key] != after[key]:
+            raise ValueError(f"model.{key}: generation cannot change it (the checkpoint's model is fixed)")
+    return cfg
+
+
+def _model(cfg: Config, mesh, graphdef, params, specs) -> Model:
+    check_vma = cfg.attention.kernel != "pallas"  # Pallas in interpret mode needs it off (train/step.py)
+    common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg, check_vma=check_vma)
+    fns = {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
+           "decode": _decode_fn(**common)}
+    return Model(cfg, mesh, graphdef, params, specs, fns)
+
+
+# ------------------------------------------------------------------------------------- per-shard math
+
+def _attention_spec(cfg: Config) -> AttentionSpec:
+    a = cfg.attention
+    return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
+                         kernel=a.kernel, ulysses_size=a.ulysses_size)
+
+
+def _cos_sin(m: config_lib.ModelConfig, positions, max_position: int):
+    """RoPE angles for int32 positions [B, T], called exactly as ``Llama.hidden`` calls them."""
+    return rope.cos_sin(positions, rope.rope_tables(max_position, m.d_model // m.n_heads, m.rope.base))
+
+
+def _weight(p, dtype):
+    return p[...].astype(dtype)
+
+
+def _project_kv(block, x, cos, sin, m, axes: Axes, dtype):
+    """This shard's roped keys and values [B, T, K', H] of the layer input x [B, T, D] (Block's math)."""
+    b, t, _ = x.shape
+    hd = m.d_model // m.n_heads
+    h = rms_norm(x, block.attn_norm[...], m.norm_eps)
+    kv = lambda p: tensor.kv_columns(_weight(p, dtype), n_kv_heads=m.n_kv_heads, n_heads=m.n_heads,
+                                     head_dim=hd, axis=axes.model)
+    k = (h @ kv(block.wk)).reshape(b, t, -1, hd)
+    v = (h @ kv(block.wv)).reshape(b, t, -1, hd)
+    return rope.apply_rope(k, cos, sin), v
+
+
+def _head(model: Llama, dtype):
+    """This shard's output head [D, V/tp]."""
+    return (_weight(model.embed, dtype).T if model.cfg.tie_embeddings else _weight(model.lm_head, dtype))
+
+
+def _prefill_local(params, tokens, positions, lengths, *, graphdef, cfg: Config, max_position: int,
+                   keep_cache: bool):
+    """Per shard: tokens/positions [B/dp, T/sp] (layout order), lengths [B/dp] -> last-token logits float32
+    [B/dp, V/tp] and (keep_cache) keys/values [L, B/dp, T/sp, K', H]."""
+    m, axes, attn, dtype = cfg.model, Axes(), _attention_spec(cfg), jnp.dtype(cfg.train.dtype)
+    model = nnx.merge(graphdef, params)
+    segment_ids = jnp.ones_like(tokens)  # padding sits after each prompt: causality already hides it
+    x = tensor.vocab_parallel_embed(tokens, _weight(model.embed, dtype), axes.model)
+    cos, sin = _cos_sin(m, positions, max_position)
+    block_def, stacked = nnx.split(model.layers)
+
+    def layer(x, state):
+        block = nnx.merge(block_def, state)
+        kv = _project_kv(block, x, cos, sin, m, axes, dtype) if keep_cache else None
+        return block(x, cos, sin, positions, segment_ids, cfg=m, attn=attn, axes=axes, dtype=dtype), kv
+
+    x, kv = lax.scan(layer, x, stacked)
+    last = positions == (lengths[:, None] - 1)  # each prompt's last token sits on exactly one shard
+    x_last = lax.psum(jnp.sum(jnp.where(last[..., None], x, 0).astype(jnp.float32), axis=1), axes.sequence)
+    h = rms_norm(x_last.astype(dtype), model.final_norm[...], m.norm_eps)
+    logits = jnp.einsum("bd,dv->bv", h, _head(model, dtype), preferred_element_type=jnp.float32)
+    return (logits, *kv) if keep_cache else logits
+
+
+def _decode_attention(q, cache_k, cache_v, cache_pos, tail_k, tail_v, lengths, step, *, window, axis):
+    """One query per row against this shard's prompt keys and the generated keys, merged over ``axis``.
+
+    q [B, 1, N', H]; cache_k/v [B, T/sp, K', H] with positions cache_pos [B, T/sp] (valid: < lengths);
+    tail_k/v [B, M, K', H] (valid: slots <= step). The query's position is lengths + step. Returns
+    float32 [B, 1, N', H].
+    """
+    b, _, n, hd = q.shape
+    kh = cache_k.shape[2]
+    qg = q.reshape(b, kh, n // kh, hd).astype(jnp.float32) / math.sqrt(hd)
+    q_pos = lengths + step  # [B]
+    slots = jnp.arange(tail_k.shape[1])
+    pre_ok = cache_pos < lengths[:, None]
+    tail_ok = (slots <= step)[None, :] & jnp.ones((b, 1), bool)
+    if window is not None:
+        pre_ok &= (q_pos[:, None] - cache_pos) < window
+        tail_ok &= (step - slots)[None, :] < window
+
+    def scores(k, ok):
+        s = jnp.einsum("bkgh,btkh->bkgt", qg, k.astype(jnp.float32))
+        return jnp.where(ok[:, None, None, :], s, -jnp.inf)
+
+    s_pre, s_tail = scores(cache_k, pre_ok), scores(tail_k, tail_ok)
+    peak = jnp.maximum(lax.pmax(jnp.max(s_pre, axis=-1), axis), jnp.max(s_tail, axis=-1))  # tail: finite
+    p_pre, p_tail = jnp.exp(s_pre - peak[..., None]), jnp.exp(s_tail - peak[..., None])
+    weighted = lambda p, v: jnp.einsum("bkgt,btkh->bkgh", p, v.astype(jnp.float32))
+    total = lax.psum(jnp.sum(p_pre, axis=-1), axis) + jnp.sum(p_tail, axis=-1)
+    out = lax.psum(weighted(p_pre, cache_v), axis) + weighted(p_tail, tail_v)
+    return (out / total[..., None]).reshape(b, 1, n, hd)
+
+
+def _decode_local(params, cache: Cache, tokens, *, graphdef, cfg: Config, max_position: int):
+    """Per shard: tokens [B/dp] (replicated over sequence) -> logits float32 [B/dp, V/tp] and the new
+    tail keys/values [L, B/dp, M, K', H]."""
+    m, axes, dtype = cfg.model, Axes(), jnp.dtype(cfg.train.dtype)
+    hd = m.d_model // m.n_heads
+    model = nnx.merge(graphdef, params)
+    b = tokens.shape[0]
+    x = tensor.vocab_parallel_embed(tokens[:, None], _weight(model.embed, dtype), axes.model)  # [B, 1, D]
+    cos, sin = _cos_sin(m, (cache.lengths + cache.step)[:, None], max_position)
+    block_def, stacked = nnx.split(model.layers)
+
+    def layer(x, xs):
+        state, cache_k, cache_v, tail_k, tail_v = xs
+        block = nnx.merge(block_def, state)
+        h = rms_norm(x, block.attn_norm[...], m.norm_eps)
+        q = rope.apply_rope((h @ _weight(block.wq, dtype)).reshape(b, 1, -1, hd), cos, sin)
+        k, v = _project_kv(block, x, cos, sin, m, axes, dtype)
+        tail_k = lax.dynamic_update_slice_in_dim(tail_k, k.astype(tail_k.dtype), cache.step, axis=1)
+        tail_v = lax.dynamic_update_slice_in_dim(tail_v, v.astype(tail_v.dtype), cache.step, axis=1)
+        o = _decode_attention(q, cache_k, cache_v, cache.positions, tail_k, tail_v, cache.lengths, cache.step,
+                              window=cfg.attention.window, axis=axes.sequence)
+        x = x + tensor.row_parallel(o.astype(dtype).reshape(b, 1, -1), _weight(block.wo, dtype), axes.model)
+        h = rms_norm(x, block.mlp_norm[...], m.norm_eps)
+        w = lambda p: _weight(p, dtype)
+        x = x + swiglu(h, w(block.w_gate), w(block.w_up), w(block.w_down), axes.model)
+        return x, (tail_k, tail_v)
+
+    x, (tail_k, tail_v) = lax.scan(layer, x, (stacked, cache.k, cache.v, cache.tail_k, cache.tail_v))
+    h = rms_norm(x[:, 0], model.final_norm[...], m.norm_eps)
+    logits = jnp.einsum("bd,dv->bv", h, _head(model, dtype), preferred_element_type=jnp.float32)
+    return logits, tail_k, tail_v
+
+
+# ------------------------------------------------------------------------------- jitted global functions
+
+def _prefill_fn(*, graphdef, specs, mesh, cfg: Config, check_vma: bool, keep_cache: bool) -> Callable:
+    """jit((params, tokens, positions, lengths, max_position) -> logits [B, Vp] (and keys, values))."""
+    batch, rows = P(DATA, SEQUENCE), P(DATA)
+
+    def run(params, tokens, positions, lengths, max_position):
+        local = lambda *a: _prefill_local(*a, graphdef=graphdef, cfg=cfg, max_position=max_position,
+                                          keep_cache=keep_cache)
+        out_specs = (P(DATA, MODEL), CACHE_SPEC, CACHE_SPEC) if keep_cache else P(DATA, MODEL)
+        return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch, rows), out_specs=out_specs,
+                             check_vma=check_vma)(params, tokens, positions, lengths)
+
+    return jax.jit(run, static_argnums=4)
+
+
+def _decode_fn(*, graphdef, specs, mesh, cfg: Config, check_vma: bool) -> Callable:
+    """jit((params, cache, tokens [B], max_position) -> (logits [B, Vp], cache)); the cache is donated."""
+    cache_specs = Cache(CACHE_SPEC, CACHE_SPEC, P(DATA, SEQUENCE), P(DATA), TAIL_SPEC, TAIL_SPEC, P())
+
+    def run(params, cache, tokens, max_position):
+        local = lambda *a: _decode_local(*a, graphdef=graphdef, cfg=cfg, max_position=max_position)
+        logits, tail_k, tail_v = jax.shard_map(
+            local, mesh=mesh, in_specs=(specs, cache_specs, P(DATA)),
+            out_specs=(P(DATA, MODEL), TAIL_SPEC, TAIL_SPEC), check_vma=check_vma)(params, cache, tokens)
+        return logits, cache._replace(tail_k=tail_k, tail_v=tail_v, step=cache.step + 1)
+
+    return jax.jit(run, static_argnums=3, donate_argnums=1)
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+def _padded_batch(model: Model, prompts: Sequence[Sequence[int]]):
+    """Prompts right-padded to T tokens (T a multiple of 16 tokens per sequence shard and of the layout's
+    unit) and to a row count divisible by mesh.data (extra rows copy the first prompt), laid out for the
+    mesh: (tokens, positions, lengths) as placed arrays, and the true row count."""
+    cfg = model.cfg
+    vocab = cfg.model.vocab_size
+    if not prompts:
+        raise ValueError("prompts: need at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompt {i}: token ids must be in [0, model.vocab_size = {vocab})")
+    sp, dp = cfg.mesh.sequence, cfg.mesh.data
+    unit = 16 * sp * (2 if cfg.attention.layout == "zigzag" else 1)
+    t = -(-max(len(p) for p in prompts) // unit) * unit
+    rows = list(prompts) + [prompts[0]] * (-len(prompts) % dp)
+    tokens = np.zeros((len(rows), t), np.int32)
+    for i, p in enumerate(rows):
+        tokens[i, : len(p)] = p
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
+    lengths = np.array([len(p) for p in rows], np.int32)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(model.mesh, spec))
+    lay = lambda x: put(np.ascontiguousarray(permute(x, cfg.attention.layout, sp)), P(DATA, SEQUENCE))
+    return lay(tokens), lay(positions), put(lengths, P(DATA)), len(prompts)
+
+
+def _true_vocab(model: Model, logits, rows: int):
+    return logits[:rows, : model.cfg.model.vocab_size]
+
+
+def prompt_logits(model: Model, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    """Next-token logits float32 [B, V] after each prompt (lists of token ids, any lengths), from one
+    sharded prefill without a cache. Raises ValueError for an empty prompt or an id outside the vocabulary."""
+    tokens, positions, lengths, rows = _padded_batch(model, prompts)
+    logits = model.fns["logits"](model.params, tokens, positions, lengths, int(tokens.shape[1]))
+    return np.asarray(_true_vocab(model, logits, rows))
+
+
+def prefill(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int):
+    """(logits float32 [B, V] after each prompt, :class:`Cache` with room for ``max_new_tokens`` tokens
+    fed to :func:`decode_step`). Raises ValueError like :func:`prompt_logits` or for max_new_tokens < 0."""
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 0")
+    tokens, positions, lengths, rows = _padded_batch(model, prompts)
+    slots = max(max_new_tokens, 1)
+    max_position = int(tokens.shape[1]) + slots
+    logits, k, v = model.fns["prefill"](model.params, tokens, positions, lengths, max_position)
+    tail = lambda: jax.device_put(np.zeros((k.shape[0], k.shape[1], slots, *k.shape[3:]), k.dtype),
+                                  NamedSharding(model.mesh, TAIL_SPEC))
+    step = jax.device_put(np.zeros((), np.int32), NamedSharding(model.mesh, P()))
+    cache = Cache(k, v, positions, lengths, tail(), tail(), step)
+    return _true_vocab(model, logits, rows), cache
+
+
+def decode_step(model: Model, cache: Cache, tokens) -> tuple[Any, Cache]:
+    """Feed one token per prompt (int [B]); returns (logits float32 [B, V] for the next token, new cache).
+    The cache passed in is consumed (donated). Raises ValueError when the cache is full."""
+    slots = cache.tail_k.shape[2]
+    if int(cache.step) >= slots:
+        raise ValueError(f"decode_step: the cache holds {slots} generated tokens; prefill with a larger "
+                         f"max_new_tokens")
+    b = cache.lengths.shape[0]
+    tokens = np.asarray(tokens, np.int32).reshape(-1)
+    rows = tokens.shape[0]
+    tokens = np.concatenate([tokens, np.repeat(tokens[:1], b - rows)])
+    max_position = int(cache.positions.shape[1]) + slots
+    tokens = jax.device_put(tokens, NamedSharding(model.mesh, P(DATA)))
+    logits, cache = model.fns["decode"](model.params, cache, tokens, max_position)
+    return _true_vocab(model, logits, rows), cache
+
+
+@jax.jit
+def _pick(logits, key, temperature):
+    greedy = jnp.argmax(logits, axis=-1)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+def sample(logits, *, temperature: float, key) -> np.ndarray:
+    """Next tokens int32 [B] from logits [B, V]: argmax at temperature 0, else a draw from
+    softmax(logits / temperature) with the PRNG ``key``."""
+    return np.asarray(_pick(jnp.asarray(logits, jnp.float32), key, jnp.float32(temperature)))
+
+
+def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
+    """New token ids for each prompt: greedy at ``temperature`` 0, else sampled (reproducible for a
+    ``seed``); each list stops after ``eos_id`` (included) or at ``max_new_tokens``. Raises ValueError for
+    bad input (empty prompt, ids outside the vocabulary, negative max_new_tokens or temperature)."""
+    if not (temperature >= 0) or math.isinf(temperature):
+        raise ValueError(f"--temperature {temperature} must be a finite number >= 0")
+    logits, cache = prefill(model, prompts, max_new_tokens=max_new_tokens)
+    key = jax.random.key(seed)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    for i in range(max_new_tokens):
+        tokens = sample(logits, temperature=temperature, key=jax.random.fold_in(key, i))
+        for row, token in enumerate(tokens):
+            if not done[row]:
+                out[row].append(int(token))
+                done[row] = eos_id is not None and token == eos_id
+        if done.all() or i == max_new_tokens - 1:
+            break
+        logits, cache = decode_step(model, cache, tokens)
+    return out
