@@ -5,8 +5,9 @@ training step's forward does (the layers are :class:`lcjax.model.llama.Block` it
 the config's layout (zigzag …) split over ``sequence`` (ring, Ulysses or hybrid attention), batch over
 ``data``, heads, MLP width and vocabulary over ``model`` (TP). Besides the logits of every prompt's last
 token it returns the KV cache: each layer's roped keys and values, computed from the layer's input with the
-layer's own weights, and left where they were made, in layout order and split over ``sequence``
-(flash-decoding style, so the cache of a long prompt is divided by SP × TP, never gathered).
+layer's own weights (one extra K/V projection per layer, so that the layer itself runs unchanged), and
+left where they were made, in layout order and split over ``sequence`` (flash-decoding style, so the
+cache of a long prompt is divided by SP × TP, never gathered).
 
 Decoding runs one new token per prompt in a second ``shard_map`` over the same mesh. The new token (its
 query) is replicated over ``sequence``; every sequence shard attends it to its slice of the prompt's cache
@@ -22,6 +23,7 @@ logits float32 [B, V] over the true vocabulary. Prompts of different lengths are
 T (a multiple of the layout's unit); padded keys are masked by position, and generated token i of a
 prompt of length n takes position n + i whatever the padding. Parameters are replicated over data ×
 sequence here (no optimizer state is loaded), whatever ``train.fsdp`` says; compute in ``train.dtype``.
+Single process only (results are fetched to the host).
 
 Entry points: :func:`load` (a run dir's newest checkpoint, config and tokenizer), :func:`from_params`
 (parameters in memory), :func:`prompt_logits` (next-token logits of a batch of prompts),
@@ -100,7 +102,7 @@ def abstract_params(cfg: Config, mesh):
 def from_params(cfg: Config, params, mesh=None) -> Model:
     """A :class:`Model` from parameters in memory: an nnx.State (or a TrainState, whose ``params`` are
     used) of arrays placed anywhere; they are moved to ``mesh`` (default: the config's mesh)."""
-    params = getattr(params, "params", params)
+    params = params.params if hasattr(params, "opt_state") else params  # a TrainState
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model) if mesh is None else mesh
     graphdef, specs, abstract = abstract_params(cfg, mesh)
     params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract)

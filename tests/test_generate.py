@@ -142,11 +142,14 @@ def run_dir(tmp_path_factory):
 
 def test_cli_generates_text(run_dir, capsys):
     args = ["generate", "--run-dir", str(run_dir), "--prompt", "def ", "--max-new-tokens", "7"]
+    listing = lambda: sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    before = listing()
     assert cli.main(args) == 0
     greedy = capsys.readouterr().out
     assert greedy.startswith("def ") and len(greedy.encode("utf-8", "replace")) >= 4
     assert cli.main([*args, "--set", "mesh.sequence=1", "--set", "mesh.model=1"]) == 0
     assert capsys.readouterr().out == greedy  # the same text on another mesh
+    assert listing() == before  # generation reads the run dir only
 
 
 @pytest.mark.parametrize("args, message", [
