@@ -84,6 +84,7 @@ def test_cached_decode_matches_full_forward(case):
     print(f"{case}: max |cached - full| = {diff:.2e} (max |logit| {np.max(np.abs(want)):.2f})")
     assert diff <= 2e-5 * max(1.0, float(np.max(np.abs(want))))
     np.testing.assert_allclose(gen.prompt_logits(model, prompts), want[0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(gen.prompt_logits(model, prompts[1:]), want[0][1:], atol=2e-5, rtol=0)  # B < dp
 
 
 def test_greedy_generation_does_not_depend_on_the_mesh_and_sampling_on_the_seed():
