@@ -105,6 +105,8 @@ class TrainConfig:
     outputs); ``fsdp`` shards parameters, gradients and optimizer state over data x sequence (ZeRO-3);
     ``shard_optimizer`` shards gradients and optimizer state only (ZeRO-1/2); ``loss_tile`` / ``mlp_tile``
     compute the cross-entropy / MLP over the sequence in tiles of that many tokens per shard (0: whole).
+    ``grad_accum``: micro-batches per optimizer step (the global batch is split into that many, their
+    gradients summed inside the jitted step; same update as the whole batch).
     """
 
     steps: int = 100
@@ -123,6 +125,7 @@ class TrainConfig:
     shard_optimizer: bool = False
     loss_tile: int = 0
     mlp_tile: int = 0
+    grad_accum: int = 1
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,8 @@ def _positive(cfg: Config) -> str | None:
         "model.n_heads": cfg.model.n_heads, "model.n_kv_heads": cfg.model.n_kv_heads,
         "model.d_ff": cfg.model.d_ff, "model.vocab_size": cfg.model.vocab_size,
         "data.seq_len": cfg.data.seq_len, "data.global_batch": cfg.data.global_batch,
-        "train.steps": cfg.train.steps, "checkpoint.every": cfg.checkpoint.every,
+        "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
+        "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep, "attention.block_q": cfg.attention.block_q,
         "attention.block_k": cfg.attention.block_k,
     }
@@ -307,6 +311,10 @@ def _sequence(cfg: Config) -> str | None:
     if cfg.data.global_batch % cfg.mesh.data:
         return (f"data.global_batch {cfg.data.global_batch} must be divisible by "
                 f"mesh.data = {cfg.mesh.data}")
+    accum = cfg.train.grad_accum
+    if accum > 1 and (cfg.data.global_batch // cfg.mesh.data) % accum:
+        return (f"train.grad_accum {accum} must divide the sequences per data shard, data.global_batch / "
+                f"mesh.data = {cfg.data.global_batch // cfg.mesh.data}")
     return None
 
 
