@@ -129,6 +129,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Validation: every ``every`` optimizer steps (0: never) the mean loss over ``batches`` global batches
+    of a held-out split — the last whole documents holding a ``holdout`` fraction of the corpus, never
+    trained on."""
+
+    every: int = 0
+    batches: int = 4
+    holdout: float = 0.01
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Save every ``every`` steps and at the end; keep the newest ``keep`` checkpoints."""
 
@@ -146,6 +157,7 @@ class Config:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -252,6 +264,10 @@ def _positive(cfg: Config) -> str | None:
     for key, value in (("train.b1", t.b1), ("train.b2", t.b2)):
         if not 0 <= value < 1:
             return f"{key} {value} must be in [0, 1)"
+    if cfg.eval.every < 0 or cfg.eval.batches < 1:
+        return f"eval.every {cfg.eval.every} must be >= 0 (0: no validation) and eval.batches {cfg.eval.batches} >= 1"
+    if not 0 < cfg.eval.holdout < 0.5:
+        return f"eval.holdout {cfg.eval.holdout} must be a fraction of the corpus in (0, 0.5)"
     if t.warmup_steps < 0:
         return f"train.warmup_steps {t.warmup_steps} must be >= 0"
     if not 0 <= t.min_lr_ratio <= 1:

@@ -151,6 +151,26 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
                          check_vma=check_vma)
 
 
+def make_eval_loss(graphdef, specs, mesh, cfg: Config):
+    """A jitted function (params, batch) -> (summed cross-entropy in nats, target-token count), float32
+    scalars over the whole global batch: the forward pass only (validation)."""
+    fsdp_axes = rules.ZERO_AXES if cfg.train.fsdp else ()
+    axes, attn, dtype = Axes(*AXES, fsdp=fsdp_axes), attention_spec(cfg), compute_dtype(cfg)
+    mem, seq_len = memory_spec(cfg), cfg.data.seq_len
+
+    def local(params, batch):
+        model = nnx.merge(graphdef, params)
+        losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"], batch["segment_ids"],
+                                    max_position=seq_len, attn=attn, axes=axes, dtype=dtype, mem=mem)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        reduce = lambda x: lax.psum(jnp.sum(x), (axes.data, axes.sequence))
+        return reduce(losses * mask), reduce(mask)
+
+    batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), P()),
+                                 check_vma=needs_check_vma(cfg)))
+
+
 def micro_batches(batch: dict, accum: int) -> dict:
     """Split every [B, T] array of ``batch`` into ``accum`` micro-batches [accum, B/accum, T].
 
