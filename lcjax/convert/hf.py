@@ -14,9 +14,9 @@ transposed; layer i of HF is index i of lcjax's stacked ``layers`` leaves, leadi
 Query/key rows need no permutation: transformers' LLaMA rotates dimension i with i + H/2 ("rotate half"),
 as lcjax does (tests/test_convert.py checks the logits against transformers itself).
 
-Tensors stream one at a time: import fills the stacked leaves in place (memory-mapped files under the
-output dir while it is being written), export reads one leaf from Orbax and writes shards of at most
-``max_shard_bytes``. Parameters are float32 in lcjax; export writes the source's dtype (an import's
+Tensors stream one lcjax leaf at a time: import builds one stacked leaf from its HF tensors and adds it to
+the checkpoint (Orbax incremental saves), export reads one leaf from Orbax and writes shards of at most
+``max_shard_bytes``; host memory is about one leaf plus one shard (plus Orbax's buffers for that leaf). Parameters are float32 in lcjax; export writes the source's dtype (an import's
 safetensors dtype) unless told otherwise, so HF → lcjax → HF is bitwise for float32, bfloat16 and float16.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lcjax import config as config_lib
-from lcjax.checkpoint import Checkpointer, restore_params, saved_steps
+from lcjax.checkpoint import restore_params, save_params_streamed, saved_steps
 from lcjax.config import Config, ModelConfig, padded_vocab
 from lcjax.convert.hf_config import hf_config_from_model, model_config_from_hf, read_config_json
 from lcjax.convert.safetensors_io import SafetensorsFolder, ShardWriter
@@ -120,12 +120,11 @@ def _hf_shape(leaf: str, shape: tuple[int, ...], vocab: int) -> tuple[int, ...]:
     return tuple(reversed(shape))
 
 
-def hf_params(hf_dir: str | Path, abstract_params, *, alloc=None):
+def hf_params(hf_dir: str | Path, abstract_params):
     """The parameters of an HF folder as a pytree shaped like ``abstract_params`` (the abstract nnx.State of
     ``lcjax.train.state.model_graph(cfg)[1]`` for ``cfg.model == hf_model_config(hf_dir)``), float32 numpy.
 
-    Streams tensor by tensor: each leaf is allocated once by ``alloc(shape, dtype)`` (default ``np.zeros``;
-    pass a memory-mapped allocator to keep host memory at about one tensor) and filled layer by layer.
+    Reads tensor by tensor (the result is the whole model in memory; ``lcjax convert`` streams instead).
     Raises ValueError (one line) for a folder whose tensors do not match the config.
     """
     import jax
@@ -133,21 +132,21 @@ def hf_params(hf_dir: str | Path, abstract_params, *, alloc=None):
     m = hf_model_config(hf_dir)
     folder = SafetensorsFolder(hf_dir)
     check_tensors(folder, m, abstract_params)
-    alloc = alloc or (lambda shape, dtype: np.zeros(shape, dtype))
-    vp = padded_vocab(m.vocab_size)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _load_leaf(folder, m, path, leaf.shape),
+                                            abstract_params)
 
-    def load(path, leaf):
-        name = _leaf_name(path)
-        out = alloc(leaf.shape, np.float32)
-        for i, hf_name in enumerate(hf_names(name, m.n_layers)):
-            value = _to_lcjax(name[-1], folder.read(hf_name), vp)
-            if name[0] == "layers":
-                out[i] = value
-            else:
-                out[...] = value
-        return out
 
-    return jax.tree_util.tree_map_with_path(load, abstract_params)
+def _load_leaf(folder: SafetensorsFolder, m: ModelConfig, path, shape) -> np.ndarray:
+    """One lcjax leaf (all L layers of a stacked one) from the HF tensors, float32."""
+    name = _leaf_name(path)
+    out = np.zeros(shape, np.float32)
+    for i, hf_name in enumerate(hf_names(name, m.n_layers)):
+        value = _to_lcjax(name[-1], folder.read(hf_name), padded_vocab(m.vocab_size))
+        if name[0] == "layers":
+            out[i] = value
+        else:
+            out[...] = value
+    return out
 
 
 def source_dtype(hf_dir: str | Path) -> str:
@@ -183,6 +182,8 @@ def hf_to_lcjax(hf_dir: str | Path, out_dir: str | Path) -> Path:
     kept for export) and ``hf_import.json`` (source, dtype, step). Raises ValueError before writing anything
     for a missing folder, an unsupported config, mismatched tensors or an existing ``out_dir``.
     """
+    import jax
+
     from lcjax.train.state import model_graph
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -193,19 +194,10 @@ def hf_to_lcjax(hf_dir: str | Path, out_dir: str | Path) -> Path:
     check_tensors(SafetensorsFolder(hf_dir), m, abstract)
     tmp = _new_output_dir(out_dir, "output dir")
     try:
-        staging = tmp / "staging"
-        staging.mkdir()
-        counter = iter(range(1 << 30))
-
-        def memmap(shape, dtype):
-            return np.lib.format.open_memmap(staging / f"{next(counter)}.npy", mode="w+", dtype=dtype, shape=shape)
-
-        params = hf_params(hf_dir, abstract, alloc=memmap)
-        ckpt = Checkpointer(tmp / "checkpoints", every=1, keep=1)
-        ckpt.save_params(0, params)
-        ckpt.close()
-        del params
-        shutil.rmtree(staging)
+        folder = SafetensorsFolder(hf_dir)
+        parts = (_nest(path, _load_leaf(folder, m, path, leaf.shape))
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(abstract))
+        save_params_streamed(tmp / "checkpoints", 0, parts)
         (tmp / "config.yaml").write_text(config_lib.to_yaml(cfg))
         _copy_extras(hf_dir, tmp / "hf", ("config.json", "generation_config.json"))
         _copy_extras(hf_dir, tmp / "tokenizer", HF_EXTRAS[1:])
@@ -261,7 +253,8 @@ def lcjax_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
         writer = ShardWriter(tmp, max_shard_bytes)
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
             name = _leaf_name(path)
-            value = _get(restore_params(run_dir / "checkpoints", _subtree(path, leaf), step), path)
+            value = _get(restore_params(run_dir / "checkpoints", _nest(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)),
+                                        step), path)
             for i, hf_name in enumerate(hf_names(name, cfg.model.n_layers)):
                 part = value[i] if name[0] == "layers" else value
                 writer.add(hf_name, _to_hf(name[-1], part, cfg.model.vocab_size, _np_dtype(dtype)))
@@ -295,14 +288,11 @@ def _np_dtype(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-def _subtree(path, leaf):
-    """A nested-dict tree holding only ``leaf`` at ``path`` (keys as Orbax saved them)."""
-    import jax
-
-    tree = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+def _nest(path, leaf):
+    """A nested-dict tree holding only ``leaf`` at ``path`` (keys as Orbax saves them)."""
     for k in reversed(path):
-        tree = {str(getattr(k, "key", getattr(k, "name", k))): tree}
-    return tree
+        leaf = {str(getattr(k, "key", getattr(k, "name", k))): leaf}
+    return leaf
 
 
 def _get(tree, path):

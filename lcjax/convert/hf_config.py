@@ -1,7 +1,8 @@
 """Hugging Face ``config.json`` (LlamaForCausalLM) ⇄ lcjax ``ModelConfig``.
 
 RoPE settings are read from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``
-(older files; the type under ``rope_type`` or ``type``), with transformers 5's defaults: YaRN's
+(older files; the type under ``rope_type`` or ``type``; ``rope_scaling`` wins when both are set, as in
+transformers), with transformers 5's defaults: YaRN's
 ``original_max_position_embeddings`` falls back to ``max_position_embeddings``, a missing YaRN ``factor`` is
 ``max_position_embeddings / original_max_position_embeddings``, ``beta_fast``/``beta_slow`` default to 32/1,
 and DeepSeek's ``mscale``/``mscale_all_dim`` become an explicit ``attention_factor``. transformers'
@@ -69,7 +70,7 @@ def model_config_from_hf(raw: dict, origin: str = "config.json") -> ModelConfig:
 
 def rope_config_from_hf(raw: dict, origin: str = "config.json") -> RopeConfig:
     """RopeConfig of a transformers config dict (``rope_parameters`` or ``rope_theta`` + ``rope_scaling``)."""
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    params = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})  # transformers' priority
     if params and not isinstance(next(iter(params.values())), (str, int, float, type(None), bool, list)):
         raise ValueError(f"{origin}: rope_parameters per layer type are not supported")
     base = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
