@@ -167,6 +167,7 @@ def test_model_config_to_hf_and_back_keeps_the_frequencies(rope_cfg):
     ({"attention_bias": True}, "attention_bias True is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"hidden_size": None}, "hidden_size must be an integer"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope llama3 needs low_freq_factor"),
 ])
 def test_unsupported_configs_are_one_line_errors(over, message):
     with pytest.raises(ValueError, match=message):
@@ -245,8 +246,8 @@ def test_hf_tokenizer(tmp_path):
 # ---- live oracle: transformers' LlamaForCausalLM in torch (optional extra `oracle`) --------------------
 
 def _oracle():
-    pytest.importorskip("torch")
-    return pytest.importorskip("transformers")
+    pytest.importorskip("torch", exc_type=ImportError)
+    return pytest.importorskip("transformers", exc_type=ImportError)
 
 
 def _save_random_hf(folder, rope_params, max_position, tied, seed=0, n_heads=4, n_kv=2, dtype="float32"):

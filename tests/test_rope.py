@@ -146,8 +146,8 @@ def test_bad_rope_config_names_key_and_rule(sets, message):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_frequencies_match_transformers(name):
     """transformers computes θ in float32: agreement to float32 rounding (relative 1e-6)."""
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch", exc_type=ImportError)
+    transformers = pytest.importorskip("transformers", exc_type=ImportError)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     kw = VARIANTS[name]

@@ -188,7 +188,7 @@ def hf_to_lcjax(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     m = hf_model_config(hf_dir)
-    cfg = Config(name=out_dir.name or "hf", model=m)
+    cfg = Config(name=out_dir.name.lstrip(".") or "hf", model=m)
     config_lib.validate(cfg)
     _, abstract = model_graph(cfg)
     check_tensors(SafetensorsFolder(hf_dir), m, abstract)

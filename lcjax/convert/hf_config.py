@@ -55,8 +55,7 @@ def model_config_from_hf(raw: dict, origin: str = "config.json") -> ModelConfig:
     head_dim = raw.get("head_dim") or d // n
     if head_dim * n != d:
         raise ValueError(f"{origin}: head_dim {head_dim} x num_attention_heads {n} must equal hidden_size {d}")
-    unsupported = {"hidden_act": ("silu",), "attention_bias": (False, None), "mlp_bias": (False, None),
-                   "attention_dropout": (0, 0.0, None)}
+    unsupported = {"hidden_act": ("silu",), "attention_bias": (False, None), "mlp_bias": (False, None)}
     for key, allowed in unsupported.items():
         if raw.get(key, allowed[0]) not in allowed:
             raise ValueError(f"{origin}: {key} {raw[key]!r} is not supported (lcjax needs {allowed[0]!r})")
@@ -82,7 +81,7 @@ def rope_config_from_hf(raw: dict, origin: str = "config.json") -> RopeConfig:
         raise ValueError(f"{origin}: partial_rotary_factor must be 1 (lcjax rotates the whole head)")
     if hf_type == "default":
         return RopeConfig(base=base)
-    max_pos = raw.get("max_position_embeddings")
+    max_pos = raw.get("max_position_embeddings", 2048)  # transformers' LlamaConfig default
     original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_pos))
     factor = params.get("factor")
     if factor is None and hf_type == "yarn" and original and max_pos:
@@ -94,7 +93,10 @@ def rope_config_from_hf(raw: dict, origin: str = "config.json") -> RopeConfig:
     if hf_type == "dynamic":
         return RopeConfig(type="dynamic", base=base, factor=float(factor), original_max_position=max_pos)
     if hf_type == "llama3":
-        return RopeConfig(type="llama3", base=base, factor=float(factor), original_max_position=original,
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if not isinstance(params.get(key), (int, float)):
+                raise ValueError(f"{origin}: rope llama3 needs {key}, got {params.get(key)!r}")
+        return RopeConfig(type="llama3", base=base, factor=float(factor), original_max_position=int(original),
                           low_freq_factor=float(params["low_freq_factor"]),
                           high_freq_factor=float(params["high_freq_factor"]))
     if not params.get("truncate", True):
@@ -104,7 +106,7 @@ def rope_config_from_hf(raw: dict, origin: str = "config.json") -> RopeConfig:
     if attention_factor is None and mscale and mscale_all_dim:
         m = lambda scale, k: 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
         attention_factor = m(factor, mscale) / m(factor, mscale_all_dim)
-    return RopeConfig(type="yarn", base=base, factor=float(factor), original_max_position=original,
+    return RopeConfig(type="yarn", base=base, factor=float(factor), original_max_position=int(original),
                       beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
                       attention_factor=None if attention_factor is None else float(attention_factor))
 
