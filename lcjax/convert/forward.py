@@ -28,7 +28,8 @@ class CausalLM:
     jax arrays). Calling: ``tokens`` int [B, T] in natural order (any B and T: padded internally to the
     mesh and layout), optional ``positions`` int32 [B, T] (default 0 … T−1, increasing along T); returns
     float32 logits [B, T, V] (the true vocabulary, padding dropped), natural order. RoPE tables serve
-    max(positions) + 1 positions (what transformers' dynamic NTK uses as the length).
+    max(positions) + 1 positions (what transformers' dynamic NTK uses as the length). Matmuls run at
+    "highest" precision (float32 even where a GPU would default to TF32), for parity checks.
     """
 
     def __init__(self, cfg: Config, params, mesh=None):
@@ -56,7 +57,8 @@ class CausalLM:
         if max_position not in self._fns:
             self._fns[max_position] = self._logits_fn(max_position)
         args = [permute(a, layout, sp) for a in (tokens, positions, np.ones_like(tokens))]
-        logits = self._fns[max_position](self.params, *args)
+        with jax.default_matmul_precision("highest"):  # true float32 matmuls on GPUs too (no TF32)
+            logits = self._fns[max_position](self.params, *args)
         return unpermute(logits, layout, sp)[:b, :t, : self.cfg.model.vocab_size]
 
     def _logits_fn(self, max_position: int):

@@ -150,9 +150,10 @@ def _load_leaf(folder: SafetensorsFolder, m: ModelConfig, path, shape) -> np.nda
 
 
 def source_dtype(hf_dir: str | Path) -> str:
-    """The dtype name of the first weight in an HF folder (what export writes back by default)."""
+    """The dtype name of most weights of an HF folder (what export writes back by default)."""
     folder = SafetensorsFolder(hf_dir)
-    return folder.dtype(folder.names[0]).name
+    names = [folder.dtype(n).name for n in folder.names]
+    return max(set(names), key=names.count)
 
 
 def _new_output_dir(out_dir: Path, what: str) -> Path:
@@ -202,7 +203,8 @@ def hf_to_lcjax(hf_dir: str | Path, out_dir: str | Path) -> Path:
         _copy_extras(hf_dir, tmp / "hf", ("config.json", "generation_config.json"))
         _copy_extras(hf_dir, tmp / "tokenizer", HF_EXTRAS[1:])
         marker = {"source": str(hf_dir.absolute()), "dtype": source_dtype(hf_dir), "step": 0,
-                  "contents": "params only (no optimizer or data state)"}
+                  "contents": "params only (no optimizer or data state)",
+                  "dtypes": {n: folder.dtype(n).name for n in folder.names}}
         (tmp / IMPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         _finish(tmp, out_dir)
     except BaseException:
@@ -244,6 +246,7 @@ def lcjax_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     cfg = config_lib.load(run_dir / "config.yaml")
     marker = run_dir / IMPORT_MARKER
     imported = json.loads(marker.read_text()) if marker.is_file() else {}
+    per_tensor = imported.get("dtypes", {}) if dtype == "auto" else {}  # an import's mixed dtypes, if any
     dtype = imported.get("dtype", "float32") if dtype == "auto" else dtype
     original = run_dir / "hf" / "config.json"
     base = json.loads(original.read_text()) if original.is_file() else None
@@ -253,11 +256,12 @@ def lcjax_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
         writer = ShardWriter(tmp, max_shard_bytes)
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
             name = _leaf_name(path)
-            value = _get(restore_params(run_dir / "checkpoints", _nest(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)),
-                                        step), path)
+            target = _nest(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+            value = _get(restore_params(run_dir / "checkpoints", target, step), path)
             for i, hf_name in enumerate(hf_names(name, cfg.model.n_layers)):
                 part = value[i] if name[0] == "layers" else value
-                writer.add(hf_name, _to_hf(name[-1], part, cfg.model.vocab_size, _np_dtype(dtype)))
+                out_dtype = _np_dtype(per_tensor.get(hf_name, dtype))
+                writer.add(hf_name, _to_hf(name[-1], part, cfg.model.vocab_size, out_dtype))
             del value
         writer.close()
         unchanged = base is not None and _same_model(base, cfg.model)
