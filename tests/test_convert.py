@@ -167,7 +167,8 @@ def test_model_config_to_hf_and_back_keeps_the_frequencies(rope_cfg):
     ({"attention_bias": True}, "attention_bias True is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"hidden_size": None}, "hidden_size must be an integer"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope llama3 needs low_freq_factor"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+     "rope llama3 needs low_freq_factor"),
 ])
 def test_unsupported_configs_are_one_line_errors(over, message):
     with pytest.raises(ValueError, match=message):
@@ -407,3 +408,17 @@ def test_mixed_dtype_folder_round_trips_bitwise(tmp_path):
     a, b = SafetensorsFolder(src), SafetensorsFolder(out)
     assert {a.dtype(n).name for n in a.names} == {"float32", "bfloat16"}
     assert all(a.dtype(n) == b.dtype(n) and a.read(n).tobytes() == b.read(n).tobytes() for n in a.names)
+
+
+def test_hf_params_refuses_a_run_config_of_another_shape():
+    from lcjax.config import Config
+    from lcjax.train.state import model_graph
+
+    m = convert.hf_model_config(DATA / "f32_untied")
+    import dataclasses
+
+    _, abstract = model_graph(Config(model=dataclasses.replace(m, vocab_size=300)))
+    with pytest.raises(ValueError, match=r"parameter embed is \(384, 32\) in the run, \(256, 32\) in the HF model"):
+        convert.hf_params(DATA / "f32_untied", abstract)
+    _, abstract = model_graph(Config(model=dataclasses.replace(m, rope=RopeConfig(type="linear", factor=4.0))))
+    assert convert.hf_params(DATA / "f32_untied", abstract)["embed"].shape == (256, 32)  # RoPE is free

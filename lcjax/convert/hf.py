@@ -16,8 +16,9 @@ as lcjax does (tests/test_convert.py checks the logits against transformers itse
 
 Tensors stream one lcjax leaf at a time: import builds one stacked leaf from its HF tensors and adds it to
 the checkpoint (Orbax incremental saves), export reads one leaf from Orbax and writes shards of at most
-``max_shard_bytes``; host memory is about one leaf plus one shard (plus Orbax's buffers for that leaf). Parameters are float32 in lcjax; export writes the source's dtype (an import's
-safetensors dtype) unless told otherwise, so HF → lcjax → HF is bitwise for float32, bfloat16 and float16.
+``max_shard_bytes``; host memory is about one leaf plus one shard (plus Orbax's buffers for that leaf).
+Parameters are float32 in lcjax; export writes an import's own safetensors dtypes (tensor by tensor)
+unless told otherwise, so HF → lcjax → HF is bitwise for float32, bfloat16 and float16.
 """
 
 from __future__ import annotations
@@ -86,14 +87,21 @@ def _to_hf(name: str, array: np.ndarray, vocab: int, dtype) -> np.ndarray:
 
 
 def check_tensors(folder: SafetensorsFolder, m: ModelConfig, abstract_params) -> None:
-    """ValueError (one line) unless the folder holds exactly the tensors of ``m`` with the right shapes."""
+    """ValueError (one line) unless the folder holds exactly the tensors of ``m`` (config.json's model) with
+    their shapes, and ``abstract_params`` has the parameter shapes of ``m``."""
     import jax
 
+    from lcjax.train.state import model_graph
+
+    shapes = lambda tree: {_leaf_name(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    own, given = shapes(model_graph(Config(model=m))[1]), shapes(abstract_params)
+    for name in sorted(set(own) | set(given)):
+        if own.get(name) != given.get(name):
+            raise ValueError(f"model config does not match the HF config.json: parameter {'.'.join(name)} "
+                             f"is {given.get(name)} in the run, {own.get(name)} in the HF model")
     expected = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
-        name = _leaf_name(path)
-        shape = leaf.shape[1:] if name[0] == "layers" else leaf.shape
-        shape = _hf_shape(name[-1], shape, m.vocab_size)
+    for name, shape in own.items():
+        shape = _hf_shape(name[-1], shape[1:] if name[0] == "layers" else shape, m.vocab_size)
         expected.update({n: shape for n in hf_names(name, m.n_layers)})
     present = {n for n in folder.names if not n.endswith(_IGNORED)}
     if m.tie_embeddings:

@@ -16,8 +16,8 @@ matches transformers' ``modeling_rope_utils`` (v5) of the same name, see docs/ro
   ℓ = max(P, L), P the tables' ``max_position`` (transformers uses the longest position of the batch + 1).
 - ``yarn``: YaRN (Peng et al. 2023, arXiv:2309.00071 §3.2–3.4), "NTK-by-parts" plus attention temperature:
   correction dims d(n) = H·ln(L/(2πn)) / (2 ln b), low = ⌊d(β_fast)⌋, high = ⌈d(β_slow)⌉ clipped to
-  [0, H−1]; ramp γ_i = clip((i − low)/(high − low), 0, 1); θ'_i = θ_i·(1 − γ_i) + (θ_i/s)·γ_i (fast pairs
-  i < low keep θ_i, slow pairs i > high are interpolated); cos and sin are multiplied by
+  [0, H−1]; ramp γ_i = clip((i − low)/(high − low), 0, 1); θ'_i = θ_i·(1 − γ_i) + (θ_i/s)·γ_i
+  (fast pairs i < low keep θ_i, slow pairs i > high are interpolated); cos and sin are multiplied by
   ``attention_factor`` (default 0.1·ln s + 1, so attention logits scale by its square).
 - ``llama3``: LLaMA 3.1's frequency bands (meta-llama/llama-models ``apply_scaling``): wavelength
   λ_i = 2π/θ_i; λ < L/``high_freq_factor``: θ_i; λ > L/``low_freq_factor``: θ_i/s; in between
