@@ -422,3 +422,36 @@ def test_hf_params_refuses_a_run_config_of_another_shape():
         convert.hf_params(DATA / "f32_untied", abstract)
     _, abstract = model_graph(Config(model=dataclasses.replace(m, rope=RopeConfig(type="linear", factor=4.0))))
     assert convert.hf_params(DATA / "f32_untied", abstract)["embed"].shape == (256, 32)  # RoPE is free
+
+
+def test_unseen_shape_old_format_via_the_cli(tmp_path, capsys):
+    """Another shape (3 layers, 6 heads / 3 kv heads, head dim 8, V = 1000, tied, d_ff not a power of 2)
+    with an old-format config.json (rope_theta + rope_scaling), imported with the CLI and run from the run
+    dir; then exported and reloaded by transformers."""
+    transformers = _oracle()
+    import torch
+
+    torch.manual_seed(7)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=48, intermediate_size=100, num_hidden_layers=3,
+                                   num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
+                                   rms_norm_eps=1e-6, initializer_range=0.25, tie_word_embeddings=True,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    raw.pop("rope_parameters")
+    raw.update(rope_theta=50000.0, rope_scaling={"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    tokens = np.random.default_rng(4).integers(0, 1000, (3, 21))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    assert cli.main(["convert", "hf-to-lcjax", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert np.max(np.abs(np.asarray(convert.load_run(tmp_path / "run")(tokens)) - ref)) <= TOL
+    assert np.max(np.abs(np.asarray(convert.load_run(tmp_path / "run", (3, 2, 1))(tokens)) - ref)) <= TOL
+    assert cli.main(["convert", "lcjax-to-hf", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    with torch.no_grad():
+        again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()(torch.tensor(tokens)).logits
+    assert torch.equal(again, torch.tensor(ref))
