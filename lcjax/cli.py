@@ -1,5 +1,4 @@
-"""Command line: ``lcjax train --config FILE [--set key=value]... [--run-dir DIR] [--resume]``, ``lcjax plan``,
-``lcjax convert hf-to-lcjax|lcjax-to-hf SRC OUT`` (docs/convert.md).
+"""Command line: ``lcjax train --config FILE [--set key=value]... [--run-dir DIR] [--resume]``.
 
 Errors in anything the user typed or pointed at print one line on stderr naming the field and the rule
 and exit with code 2, before anything is written. Simulated CPU devices for the mesh are provisioned
