@@ -26,6 +26,7 @@ KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "attention")
 TOKENIZERS = ("bpe", "bytes")
+ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")  # lcjax.ops.rope.ROPE_TYPES
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
 
 
@@ -40,9 +41,21 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864): θ_i = base^(−2i/H)."""
+    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864): θ_i = base^(−2i/H), and its scaling for
+    longer contexts (lcjax.ops.rope, docs/rope.md): ``type`` default (change ``base`` for ABF), linear (PI),
+    ntk, dynamic, yarn or llama3; ``factor`` s; ``original_max_position`` L (yarn, llama3, dynamic);
+    ``beta_fast``/``beta_slow`` and ``attention_factor`` (yarn; null: 0.1·ln s + 1);
+    ``low_freq_factor``/``high_freq_factor`` (llama3)."""
 
+    type: str = "default"
     base: float = 10000.0
+    factor: float = 1.0
+    original_max_position: Optional[int] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -381,4 +394,31 @@ def _data(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _memory, _data)
+def _rope(cfg: Config) -> str | None:
+    r = cfg.model.rope
+    if r.type not in ROPE_TYPES:
+        return f"model.rope.type {r.type!r} must be one of {', '.join(ROPE_TYPES)}"
+    finite = lambda x: not (math.isinf(x) or math.isnan(x))
+    if not (r.factor >= 1) or not finite(r.factor):
+        return f"model.rope.factor {r.factor} must be a finite number >= 1"
+    if r.type == "default" and r.factor != 1:
+        return f"model.rope.factor {r.factor} needs a scaling model.rope.type (it is 'default'), or factor 1"
+    needs_length = r.type in ("yarn", "llama3", "dynamic")
+    if needs_length and (r.original_max_position is None or r.original_max_position < 1):
+        return (f"model.rope.original_max_position {r.original_max_position} must be >= 1 "
+                f"for model.rope.type {r.type!r} (the pre-training context)")
+    if not needs_length and r.original_max_position is not None:
+        return f"model.rope.original_max_position is only used by types yarn, llama3, dynamic (type is {r.type!r})"
+    if r.type == "yarn" and (not (0 < r.beta_slow < r.beta_fast) or not finite(r.beta_fast)):
+        return f"model.rope.beta_fast {r.beta_fast} must be finite and > model.rope.beta_slow {r.beta_slow} > 0"
+    if r.attention_factor is not None and (r.type != "yarn" or not (r.attention_factor > 0)
+                                           or not finite(r.attention_factor)):
+        return (f"model.rope.attention_factor {r.attention_factor} must be a finite number > 0, "
+                f"and is only used by type yarn (null: 0.1·ln(factor) + 1)")
+    if r.type == "llama3" and (not (0 < r.low_freq_factor < r.high_freq_factor) or not finite(r.high_freq_factor)):
+        return (f"model.rope.high_freq_factor {r.high_freq_factor} must be finite and > "
+                f"model.rope.low_freq_factor {r.low_freq_factor} > 0")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data)
