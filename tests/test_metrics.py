@@ -80,3 +80,18 @@ def test_validation_loss_equals_the_training_loss_on_the_same_batch():
     loss, _, train_count = jax.jit(step_lib.make_loss_and_grads(graphdef, specs, mesh, cfg))(state.params, batch)
     assert float(count) == float(train_count) == raw["loss_mask"].sum()
     np.testing.assert_allclose(float(total) / float(count), float(loss), rtol=1e-6)
+
+
+def test_startup_summary_puts_xla_next_to_the_planner():
+    from types import SimpleNamespace
+
+    from lcjax import config as config_lib
+    from lcjax.train.metrics import preset_for, startup_summary
+
+    cfg = config_lib.load(None, ["mesh.sequence=4", "mesh.model=2", "train.fsdp=true"])
+    ma = SimpleNamespace(argument_size_in_bytes=2e6, output_size_in_bytes=2e6, temp_size_in_bytes=6e6,
+                         alias_size_in_bytes=2e6)
+    lines = startup_summary(cfg, ma, platform="cpu", device_kind="cpu", n_params=123)
+    assert len(lines) == 3 and "8 cpu devices" in lines[0] and "fsdp True" in lines[0]
+    assert "XLA 8.0 MB compiled" in lines[1] and "planner" in lines[1] and "MFU" in lines[2]
+    assert preset_for("gpu", "NVIDIA H200") == "h200" and preset_for("gpu", "Tesla T4") == "h100"

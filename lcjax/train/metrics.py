@@ -103,3 +103,52 @@ class Profiler:
 
             jax.profiler.stop_trace()
             self.active = False
+
+
+def preset_for(platform: str, device_kind: str) -> str:
+    """The planner's device preset for a JAX device: ``cpu`` for host devices, else matched on the
+    device kind (e.g. "NVIDIA H100 80GB HBM3" -> h100), h100 when nothing matches."""
+    if platform == "cpu":
+        return "cpu"
+    kind = device_kind.lower()
+    return next((name for name in ("h200", "h800", "h100", "a100") if name in kind), "h100")
+
+
+def compiled_bytes(memory_analysis) -> dict:
+    """XLA's per-device bytes of a compiled step: argument, output, temp, alias and total (argument +
+    output + temp − alias; DESIGN.md, "Numbers")."""
+    ma = memory_analysis
+    parts = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+             "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
+    return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
+
+
+def startup_summary(cfg, memory_analysis, *, platform: str, device_kind: str, n_params: int) -> list[str]:
+    """The one-screen summary printed before the first step: mesh, parameters, tokens per step, XLA's
+    compiled per-device memory next to the planner's prediction, and the planner's tokens/s and MFU.
+
+    ``memory_analysis``: ``compiled.memory_analysis()`` of the train step (None: not available).
+    On the CPU backend the planner is asked for its CPU-backend figure (bf16 kept as float32)."""
+    from lcjax import plan as plan_lib
+
+    gb = lambda b: f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+    m, d, t = cfg.mesh, cfg.data, cfg.train
+    preset = preset_for(platform, device_kind)
+    inputs = plan_lib.StepInputs.from_config(cfg, stored_bytes=4 if platform == "cpu" else None)
+    plan = plan_lib.plan_step(inputs, plan_lib.device(preset))
+    lines = [f"mesh data={m.data} sequence={m.sequence} model={m.model} ({m.data * m.sequence * m.model} "
+             f"{platform} devices), {n_params:,} parameters, {d.global_batch * d.seq_len:,} tokens/step "
+             f"({d.global_batch} x {d.seq_len:,}), {t.dtype} compute, {t.param_dtype} parameters, "
+             f"remat {t.remat}, fsdp {t.fsdp}, shard_optimizer {t.shard_optimizer}, grad_accum {t.grad_accum}"]
+    predicted = plan.memory.total
+    if memory_analysis is not None:
+        xla = compiled_bytes(memory_analysis)
+        gap = (predicted - xla["total"]) / max(xla["total"], 1)
+        lines.append(f"memory per device: XLA {gb(xla['total'])} compiled (arguments {gb(xla['argument'])}, "
+                     f"temporaries {gb(xla['temp'])}); planner {gb(predicted)} ({gap:+.0%})")
+    else:
+        lines.append(f"memory per device: planner {gb(predicted)} (XLA's analysis not available)")
+    lines.append(f"planner ({preset} preset, efficiency {plan.device.efficiency}): "
+                 f"{plan.tokens_per_sec_per_device:,.0f} tokens/s/device, MFU {plan.mfu['causal']:.2f} causal "
+                 f"/ {plan.mfu['palm']:.2f} PaLM")
+    return lines
