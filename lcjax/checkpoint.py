@@ -42,6 +42,13 @@ class Checkpointer:
             return False
         return bool(self._manager.save(step, args=ocp.args.StandardSave(state), force=True))
 
+    def save_params(self, step: int, params) -> bool:
+        """Save ``{"params": params}`` alone as ``step`` (an imported model: no optimizer or data state;
+        read it back with :func:`restore_params`). True if saved."""
+        if step in self._manager.all_steps():
+            return False
+        return bool(self._manager.save(step, args=ocp.args.StandardSave({"params": params}), force=True))
+
     def restore(self, abstract_state, step: int | None = None):
         """The state saved at ``step`` (default: newest), laid out like ``abstract_state``.
 
@@ -64,6 +71,41 @@ def saved_steps(directory: str | Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def save_params_streamed(directory: str | Path, step: int, parts) -> None:
+    """Write checkpoint ``directory/<step>`` holding ``{"params": ...}`` from ``parts``, an iterable of
+    disjoint sub-trees of the parameters (nested dicts of the saved structure, numpy leaves), one at a time:
+    host memory stays at about one part, not the whole model (Orbax buffers everything a save holds). The
+    result reads like :meth:`Checkpointer.save_params`. Uses Orbax's incremental ``v1.partial`` saves where
+    this Orbax has them, else one save of all parts. Raises ValueError if the step exists.
+    """
+    final = Path(directory).absolute() / str(step)
+    if final.exists():
+        raise ValueError(f"{final} already exists")
+    partial = getattr(getattr(ocp, "v1", None), "partial", None)
+    if partial is None:  # older Orbax: one save (memory: the whole model)
+        merged: dict = {}
+        for part in parts:
+            _merge_into(merged, part)
+        ckpt = Checkpointer(directory, every=1, keep=1 << 30)
+        ckpt.save_params(step, merged)
+        ckpt.close()
+        return
+    staging = final.parent / f"partial-{step}"  # no dots: Orbax parses the name
+    for part in parts:
+        partial.save(staging, {"params": part})
+    partial.finalize(staging)
+    (staging / "state").rename(staging / "default")  # v1 names the item "state", the manager "default"
+    staging.rename(final)
+
+
+def _merge_into(tree: dict, part: dict) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_into(tree[key], value)
+        else:
+            tree[key] = value
 
 
 def restore_params(directory: str | Path, abstract_params, step: int | None = None):

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_plan_parser(sub)
     _add_data_parser(sub)
+    _add_convert_parser(sub)
     _add_generate_parser(sub)
     return parser
 
@@ -133,6 +134,33 @@ def _data(args) -> int:
     from lcjax.data import cli as data_cli  # tokenizers and TFDS: imported only here
 
     return data_cli.run(args)
+def _add_convert_parser(sub) -> None:
+    convert = sub.add_parser("convert", help="Hugging Face LLaMA checkpoints in and out (docs/convert.md)")
+    kinds = convert.add_subparsers(dest="direction", required=True, parser_class=_Parser)
+    into = kinds.add_parser("hf-to-lcjax", help="HF folder (config.json + safetensors) -> lcjax run dir")
+    into.add_argument("src", metavar="HF_DIR")
+    into.add_argument("out", metavar="OUT_DIR", help="new lcjax run dir (must not exist)")
+    out = kinds.add_parser("lcjax-to-hf", help="lcjax run dir -> HF folder (config.json + safetensors)")
+    out.add_argument("src", metavar="RUN_DIR")
+    out.add_argument("out", metavar="OUT_DIR", help="new HF folder (must not exist)")
+    out.add_argument("--step", type=int, help="checkpoint step (default the newest)")
+    out.add_argument("--dtype", default="auto",
+                     help="auto (an import's source dtype, else float32), float32, bfloat16 or float16")
+    out.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit (GB)")
+
+
+def _convert(args) -> int:
+    from lcjax import convert  # imports JAX; one device is enough
+
+    if args.direction == "hf-to-lcjax":
+        out = convert.hf_to_lcjax(args.src, args.out)
+    else:
+        if not args.max_shard_gb > 0:
+            raise ValueError(f"--max-shard-gb {args.max_shard_gb} must be > 0")
+        out = convert.lcjax_to_hf(args.src, args.out, step=args.step, dtype=args.dtype,
+                                  max_shard_bytes=int(args.max_shard_gb * 1e9))
+    print(f"lcjax: converted {args.src} -> {out}")
+    return 0
 
 
 def default_run_dir(cfg: config_lib.Config) -> Path:
@@ -189,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "plan": _plan, "data": _data, "generate": _generate}[args.command](args)
+        return {"train": _train, "plan": _plan, "data": _data, "convert": _convert,
+                "generate": _generate}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "attention")
 TOKENIZERS = ("bpe", "bytes")
+ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")  # lcjax.ops.rope.ROPE_TYPES
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
 
 
@@ -40,9 +41,21 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864): θ_i = base^(−2i/H)."""
+    """Rotary position embedding (Su et al. 2021, arXiv:2104.09864): θ_i = base^(−2i/H), and its scaling for
+    longer contexts (lcjax.ops.rope, docs/rope.md): ``type`` default (change ``base`` for ABF), linear (PI),
+    ntk, dynamic, yarn or llama3; ``factor`` s; ``original_max_position`` L (yarn, llama3, dynamic);
+    ``beta_fast``/``beta_slow`` and ``attention_factor`` (yarn; null: 0.1·ln s + 1);
+    ``low_freq_factor``/``high_freq_factor`` (llama3)."""
 
+    type: str = "default"
     base: float = 10000.0
+    factor: float = 1.0
+    original_max_position: Optional[int] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: Optional[float] = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,8 @@ class TrainConfig:
     outputs); ``fsdp`` shards parameters, gradients and optimizer state over data x sequence (ZeRO-3);
     ``shard_optimizer`` shards gradients and optimizer state only (ZeRO-1/2); ``loss_tile`` / ``mlp_tile``
     compute the cross-entropy / MLP over the sequence in tiles of that many tokens per shard (0: whole).
+    ``grad_accum``: micro-batches per optimizer step (the global batch is split into that many, their
+    gradients summed inside the jitted step; same update as the whole batch).
     """
 
     steps: int = 100
@@ -123,6 +138,18 @@ class TrainConfig:
     shard_optimizer: bool = False
     loss_tile: int = 0
     mlp_tile: int = 0
+    grad_accum: int = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation: every ``every`` optimizer steps (0: never) the mean loss over ``batches`` global batches
+    of a held-out split — the last whole documents holding a ``holdout`` fraction of the corpus, never
+    trained on."""
+
+    every: int = 0
+    batches: int = 4
+    holdout: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -143,6 +170,7 @@ class Config:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -230,7 +258,8 @@ def _positive(cfg: Config) -> str | None:
         "model.n_heads": cfg.model.n_heads, "model.n_kv_heads": cfg.model.n_kv_heads,
         "model.d_ff": cfg.model.d_ff, "model.vocab_size": cfg.model.vocab_size,
         "data.seq_len": cfg.data.seq_len, "data.global_batch": cfg.data.global_batch,
-        "train.steps": cfg.train.steps, "checkpoint.every": cfg.checkpoint.every,
+        "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
+        "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep, "attention.block_q": cfg.attention.block_q,
         "attention.block_k": cfg.attention.block_k,
     }
@@ -248,6 +277,10 @@ def _positive(cfg: Config) -> str | None:
     for key, value in (("train.b1", t.b1), ("train.b2", t.b2)):
         if not 0 <= value < 1:
             return f"{key} {value} must be in [0, 1)"
+    if cfg.eval.every < 0 or cfg.eval.batches < 1:
+        return f"eval.every {cfg.eval.every} must be >= 0 (0: no validation) and eval.batches {cfg.eval.batches} >= 1"
+    if not 0 < cfg.eval.holdout < 0.5:
+        return f"eval.holdout {cfg.eval.holdout} must be a fraction of the corpus in (0, 0.5)"
     if t.warmup_steps < 0:
         return f"train.warmup_steps {t.warmup_steps} must be >= 0"
     if not 0 <= t.min_lr_ratio <= 1:
@@ -307,6 +340,10 @@ def _sequence(cfg: Config) -> str | None:
     if cfg.data.global_batch % cfg.mesh.data:
         return (f"data.global_batch {cfg.data.global_batch} must be divisible by "
                 f"mesh.data = {cfg.mesh.data}")
+    accum = cfg.train.grad_accum
+    if accum > 1 and (cfg.data.global_batch // cfg.mesh.data) % accum:
+        return (f"train.grad_accum {accum} must divide the sequences per data shard, data.global_batch / "
+                f"mesh.data = {cfg.data.global_batch // cfg.mesh.data}")
     return None
 
 
@@ -357,4 +394,31 @@ def _data(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _memory, _data)
+def _rope(cfg: Config) -> str | None:
+    r = cfg.model.rope
+    if r.type not in ROPE_TYPES:
+        return f"model.rope.type {r.type!r} must be one of {', '.join(ROPE_TYPES)}"
+    finite = lambda x: not (math.isinf(x) or math.isnan(x))
+    if not (r.factor >= 1) or not finite(r.factor):
+        return f"model.rope.factor {r.factor} must be a finite number >= 1"
+    if r.type == "default" and r.factor != 1:
+        return f"model.rope.factor {r.factor} needs a scaling model.rope.type (it is 'default'), or factor 1"
+    needs_length = r.type in ("yarn", "llama3", "dynamic")
+    if needs_length and (r.original_max_position is None or r.original_max_position < 1):
+        return (f"model.rope.original_max_position {r.original_max_position} must be >= 1 "
+                f"for model.rope.type {r.type!r} (the pre-training context)")
+    if not needs_length and r.original_max_position is not None:
+        return f"model.rope.original_max_position is only used by types yarn, llama3, dynamic (type is {r.type!r})"
+    if r.type == "yarn" and (not (0 < r.beta_slow < r.beta_fast) or not finite(r.beta_fast)):
+        return f"model.rope.beta_fast {r.beta_fast} must be finite and > model.rope.beta_slow {r.beta_slow} > 0"
+    if r.attention_factor is not None and (r.type != "yarn" or not (r.attention_factor > 0)
+                                           or not finite(r.attention_factor)):
+        return (f"model.rope.attention_factor {r.attention_factor} must be a finite number > 0, "
+                f"and is only used by type yarn (null: 0.1·ln(factor) + 1)")
+    if r.type == "llama3" and (not (0 < r.low_freq_factor < r.high_freq_factor) or not finite(r.high_freq_factor)):
+        return (f"model.rope.high_freq_factor {r.high_freq_factor} must be finite and > "
+                f"model.rope.low_freq_factor {r.low_freq_factor} > 0")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data)

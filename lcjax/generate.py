@@ -167,7 +167,7 @@ def _attention_spec(cfg: Config) -> AttentionSpec:
 
 def _cos_sin(m: config_lib.ModelConfig, positions, max_position: int):
     """RoPE angles for int32 positions [B, T], called exactly as ``Llama.hidden`` calls them."""
-    return rope.cos_sin(positions, rope.rope_tables(max_position, m.d_model // m.n_heads, m.rope.base))
+    return rope.cos_sin(positions, rope.rope_tables(max_position, m.d_model // m.n_heads, **vars(m.rope)))
 
 
 def _weight(p, dtype):

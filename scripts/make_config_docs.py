@@ -149,6 +149,13 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                         "`mesh.sequence`."),
     "train.mlp_tile": ("Compute the MLP over tiles of this many tokens per shard; 0: untiled.",
                        "0, or a divisor of `data.seq_len` / `mesh.sequence`."),
+    "train.grad_accum": ("Micro-batches per optimizer step: the global batch is split into that many and "
+                         "their gradients summed inside the jitted step (the same update as the whole batch).",
+                         ">= 1; divides the sequences per data shard, `data.global_batch` / `mesh.data`."),
+    "eval.every": ("Validate every this many optimizer steps; 0: never.", ">= 0."),
+    "eval.batches": ("Global batches of the held-out split averaged per validation.", ">= 1."),
+    "eval.holdout": ("Fraction of the corpus held out for validation (the last whole documents; never "
+                     "trained on).", "In (0, 0.5)."),
     "train.max_bad_steps": ("The run stops (exit code 3) after this many non-finite, skipped steps in a row "
                             "(branch rel; listed ahead of the merge).", ">= 1."),
     "checkpoint.every": ("Save a checkpoint every this many steps (and always after the last step).", ">= 1."),

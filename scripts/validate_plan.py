@@ -65,6 +65,7 @@ def xla_memory(cfg, target: str = "cpu") -> dict:
     import jax.numpy as jnp
 
     from lcjax.sharding.mesh import deviceless_gpus, make_mesh
+    from lcjax.train.metrics import compiled_bytes
     from lcjax.train.state import abstract_state
     from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_train_step
 
@@ -76,10 +77,8 @@ def xla_memory(cfg, target: str = "cpu") -> dict:
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh)) for k in BATCH_FIELDS}
     t0 = time.perf_counter()
     compiled = make_train_step(graphdef, specs, mesh, cfg, optimizer).lower(state, batch).compile()
-    ma = compiled.memory_analysis()
-    parts = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
-             "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
-    total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+    parts = compiled_bytes(compiled.memory_analysis())
+    total = parts.pop("total")
     return {"xla_bytes_per_device": total, "xla_parts": parts, "compile_s": time.perf_counter() - t0,
             "backend": mesh.devices.flat[0].platform, "target": target}
 

@@ -56,7 +56,8 @@ def full_logits(cfg, params, tokens):
 
 CASES = {  # mesh, extra config
     "1x1x1": ((1, 1, 1), ()),
-    "2x2x2-ring-zigzag-window": ((2, 2, 2), ("attention.window=9",)),
+    "2x2x2-ring-zigzag-window-yarn": ((2, 2, 2), ("attention.window=9", "model.rope.type=yarn",
+                                                 "model.rope.factor=4", "model.rope.original_max_position=16")),
     "1x2x4-kv-replicated-ulysses": ((1, 2, 4), ("attention.impl=ulysses",)),
     "1x4x2-ring-striped": ((1, 4, 2), ("attention.layout=striped",)),
 }

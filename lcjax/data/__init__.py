@@ -49,6 +49,22 @@ class Dataset:
                 f"{describe_skipped(self.skipped, '; skipped files: ', '')}",
                 f"data: {epoch_summary(len(self.tokens), seq_len, len(self.doc_starts))}"]
 
+    def split(self, holdout: float) -> tuple["Dataset", "Dataset"]:
+        """(train, held-out) datasets: the last whole documents holding at least ``holdout`` (a fraction in
+        (0, 1)) of the tokens are held out for validation and never trained on. Both streams get their own
+        key, so a checkpoint of the unsplit stream is refused by the loader. Raises ValueError when the
+        stream has fewer than two documents."""
+        if len(self.doc_starts) < 2:
+            raise ValueError(f"eval.holdout: data.source {self.source} has {len(self.doc_starts)} document(s); "
+                             f"a held-out split needs at least two")
+        target = len(self.tokens) * (1 - holdout)
+        k = int(np.clip(np.searchsorted(self.doc_starts, target, side="right") - 1, 1, len(self.doc_starts) - 1))
+        cut = int(self.doc_starts[k])
+        part = lambda tokens, starts, tag: dataclasses.replace(
+            self, tokens=tokens, doc_starts=starts, key=f"{self.key}:{tag}:{holdout!r}")
+        return (part(self.tokens[:cut], self.doc_starts[:k], "train"),
+                part(self.tokens[cut:], self.doc_starts[k:] - cut, "heldout"))
+
     def loader(self, **kwargs) -> Loader:
         """:func:`make_loader` on this stream (documents, stream id and vocabulary filled in)."""
         return make_loader(self.tokens, doc_starts=self.doc_starts, stream=stream_id(self.key),

@@ -164,7 +164,7 @@ class Llama(nnx.Module):
         cfg = self.cfg
         hd = cfg.d_model // cfg.n_heads
         x = tensor.vocab_parallel_embed(tokens, self._embedding(axes, dtype), axes.model)
-        cos, sin = rope.cos_sin(positions, rope.rope_tables(max_position, hd, cfg.rope.base))
+        cos, sin = rope.cos_sin(positions, rope.rope_tables(max_position, hd, **vars(cfg.rope)))
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, state):

@@ -91,15 +91,17 @@ def layer_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: in
 
 
 def lcjax_layer_residual_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
-                               stored_bytes: int | None = None) -> int:
+                               stored_bytes: int | None = None, mlp_tokens: int | None = None) -> int:
     """Bytes of the per-token residuals JAX keeps for one lcjax layer (``lcjax`` model, module doc):
     stored·(2D + (2N' + 2K')·H + 6F/tp) + 4·(4D + 2H + N'·H + N' + 4) + 8 per token (N', K' heads on the
-    shard). LLaMA-2-7B, tp=1, bf16: 264,344 bytes per token (2.01× formulas §1.3)."""
+    shard). LLaMA-2-7B, tp=1, bf16: 264,344 bytes per token (2.01× formulas §1.3). ``mlp_tokens``: with a
+    tiled MLP (``train.mlp_tile``) only that many tokens' six F-wide tensors exist at a time."""
     n_loc, k_loc = local_heads(s, tp)
     stored = stored_bytes or compute_bytes
-    low = 2 * s.D + (2 * n_loc + 2 * k_loc) * s.H + 6 * s.F // tp
+    low = 2 * s.D + (2 * n_loc + 2 * k_loc) * s.H
     f32 = 4 * s.D + 2 * s.H + n_loc * s.H + n_loc + 4
-    return tokens * (stored * low + 4 * f32 + 8)
+    mlp = (tokens if mlp_tokens is None else min(mlp_tokens, tokens)) * stored * 6 * s.F // tp
+    return tokens * (stored * low + 4 * f32 + 8) + mlp
 
 
 def cast_weight_bytes(s: Shape, tp: int = 1, compute_bytes: int = 2, param_bytes: int = 4,
@@ -111,20 +113,25 @@ def cast_weight_bytes(s: Shape, tp: int = 1, compute_bytes: int = 2, param_bytes
 
 
 def head_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
-                          stored_bytes: int | None = None) -> int:
+                          stored_bytes: int | None = None, loss_tokens: int | None = None) -> int:
     """Outside the layers (estimate): embedding output and final-norm output (D each, compute dtype) and
     the float32 vocabulary-parallel logits with their gradient (2 × Vp/tp); Korthikanti et al. §4.3 note
-    the fp32 logits term 4sbv/t is not negligible at long T."""
-    return tokens * (2 * s.D * (stored_bytes or compute_bytes) + 2 * 4 * s.Vp // tp)
+    the fp32 logits term 4sbv/t is not negligible at long T. ``loss_tokens``: with a tiled loss
+    (``train.loss_tile``) only that many tokens' logits exist at a time."""
+    logits = tokens if loss_tokens is None else min(loss_tokens, tokens)
+    return tokens * 2 * s.D * (stored_bytes or compute_bytes) + logits * 2 * 4 * s.Vp // tp
 
 
 def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2, remat: str = "none", *,
-                     model: str = "lcjax", param_bytes: int = 4, stored_bytes: int | None = None) -> int:
+                     model: str = "lcjax", param_bytes: int = 4, stored_bytes: int | None = None,
+                     mlp_tokens: int | None = None, loss_tokens: int | None = None) -> int:
     """All activation bytes of one device for ``tokens`` local tokens (estimate; module doc).
 
     remat ``none``: every layer keeps its residuals; ``full``: each layer keeps only its input (Korthikanti
     Table 2, 2sbh) and one layer is rematerialised whole at a time during the backward. ``model``:
     ``lcjax`` or ``formulas``. Plus the head's activations (and, for ``lcjax``, the working set).
+    ``mlp_tokens`` / ``loss_tokens``: tokens per tile of a tiled MLP / loss (None: untiled); a tiled MLP
+    keeps only its input per layer, its F-wide tensors exist for one tile of one layer at a time.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} must be one of {', '.join(REMAT_POLICIES)}")
@@ -134,17 +141,20 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
     if model == "formulas":
         layer, working = layer_activation_bytes(s, tokens, tp, stored), 0
     else:
-        working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored)
-        layer = working + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
+        working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, mlp_tokens)
+        kept = working if mlp_tokens is None else lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, 0)
+        layer = kept + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
     layers = s.L * tokens * s.D * stored + layer if remat == "full" else s.L * layer
-    return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored)
+    return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored, loss_tokens)
 
 
 def memory_per_device(s: Shape, tokens: int, tp: int, group: int, *, optimizer_sharding: str = "none",
                       remat: str = "none", compute_bytes: int = 2, param_bytes: int = 4,
-                      activation_model: str = "lcjax", stored_bytes: int | None = None) -> MemoryBytes:
+                      activation_model: str = "lcjax", stored_bytes: int | None = None,
+                      mlp_tokens: int | None = None, loss_tokens: int | None = None) -> MemoryBytes:
     """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp))."""
     params, grads, optimizer = state_bytes(s, tp, group, optimizer_sharding, param_bytes, compute_bytes)
     acts = activation_bytes(s, tokens, tp, compute_bytes, remat, model=activation_model,
-                            param_bytes=param_bytes, stored_bytes=stored_bytes)
+                            param_bytes=param_bytes, stored_bytes=stored_bytes, mlp_tokens=mlp_tokens,
+                            loss_tokens=loss_tokens)
     return MemoryBytes(params, grads, optimizer, acts)

@@ -25,7 +25,8 @@ class StepInputs:
     """What a step's cost depends on. Mesh sizes (data, sequence, model); ``compute_bytes`` 2 (bfloat16)
     or 4 (float32); ``attention`` ring, ulysses or local; ``remat`` none or full; ``optimizer_sharding``
     none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
-    backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory)."""
+    backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory);
+    ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled)."""
 
     shape: Shape
     seq_len: int
@@ -41,6 +42,8 @@ class StepInputs:
     optimizer_sharding: str = "none"
     activation_model: str = "lcjax"
     stored_bytes: int | None = None
+    mlp_tile: int = 0
+    loss_tile: int = 0
 
     @property
     def devices(self) -> int:
@@ -69,7 +72,7 @@ class StepInputs:
                    compute_bytes=4 if t.dtype == "float32" else 2,
                    param_bytes=4 if t.param_dtype == "float32" else 2, remat=remat,
                    optimizer_sharding=optimizer_sharding, activation_model=activation_model,
-                   stored_bytes=stored_bytes)
+                   stored_bytes=stored_bytes, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile)
 
 
 @dataclass(frozen=True)
@@ -136,13 +139,19 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
 
 
+def _tile_tokens(i: StepInputs, tile: int) -> int | None:
+    """Tokens of one tile on a device ((B/dp)·tile), or None when untiled."""
+    return i.global_batch // i.data * tile if tile else None
+
+
 def plan_step(i: StepInputs, dev: Device) -> StepPlan:
     """The :class:`StepPlan` of ``i`` on device ``dev``."""
     s, cb, tokens = i.shape, i.compute_bytes, i.tokens_per_device
     group = i.data * i.sequence
     memory = memory_per_device(s, tokens, i.model, group, optimizer_sharding=i.optimizer_sharding,
                                remat=i.remat, compute_bytes=cb, param_bytes=i.param_bytes,
-                               activation_model=i.activation_model, stored_bytes=i.stored_bytes)
+                               activation_model=i.activation_model, stored_bytes=i.stored_bytes,
+                               mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile))
     lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
     if i.remat == "full":  # the recomputed forward communicates again
         lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=2 * lc.seq_fwd)

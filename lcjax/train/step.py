@@ -151,6 +151,59 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
                          check_vma=check_vma)
 
 
+def make_eval_loss(graphdef, specs, mesh, cfg: Config):
+    """A jitted function (params, batch) -> (summed cross-entropy in nats, target-token count), float32
+    scalars over the whole global batch: the forward pass only (validation)."""
+    fsdp_axes = rules.ZERO_AXES if cfg.train.fsdp else ()
+    axes, attn, dtype = Axes(*AXES, fsdp=fsdp_axes), attention_spec(cfg), compute_dtype(cfg)
+    mem, seq_len = memory_spec(cfg), cfg.data.seq_len
+
+    def local(params, batch):
+        model = nnx.merge(graphdef, params)
+        losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"], batch["segment_ids"],
+                                    max_position=seq_len, attn=attn, axes=axes, dtype=dtype, mem=mem)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        reduce = lambda x: lax.psum(jnp.sum(x), (axes.data, axes.sequence))
+        return reduce(losses * mask), reduce(mask)
+
+    batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), P()),
+                                 check_vma=needs_check_vma(cfg)))
+
+
+def micro_batches(batch: dict, accum: int) -> dict:
+    """Split every [B, T] array of ``batch`` into ``accum`` micro-batches [accum, B/accum, T].
+
+    Micro-batch a holds rows a, a + accum, a + 2·accum, …: with B split over ``data`` in contiguous blocks
+    whose size accum divides, every micro-batch keeps an equal share of each data shard's rows, so the split
+    moves no data between devices.
+    """
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+def accumulate(loss_and_grads, params, batch: dict, accum: int):
+    """(mean loss, grads, target-token count) of the whole ``batch`` from ``accum`` micro-batches run one
+    after another (``lax.scan``): each micro-batch's mean loss and gradients are weighted by its token
+    count, so the result equals one pass over the whole batch (up to float32 rounding)."""
+    if accum == 1:
+        return loss_and_grads(params, batch)
+
+    def body(carry, micro):
+        loss_sum, grad_sum, count_sum = carry
+        loss, grads, count = loss_and_grads(params, micro)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * count, grad_sum, grads)
+        return (loss_sum + loss * count, grad_sum, count_sum + count), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (jnp.zeros((), jnp.float32), zeros, jnp.zeros((), jnp.float32))
+    (loss_sum, grad_sum, count), _ = lax.scan(body, init, micro_batches(batch, accum))
+    total = jnp.maximum(count, 1.0)
+    return loss_sum / total, jax.tree.map(lambda g: g / total, grad_sum), count
+
+
 def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.GradientTransformation, *,
                     check_vma: bool | None = None):
     """The step (state, batch) -> (state, metrics). Arrays of ``state`` are donated to the update.
@@ -158,7 +211,8 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
     The jitted part maps (params, opt_state, step) and the batch to their new values and the metrics;
     ``data_state`` stays on the host and passes through. metrics: float32 scalars ``loss`` (nats per
     target token), ``grad_norm`` (global L2 norm before clipping), ``lr`` (the rate used for this update)
-    and ``tokens`` (target tokens in the batch). ``step.lower(state, batch)`` gives the XLA lowering,
+    and ``tokens`` (target tokens in the batch). With ``train.grad_accum`` > 1 the batch is run as that many
+    micro-batches (:func:`accumulate`). ``step.lower(state, batch)`` gives the XLA lowering,
     ``step.compile(state, batch)`` compiles ahead of the first call.
     """
     loss_and_grads = make_loss_and_grads(graphdef, specs, mesh, cfg, check_vma=check_vma)
@@ -166,7 +220,7 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
 
     def update(arrays, batch):
         params, opt_state, step = arrays
-        loss, grads, count = loss_and_grads(params, batch)
+        loss, grads, count = accumulate(loss_and_grads, params, batch, cfg.train.grad_accum)
         grads = as_float32(grads)
         updates, opt_state = optimizer.update(grads, opt_state, as_float32(params))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_at(step), "tokens": count}

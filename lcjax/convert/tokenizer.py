@@ -1,0 +1,40 @@
+"""An HF model's ``tokenizer.json`` as an lcjax Tokenizer (its own EOS token instead of ``<|endoftext|>``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tokenizers
+
+from lcjax.data.tokenizer import Tokenizer
+
+
+class HFTokenizer(Tokenizer):
+    """lcjax's Tokenizer interface over any ``tokenizers`` tokenizer, with an explicit EOS id."""
+
+    def __init__(self, hf: tokenizers.Tokenizer, eos_id: int):
+        hf.encode_special_tokens = True  # special-token strings in text are ordinary text
+        self._hf = hf
+        self.eos_id = int(eos_id)
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+
+
+def load_hf_tokenizer(hf_dir: str | Path) -> HFTokenizer:
+    """``HF_DIR/tokenizer.json`` with EOS from config.json (``eos_token_id``) or tokenizer_config.json."""
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no tokenizer.json (only the fast-tokenizer format is read)")
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    eos = None
+    if (hf_dir / "config.json").is_file():
+        eos = json.loads((hf_dir / "config.json").read_text()).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+    if eos is None and (hf_dir / "tokenizer_config.json").is_file():
+        token = json.loads((hf_dir / "tokenizer_config.json").read_text()).get("eos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        eos = hf.token_to_id(token) if token else None
+    if eos is None:
+        raise ValueError(f"{hf_dir}: no EOS token (config.json eos_token_id or tokenizer_config.json eos_token)")
+    return HFTokenizer(hf, eos)

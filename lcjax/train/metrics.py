@@ -1,0 +1,154 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per record) and TensorBoard event files, and the
+``--profile`` window of ``jax.profiler`` traces. Host-side I/O only, never inside the jitted step.
+
+TensorBoard events are written by tensorboardX (no TensorFlow) into ``<run dir>/tensorboard/``; scalars are
+tagged ``train/<name>`` and ``eval/<name>``. Open them with ``tensorboard --logdir <run dir>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def clean(value) -> float | None:
+    """A finite float, or None (JSON null) for NaN and infinities."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Drop metrics.jsonl records after ``step`` (steps a resumed run is about to redo)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
+class MetricsWriter:
+    """Appends records to ``<run dir>/metrics.jsonl`` and the same scalars to TensorBoard.
+
+    ``start``: the step the run continues from (records and events after it, left by a killed run, are
+    dropped: TensorBoard's ``purge_step``). Each record is a dict with an int ``step``; other values are
+    numbers or None. ``kind`` ("train" or "eval") prefixes the TensorBoard tags; the JSON line carries the
+    keys as given.
+    """
+
+    def __init__(self, run_dir: str | Path, start: int = 0):
+        from tensorboardX import SummaryWriter
+
+        run_dir = Path(run_dir)
+        keep_records_up_to(run_dir / "metrics.jsonl", start)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a")
+        # the suffix keeps a resumed run (even within the same second) from reusing its event file's name
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None,
+                                 filename_suffix=f".from{start:010d}")
+
+    def write(self, record: dict, kind: str = "train") -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
+        self._tb.flush()
+
+    def text(self, tag: str, text: str) -> None:
+        """A text summary (e.g. the run's config) at step 0."""
+        self._tb.add_text(tag, text, 0)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()
+
+
+def parse_profile(text: str | None) -> tuple[int, int] | None:
+    """``--profile START:END`` -> (START, END), inclusive optimizer steps; raises ValueError naming it."""
+    if text is None:
+        return None
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        start = end = 0
+    if not 1 <= start <= end:
+        raise ValueError(f"--profile {text!r} must be START:END with 1 <= START <= END (optimizer steps)")
+    return start, end
+
+
+class Profiler:
+    """A ``jax.profiler`` trace of optimizer steps START..END (inclusive) into ``<run dir>/profile/``
+    (open with TensorBoard's profile plugin, XProf or Perfetto). ``window`` None: does nothing."""
+
+    def __init__(self, run_dir: str | Path, window: tuple[int, int] | None):
+        self.window, self.directory, self.active = window, Path(run_dir) / "profile", False
+
+    def before(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            import jax
+
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, outputs=None) -> None:
+        """Call after the step's outputs are ready (pass them: they are waited for before stopping)."""
+        if self.active and step >= self.window[1]:
+            import jax
+
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self) -> None:
+        if self.active:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def preset_for(platform: str, device_kind: str) -> str:
+    """The planner's device preset for a JAX device: ``cpu`` for host devices, else matched on the
+    device kind (e.g. "NVIDIA H100 80GB HBM3" -> h100), h100 when nothing matches."""
+    if platform == "cpu":
+        return "cpu"
+    kind = device_kind.lower()
+    return next((name for name in ("h200", "h800", "h100", "a100") if name in kind), "h100")
+
+
+def compiled_bytes(memory_analysis) -> dict:
+    """XLA's per-device bytes of a compiled step: argument, output, temp, alias and total (argument +
+    output + temp − alias; DESIGN.md, "Numbers")."""
+    ma = memory_analysis
+    parts = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+             "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
+    return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
+
+
+def startup_summary(cfg, memory_analysis, *, platform: str, device_kind: str, n_params: int) -> list[str]:
+    """The one-screen summary printed before the first step: mesh, parameters, tokens per step, XLA's
+    compiled per-device memory next to the planner's prediction, and the planner's tokens/s and MFU.
+
+    ``memory_analysis``: ``compiled.memory_analysis()`` of the train step (None: not available).
+    On the CPU backend the planner is asked for its CPU-backend figure (bf16 kept as float32)."""
+    from lcjax import plan as plan_lib
+
+    gb = lambda b: f"{b / 1e9:.3f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+    m, d, t = cfg.mesh, cfg.data, cfg.train
+    preset = preset_for(platform, device_kind)
+    inputs = plan_lib.StepInputs.from_config(cfg, stored_bytes=4 if platform == "cpu" else None)
+    plan = plan_lib.plan_step(inputs, plan_lib.device(preset))
+    lines = [f"mesh data={m.data} sequence={m.sequence} model={m.model} ({m.data * m.sequence * m.model} "
+             f"{platform} devices), {n_params:,} parameters, {d.global_batch * d.seq_len:,} tokens/step "
+             f"({d.global_batch} x {d.seq_len:,}), {t.dtype} compute, {t.param_dtype} parameters, "
+             f"remat {t.remat}, fsdp {t.fsdp}, shard_optimizer {t.shard_optimizer}, grad_accum {t.grad_accum}"]
+    predicted = plan.memory.total
+    if memory_analysis is not None:
+        xla = compiled_bytes(memory_analysis)
+        gap = (predicted - xla["total"]) / max(xla["total"], 1)
+        lines.append(f"memory per device: XLA {gb(xla['total'])} compiled (arguments {gb(xla['argument'])}, "
+                     f"temporaries {gb(xla['temp'])}); planner {gb(predicted)} ({gap:+.0%})")
+    else:
+        lines.append(f"memory per device: planner {gb(predicted)} (XLA's analysis not available)")
+    lines.append(f"planner ({preset} preset, efficiency {plan.device.efficiency}): "
+                 f"{plan.tokens_per_sec_per_device:,.0f} tokens/s/device, MFU {plan.mfu['causal']:.2f} causal "
+                 f"/ {plan.mfu['palm']:.2f} PaLM")
+    return lines
