@@ -23,7 +23,9 @@ logits float32 [B, V] over the true vocabulary. Prompts of different lengths are
 T (a multiple of the layout's unit); padded keys are masked by position, and generated token i of a
 prompt of length n takes position n + i whatever the padding. Parameters are replicated over data ×
 sequence here (no optimizer state is loaded), whatever ``train.fsdp`` says; compute in ``train.dtype``.
-Single process only (results are fetched to the host).
+Single process only (results are fetched to the host). RoPE tables (``model.rope.*``, as in
+``Llama.hidden``) are built for max_position = T + M in both prefill and decode, so a ``dynamic`` scaling
+uses that length throughout.
 
 Entry points: :func:`load` (a run dir's newest checkpoint, config and tokenizer), :func:`from_params`
 (parameters in memory), :func:`prompt_logits` (next-token logits of a batch of prompts),
