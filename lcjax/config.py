@@ -100,6 +100,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     dtype: str = "float32"
+    max_bad_steps: int = 5  # a run stops after this many non-finite (skipped) steps in a row
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ def _positive(cfg: Config) -> str | None:
         "model.d_ff": cfg.model.d_ff, "model.vocab_size": cfg.model.vocab_size,
         "data.seq_len": cfg.data.seq_len, "data.global_batch": cfg.data.global_batch,
         "train.steps": cfg.train.steps, "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep, "attention.block_q": cfg.attention.block_q,
+        "checkpoint.keep": cfg.checkpoint.keep, "train.max_bad_steps": cfg.train.max_bad_steps,
+        "attention.block_q": cfg.attention.block_q,
         "attention.block_k": cfg.attention.block_k,
     }
     for key, value in checks.items():

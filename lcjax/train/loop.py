@@ -6,8 +6,11 @@ Run directory layout (DESIGN.md, "Public contracts"): ``config.yaml`` (resolved)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,10 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from lcjax import config as config_lib
-from lcjax.checkpoint import Checkpointer, abstract_like, saved_steps
+from lcjax import distributed
+from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_params
 from lcjax.config import Config
-from lcjax.data import build_dataset
+from lcjax.data import build_dataset, corpus_files, load_or_tokenize
 from lcjax.data.loader import make_loader
+from lcjax.data.tokenizer import Tokenizer
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
 from lcjax.train.state import data_state_arrays, data_state_dict, init_state
@@ -53,20 +58,73 @@ RESUME_FREE = ("cache_dir",)  # keys of the model/data sections that do not affe
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records after ``step`` (steps a resumed run is about to redo)."""
+    """Drop metrics.jsonl records of the steps a run resumed at ``step`` is about to redo: those after
+    ``step`` and the skipped (non-finite) ones that followed it."""
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+        records = [json.loads(line) for line in lines]
+        path.write_text("".join(line for line, r in zip(lines, records)
+                                if r["step"] < step or (r["step"] == step and not r.get("skipped"))))
 
 
 def metrics_record(step: int, metrics: dict, step_time: float, tokens: int) -> dict:
-    """One metrics.jsonl line; non-finite values become null."""
+    """One metrics.jsonl line; non-finite values become null. ``step`` counts applied updates, so a skipped
+    (non-finite) step repeats the previous step number with ``skipped`` true."""
     def clean(x):
         x = float(x)
         return x if math.isfinite(x) else None
     return {"step": step, "loss": clean(metrics["loss"]), "grad_norm": clean(metrics["grad_norm"]),
             "lr": clean(metrics["lr"]), "tokens_per_sec": clean(tokens / step_time),
-            "step_time_s": clean(step_time)}
+            "step_time_s": clean(step_time), "skipped": bool(metrics.get("skipped", 0) > 0)}
+
+
+class NonFiniteError(RuntimeError):
+    """``train.max_bad_steps`` steps in a row had a NaN or infinite loss or gradient norm (CLI exit 3)."""
+
+
+HF_FILES = ("config.json", "*.safetensors")
+
+
+def check_init_from(path: Path, cfg: Config) -> None:
+    """Raise ValueError (one line) unless ``path`` is a run dir with a checkpoint of ``cfg``'s model shape or a
+    Hugging Face folder (config.json + *.safetensors)."""
+    if not path.is_dir():
+        raise ValueError(f"--init-from {path}: no such folder")
+    if _is_hf_folder(path):
+        return
+    if not (path / "config.yaml").is_file() or not (path / "checkpoints").exists():
+        raise ValueError(f"--init-from {path}: neither a run dir (config.yaml, checkpoints/) nor a Hugging Face "
+                         f"folder (config.json, *.safetensors)")
+    if not check_directory(path / "checkpoints"):
+        raise ValueError(f"--init-from {path}: holds no complete checkpoint")
+    source = config_lib.to_dict(config_lib.load(path / "config.yaml"))["model"]
+    target = config_lib.to_dict(cfg)["model"]
+    for key in SHAPE_KEYS:
+        if source[key] != target[key]:
+            raise ValueError(f"model.{key}: --init-from {path} has {source[key]!r}, this config {target[key]!r} "
+                             f"(the model shape must match)")
+
+
+SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "tie_embeddings")
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def load_init_params(path: str | Path, cfg: Config, abstract_params):
+    """Parameters to start a new run from: the newest checkpoint of the run dir ``path``, or the weights of a
+    Hugging Face folder (config.json + *.safetensors), placed like ``abstract_params`` (any mesh).
+
+    Raises ValueError (one line) when ``path`` is neither or holds parameters of another shape.
+    """
+    path = Path(path)
+    check_init_from(path, cfg)
+    if _is_hf_folder(path):
+        from lcjax.convert import hf_params  # only this branch needs the converter
+
+        return hf_params(path, abstract_params)
+    return restore_params(path / "checkpoints", abstract_params)
 
 
 def _zeros_batch(cfg: Config) -> dict:
@@ -76,76 +134,186 @@ def _zeros_batch(cfg: Config) -> dict:
 
 
 def _device_batch(batch: dict, sharding) -> dict:
-    return {k: jax.device_put(np.asarray(v, np.int32), sharding) for k, v in batch.items()}
+    """Global [B, T] arrays from the global batch; each process places only its own devices' shards."""
+    def put(v):
+        v = np.asarray(v, np.int32)
+        return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+    return {k: put(v) for k, v in batch.items()}
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` into ``run_dir``. Returns {"step", "loss", "checkpoint"} of the last step.
+@contextlib.contextmanager
+def preemption_signals():
+    """While open, SIGTERM and SIGINT only set ``flag["signal"]`` (the loop saves and stops after the current
+    step). In a thread other than the main one signals cannot be caught and nothing is installed."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
 
-    Raises ValueError (one line naming the field and the rule) for unusable input before anything is
-    written: an existing run dir without ``resume``, a tokenizer larger than model.vocab_size, too few
-    devices for the mesh, a corpus too small for one batch.
-    """
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume)
-    saved = saved_steps(run_dir / "checkpoints") if resume else []
-    if resume:
-        check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
-        if saved and cfg.train.steps <= saved[-1]:
-            raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
-                             f"{saved[-1]} to --resume")
+    def handler(signum, _frame):
+        flag["signal"] = signum
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def check_devices(cfg: Config, devices) -> list:
+    """The devices of the mesh: ``devices`` or every device of every process, whose number must equal the
+    mesh product (ValueError naming mesh.* otherwise)."""
+    devices = jax.devices() if devices is None else list(devices)
+    m = cfg.mesh
+    if m.data * m.sequence * m.model != len(devices):
+        raise ValueError(f"mesh.data x mesh.sequence x mesh.model = {m.data}x{m.sequence}x{m.model} = "
+                         f"{m.data * m.sequence * m.model} must equal the number of devices, "
+                         f"{len(devices)} {devices[0].platform}")
+    return devices
+
+
+def _load_data(cfg: Config, tokenizer_dir: Path | None):
+    """(tokenizer, tokens, doc_starts): the run's own tokenizer, or the one saved in ``tokenizer_dir``."""
     d, m = cfg.data, cfg.model
     print(f"lcjax: data {d.source}: loading (tokenized on first use, then cached)", flush=True)
     try:
-        tokenizer, tokens, doc_starts = build_dataset(d.source, tokenizer_kind=d.tokenizer,
-                                                      vocab_size=m.vocab_size, cache_dir=d.cache_dir)
+        if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.load(tokenizer_dir)
+            tokens, doc_starts = load_or_tokenize(corpus_files(d.source), tokenizer, cache_dir=d.cache_dir)
+        else:
+            tokenizer, tokens, doc_starts = build_dataset(d.source, tokenizer_kind=d.tokenizer,
+                                                          vocab_size=m.vocab_size, cache_dir=d.cache_dir)
     except OSError as e:
         raise ValueError(f"data.cache_dir {d.cache_dir or '~/.cache/lcjax'}: {e.strerror or e}") from None
     print(f"lcjax: data {d.source}: {len(doc_starts):,} documents, {len(tokens):,} tokens, "
           f"{d.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids", flush=True)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(f"model.vocab_size {m.vocab_size} must be >= the tokenizer's {tokenizer.vocab_size}")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
+    return tokenizer, tokens, doc_starts
+
+
+def _fresh_opt_state(optimizer, params, shardings):
+    from lcjax.train.state import opt_state_shardings
+
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, shardings))(params)
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
+          progress: bool = True, devices=None) -> dict:
+    """Train ``cfg`` into ``run_dir``. Returns {"step", "loss", "checkpoint", "checkpoint_dir", "preempted"}
+    of the last step.
+
+    ``resume`` continues the newest checkpoint of ``run_dir`` (model, optimizer and data-iterator state,
+    on any mesh); ``init_from`` starts a new run from the parameters of another run's newest checkpoint or a
+    Hugging Face folder (fresh optimizer; mesh, seq_len and RoPE may differ, the model shape may not).
+    ``devices`` defaults to every device (their number must equal the mesh product). SIGTERM or SIGINT
+    finishes the current step, saves and returns with ``preempted`` True. A step with a non-finite loss or
+    gradient norm is not applied.
+
+    Raises ValueError (one line naming the field and the rule) for unusable input before anything is
+    written: an existing run dir without ``resume``, a tokenizer larger than model.vocab_size, a device count
+    other than the mesh's, a corpus too small for one batch, an unreadable or foreign checkpoint, another
+    model shape. Raises NonFiniteError after ``train.max_bad_steps`` non-finite steps in a row (the newest
+    checkpoint is left as it was).
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume)
+    if resume and init_from is not None:
+        raise ValueError("--resume and --init-from exclude each other")
+    if init_from is not None:
+        check_init_from(Path(init_from), cfg)
+    saved = check_directory(run_dir / "checkpoints") if resume else []
+    if resume:
+        check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
+        if saved and cfg.train.steps <= saved[-1]:
+            raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
+                             f"{saved[-1]} to --resume")
+    d = cfg.data
+    devices = check_devices(cfg, devices)
+    tokenizer_dir = Path(init_from) / "tokenizer" if init_from is not None else None
+    tokenizer, tokens, doc_starts = _load_data(cfg, tokenizer_dir)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
     loader = make_loader(tokens, seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
                          layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
                          cross_document_attention=d.cross_document_attention, doc_starts=doc_starts)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+    if init_from is not None:
+        params = load_init_params(init_from, cfg, abstract_like(state.params))
+        shardings = jax.tree.map(lambda x: x.sharding, state.params)
+        state = state._replace(params=params, opt_state=_fresh_opt_state(optimizer, params, shardings))
     if saved:
-        state = ckpt.restore(abstract_like(state))
+        state = Checkpointer.read(run_dir / "checkpoints", abstract_like(state))
         loader.set_state(data_state_dict(state.data_state))
     start = int(state.step)
-    keep_metrics_up_to(run_dir / "metrics.jsonl", start)
-    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    tokenizer.save(run_dir / "tokenizer")
+    primary = distributed.is_primary()
+    if primary:  # the first write: everything above only read
+        run_dir.mkdir(parents=True, exist_ok=True)
+        keep_metrics_up_to(run_dir / "metrics.jsonl", start)
+        (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        tokenizer.save(run_dir / "tokenizer")
+    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
     sharding = batch_sharding(mesh)
     step_fn.compile(state, _device_batch(_zeros_batch(cfg), sharding))
     tokens_per_step = d.global_batch * d.seq_len
     print(f"lcjax: mesh data={cfg.mesh.data} sequence={cfg.mesh.sequence} model={cfg.mesh.model} "
-          f"({mesh.devices.size} {jax.devices()[0].platform} devices), {count_params(m):,} parameters, "
-          f"{tokens_per_step:,} tokens/step, steps {start + 1}..{cfg.train.steps}", flush=True)
-    last = {"step": start, "loss": None, "checkpoint": ckpt.latest_step()}
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        for step in range(start + 1, cfg.train.steps + 1):
-            batch = _device_batch(next(loader), sharding)
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            metrics = jax.device_get(metrics)
-            record = metrics_record(step, metrics, time.perf_counter() - t0, tokens_per_step)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            state = state._replace(data_state=data_state_arrays(loader.get_state()))
-            if ckpt.maybe_save(step, state, force=step == cfg.train.steps):
-                last["checkpoint"] = step
-            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
-                            tok_s=f"{record['tokens_per_sec']:.0f}")
-            bar.update(1)
-            last.update(step=step, loss=record["loss"])
-    bar.close()
-    ckpt.close()
-    loader.close()
+          f"({mesh.devices.size} {devices[0].platform} devices, {jax.process_count()} processes), "
+          f"{count_params(cfg.model):,} parameters, {tokens_per_step:,} tokens/step, "
+          f"steps {start + 1}..{cfg.train.steps}", flush=True)
+    last = {"step": start, "loss": None, "checkpoint": ckpt.latest_step(),
+            "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": False}
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or not primary, unit="step",
+               dynamic_ncols=True)
+    log = open(run_dir / "metrics.jsonl", "a") if primary else None
+    bad = 0
+    try:
+        with preemption_signals() as flag:
+            while last["step"] < cfg.train.steps:
+                if distributed.any_process(flag["signal"] is not None):
+                    last["preempted"] = True
+                    break
+                state, record = _one_step(step_fn, state, loader, sharding, tokens_per_step, log)
+                bad = bad + 1 if record["skipped"] else 0
+                if bad >= cfg.train.max_bad_steps:
+                    raise NonFiniteError(
+                        f"train.max_bad_steps {cfg.train.max_bad_steps}: {bad} steps in a row after step "
+                        f"{record['step']} had a non-finite loss or gradient norm (loss {record['loss']}, "
+                        f"grad_norm {record['grad_norm']}); stopped without saving, newest checkpoint: "
+                        f"{_describe(ckpt)}")
+                if not record["skipped"]:
+                    step = record["step"]
+                    if ckpt.maybe_save(step, state, force=step == cfg.train.steps):
+                        last["checkpoint"] = step
+                    bar.update(1)
+                    last.update(step=step, loss=record["loss"])
+                bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
+                                tok_s=f"{record['tokens_per_sec']:.0f}", bad=bad)
+            if last["preempted"] and ckpt.maybe_save(last["step"], state, force=True):
+                last["checkpoint"] = last["step"]
+    finally:
+        bar.close()
+        ckpt.close()
+        loader.close()
+        if log is not None:
+            log.close()
     return last
+
+
+def _one_step(step_fn, state, loader, sharding, tokens_per_step: int, log):
+    """Run one step on the next batch; log it; return the new state (data position refreshed) and the record."""
+    batch = _device_batch(next(loader), sharding)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    metrics = jax.device_get(metrics)
+    step = int(state.step)
+    record = metrics_record(step, metrics, time.perf_counter() - t0, tokens_per_step)
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    return state._replace(data_state=data_state_arrays(loader.get_state())), record
+
+
+def _describe(ckpt: Checkpointer) -> str:
+    step = ckpt.latest_step()
+    return "none" if step is None else f"{ckpt.directory / str(step)} (step {step})"

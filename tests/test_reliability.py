@@ -1,0 +1,309 @@
+"""Reliability (issue 6): exact resume after SIGKILL, preemption by SIGTERM/SIGINT, restore on another mesh,
+--init-from, the non-finite guard, bad input of every kind, and a real two-process run on loopback."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import relative_error
+from lcjax import cli
+from lcjax import config as config_lib
+from lcjax import distributed
+from lcjax.train.loop import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
+        "model.vocab_size=257", "data.tokenizer=bytes", "data.seq_len=64", "data.global_batch=2",
+        "attention.block_q=16", "attention.block_k=16", "train.warmup_steps=2",
+        "train.min_lr_ratio=1.0"]  # constant lr after warmup: updates do not depend on train.steps; mesh (1, 4, 2)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small `files:` corpus (this package's top-level modules) and a cache dir, shared by the module."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    (tmp / "text").mkdir()
+    for path in sorted((ROOT / "lcjax").glob("*.py")):
+        shutil.copy(path, tmp / "text" / path.name)
+    return [f"data.source=files:{tmp / 'text'}", f"data.cache_dir={tmp / 'cache'}"]
+
+
+def _cfg(corpus, *extra):
+    return config_lib.load(ROOT / "configs/demo.yaml", [*TINY, *corpus, *extra])
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in _records(run_dir)]
+
+
+def _snapshot(path: Path) -> dict:
+    """Every file under ``path`` with its size and modification time (to check nothing was touched)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))} if path.exists() else {}
+
+
+def _cli_args(corpus, run_dir, *sets):
+    return ["train", "--config", str(ROOT / "configs/demo.yaml"), "--run-dir", str(run_dir), "--no-progress",
+            *[a for s in [*TINY, *corpus, *sets] for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def base_run(corpus, tmp_path_factory):
+    """8 uninterrupted steps on (1, 4, 2), a checkpoint every 2 steps (the reference for the other tests)."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    train(_cfg(corpus, "train.steps=8", "checkpoint.every=2", "checkpoint.keep=4"), run_dir, progress=False)
+    return run_dir
+
+
+# 1 + 2: SIGKILL at a random step, SIGTERM and SIGINT: --resume reproduces the uninterrupted run bitwise
+
+def _wait_for_steps(proc, metrics: Path, count: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before step {count}: {proc.poll()}")
+
+
+def test_killed_and_preempted_runs_resume_bitwise(corpus, base_run, tmp_path):
+    rng = random.Random()
+    run_dir = tmp_path / "run"
+    sets = ["train.steps=8", "checkpoint.every=1", "checkpoint.keep=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def start(*extra):
+        args = _cli_args(corpus, run_dir, *sets) + list(extra)
+        return subprocess.Popen([sys.executable, "-m", "lcjax.cli", *args], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    # SIGTERM: finish the step, save, exit 0 with a line naming the checkpoint
+    proc = start()
+    _wait_for_steps(proc, run_dir / "metrics.jsonl", rng.randint(1, 2))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    line = [x for x in out.splitlines() if "preempted at step" in x]
+    assert line and f"saved checkpoint to {run_dir / 'checkpoints'}/" in line[0], out
+    step = int(line[0].split("preempted at step ")[1].split(",")[0])
+    assert (run_dir / "checkpoints" / str(step)).is_dir() and len(_records(run_dir)) == step
+
+    # SIGKILL at a random later step, possibly in the middle of an asynchronous save
+    proc = start("--resume")
+    _wait_for_steps(proc, run_dir / "metrics.jsonl", rng.randint(step + 1, 6))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    proc = start("--resume")  # runs to the end
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert [r["step"] for r in _records(run_dir)] == list(range(1, 9))
+    assert _losses(run_dir) == _losses(base_run)  # bitwise on CPU, float32, data order included
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+def test_sigint_saves_like_sigterm(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _cli_args(corpus, run_dir, "train.steps=1000", "checkpoint.every=1000")
+    proc = subprocess.Popen([sys.executable, "-m", "lcjax.cli", *args], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_steps(proc, run_dir / "metrics.jsonl", 2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    step = len(_records(run_dir))
+    assert f"preempted at step {step}, saved checkpoint to {run_dir / 'checkpoints' / str(step)}" in out
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [step]
+
+
+# 3: restore on another mesh; --init-from with a new seq_len
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2), (1, 1, 1)])
+def test_checkpoint_continues_on_another_mesh(corpus, base_run, tmp_path, mesh):
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_run, run_dir)
+    for step in (6, 8):
+        shutil.rmtree(run_dir / "checkpoints" / str(step))
+    keys = ("mesh.data", "mesh.sequence", "mesh.model")
+    cfg = _cfg(corpus, "train.steps=5", "checkpoint.every=2", "checkpoint.keep=4",
+               *[f"{k}={v}" for k, v in zip(keys, mesh)])
+    train(cfg, run_dir, resume=True, progress=False, devices=jax.devices()[:int(np.prod(mesh))])
+    assert relative_error(_losses(run_dir)[4], _losses(base_run)[4]) <= 1e-4
+
+
+def test_init_from_with_a_new_seq_len_and_mesh(corpus, base_run, tmp_path):
+    losses = []
+    for mesh, n in (("mesh.sequence=4", 8), ("mesh.sequence=1", 1)):
+        run_dir = tmp_path / f"run{n}"
+        cfg = _cfg(corpus, "train.steps=1", "data.seq_len=128", mesh, f"mesh.model={min(n, 2)}")
+        train(cfg, run_dir, init_from=base_run, progress=False, devices=jax.devices()[:n])
+        assert [r["step"] for r in _records(run_dir)] == [1]
+        losses.append(_losses(run_dir)[0])
+    assert relative_error(losses[1], losses[0]) <= 1e-4
+    fresh = tmp_path / "fresh"
+    train(_cfg(corpus, "train.steps=1", "data.seq_len=128"), fresh, progress=False)
+    assert losses[0] < _losses(fresh)[0] - 0.05  # the trained weights were used
+
+
+# 4: non-finite guard
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(corpus, "train.steps=20", "train.lr=1e30", "train.warmup_steps=0", "train.max_bad_steps=3",
+               "checkpoint.every=1", "checkpoint.keep=5")
+    with pytest.raises(NonFiniteError, match="train.max_bad_steps 3: 3 steps in a row after step 1"):
+        train(cfg, run_dir, progress=False)
+    records = _records(run_dir)
+    assert [(r["step"], r["skipped"]) for r in records] == [(1, False), (1, True), (1, True), (1, True)]
+    assert records[0]["loss"] is not None and records[-1]["loss"] is None or records[-1]["grad_norm"] is None
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [1]
+
+
+def test_non_finite_exit_code_3(corpus, tmp_path, capsys):
+    args = _cli_args(corpus, tmp_path / "run", "train.steps=20", "train.lr=1e30", "train.warmup_steps=0",
+                     "train.max_bad_steps=2")
+    assert cli.main(args) == cli.EXIT_NON_FINITE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lcjax: stopped: train.max_bad_steps 2"), err
+
+
+# 5: multi-process
+
+def test_resolve_distributed_settings():
+    assert distributed.resolve(environ={}) is None
+    s = distributed.resolve("10.0.0.1:1234", 4, 3, environ={})
+    assert (s.coordinator, s.num_processes, s.process_id) == ("10.0.0.1:1234", 4, 3)
+    env = {"JAX_COORDINATOR_ADDRESS": "h:99", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed.resolve(environ=env).process_id == 1
+    assert distributed.resolve(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}).cluster == "slurm"
+    assert distributed.resolve(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert distributed.resolve("h:1", 1, 0, environ={}) is None
+    for args, message in ((("h", 2, 0), "must have the form HOST:PORT"), (("h:1", 2, 2), "--process-id 2 must be"),
+                          (("h:1", None, 0), "--num-processes is needed too"), (("h:1", 0, 0), "must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            distributed.resolve(*args, environ={})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES 'x' must be an integer"):
+        distributed.resolve(environ={**env, "JAX_NUM_PROCESSES": "x"})
+    assert distributed.local_device_count(8, s) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one(corpus, base_run, tmp_path):
+    run_dir, port = tmp_path / "run", _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([sys.executable, "-m", "lcjax.cli",
+                               *_cli_args(corpus, run_dir, "train.steps=4", "checkpoint.every=2"),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                               "--init-timeout", "60"], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "8 cpu devices, 2 processes" in outs[0][0]
+    np.testing.assert_allclose(_losses(run_dir), _losses(base_run)[:4], rtol=1e-5)
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+# 6: bad input: one line, exit 2, nothing written
+
+def _bad(corpus, tmp_path, capsys, args, message, run_dir):
+    before = _snapshot(run_dir)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lcjax: error:") and message in err[0], err
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["mesh.sequence=2"], "= 4 must equal the number of devices, 8 cpu"),
+    (["data.source=files:/nonexistent/corpus"], "path /nonexistent/corpus does not exist"),
+    (["model.n_kv_heads=3"], "must be divisible by model.n_kv_heads = 3"),
+    (["data.global_batch=-1"], "data.global_batch -1 must be >= 1"),
+    (["train.max_bad_steps=0"], "train.max_bad_steps 0 must be >= 1"),
+])
+def test_bad_config_or_corpus(corpus, tmp_path, capsys, sets, message):
+    run_dir = tmp_path / "run"
+    _bad(corpus, tmp_path, capsys, _cli_args(corpus, run_dir, *sets), message, run_dir)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("content", ["", None])
+def test_empty_corpus(corpus, tmp_path, capsys, content):
+    (tmp_path / "empty").mkdir()
+    if content is not None:
+        (tmp_path / "empty" / "a.txt").write_text(content)
+    run_dir = tmp_path / "run"
+    _bad(corpus, tmp_path, capsys, _cli_args(corpus, run_dir, f"data.source=files:{tmp_path / 'empty'}"),
+         "data.", run_dir)
+    assert not run_dir.exists()
+
+
+def _broken_checkpoints(base_run, tmp_path, how):
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    if how == "file":
+        shutil.rmtree(ckpts)
+        ckpts.write_text("not a folder")
+    elif how == "garbage":
+        shutil.rmtree(ckpts)
+        (ckpts / "10").mkdir(parents=True)
+        (ckpts / "10" / "junk.bin").write_bytes(os.urandom(64))
+    elif how == "empty-step":
+        shutil.rmtree(ckpts / "8")
+        (ckpts / "8").mkdir()
+    elif how == "other-shape":
+        other = tmp_path / "other"
+        train(_cfg([], "train.steps=2", "checkpoint.every=2", "model.d_model=64",
+                   *[s for s in _corpus_sets(base_run)]), other, progress=False)
+        shutil.rmtree(ckpts)
+        shutil.copytree(other / "checkpoints", ckpts)
+    return run_dir
+
+
+def _corpus_sets(run_dir):
+    cfg = config_lib.load(run_dir / "config.yaml")
+    return [f"data.source={cfg.data.source}", f"data.cache_dir={cfg.data.cache_dir}"]
+
+
+@pytest.mark.parametrize("how,message", [("file", "is not a folder of checkpoints"),
+                                         ("garbage", "cannot be restored into this model"),
+                                         ("empty-step", "cannot be restored into this model"),
+                                         ("other-shape", "cannot be restored into this model")])
+def test_resume_from_broken_or_foreign_checkpoints(base_run, tmp_path, capsys, how, message):
+    run_dir = _broken_checkpoints(base_run, tmp_path, how)
+    args = ["train", "--run-dir", str(run_dir), "--resume", "--no-progress", "--set", "train.steps=20"]
+    _bad([], tmp_path, capsys, args, message, run_dir)
+
+
+@pytest.mark.parametrize("source,message", [("missing", "no such folder"), ("plain", "neither a run dir"),
+                                            ("shape", "model.d_model: --init-from")])
+def test_init_from_refuses_what_it_cannot_use(corpus, base_run, tmp_path, capsys, source, message):
+    src = {"missing": tmp_path / "nope", "plain": tmp_path, "shape": base_run}[source]
+    run_dir = tmp_path / "new"
+    extra = ["model.d_model=64"] if source == "shape" else []
+    _bad(corpus, tmp_path, capsys, [*_cli_args(corpus, run_dir, *extra), "--init-from", str(src)], message, run_dir)
+    assert not run_dir.exists()
