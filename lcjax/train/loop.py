@@ -7,6 +7,7 @@ Run directory layout (DESIGN.md, "Public contracts"): ``config.yaml`` (resolved)
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -133,24 +134,46 @@ def _zeros_batch(cfg: Config) -> dict:
     return {k: np.zeros(shape, np.int32) for k in BATCH_FIELDS}
 
 
-def _device_batch(batch: dict, sharding) -> dict:
-    """Global [B, T] arrays from the global batch; each process places only its own devices' shards."""
+def process_rows(sharding, global_shape: tuple[int, int]) -> slice:
+    """The rows (sequences) of a [B, T] global batch that this process's devices hold: a contiguous block
+    when ``data`` is split across processes (devices are laid out process by process), else all rows."""
+    rows = [index[0] for index in sharding.addressable_devices_indices_map(global_shape).values()]
+    return slice(min(r.start or 0 for r in rows), max(global_shape[0] if r.stop is None else r.stop for r in rows))
+
+
+def _device_batch(local: dict, sharding, rows: slice, global_shape: tuple[int, int]) -> dict:
+    """Global [B, T] arrays from ``local``, this process's ``rows`` of the global batch; every process places
+    only its own devices' shards."""
     def put(v):
         v = np.asarray(v, np.int32)
-        return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
-    return {k: put(v) for k, v in batch.items()}
+
+        def shard(index):
+            r = index[0]
+            return v[slice((r.start or 0) - rows.start, (rows.stop if r.stop is None else r.stop) - rows.start),
+                     index[1]]
+        return jax.make_array_from_callback(global_shape, sharding, shard)
+    return {k: put(v) for k, v in local.items()}
+
+
+def _local_batch(loader, rows: slice) -> dict:
+    """This process's rows of the loader's next global batch (the loader builds the whole global batch, the
+    same in every process; a loader that builds only a process's rows can replace this slice)."""
+    return {k: v[rows] for k, v in next(loader).items()}
 
 
 @contextlib.contextmanager
 def preemption_signals():
     """While open, SIGTERM and SIGINT only set ``flag["signal"]`` (the loop saves and stops after the current
-    step). In a thread other than the main one signals cannot be caught and nothing is installed."""
+    step); a second one raises KeyboardInterrupt. In a thread other than the main one signals cannot be
+    caught and nothing is installed."""
     flag = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, _frame):
+        if flag["signal"] is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
         flag["signal"] = signum
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -254,8 +277,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
-    sharding = batch_sharding(mesh)
-    step_fn.compile(state, _device_batch(_zeros_batch(cfg), sharding))
+    sharding, shape = batch_sharding(mesh), (d.global_batch, d.seq_len)
+    rows = process_rows(sharding, shape)
+    put = functools.partial(_device_batch, sharding=sharding, rows=rows, global_shape=shape)
+    step_fn.compile(state, put({k: v[rows] for k, v in _zeros_batch(cfg).items()}))
     tokens_per_step = d.global_batch * d.seq_len
     print(f"lcjax: mesh data={cfg.mesh.data} sequence={cfg.mesh.sequence} model={cfg.mesh.model} "
           f"({mesh.devices.size} {devices[0].platform} devices, {jax.process_count()} processes), "
@@ -273,7 +298,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
                 if distributed.any_process(flag["signal"] is not None):
                     last["preempted"] = True
                     break
-                state, record = _one_step(step_fn, state, loader, sharding, tokens_per_step, log)
+                state, record = _one_step(step_fn, state, put(_local_batch(loader, rows)), loader, tokens_per_step,
+                                          log)
                 bad = bad + 1 if record["skipped"] else 0
                 if bad >= cfg.train.max_bad_steps:
                     raise NonFiniteError(
@@ -300,9 +326,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     return last
 
 
-def _one_step(step_fn, state, loader, sharding, tokens_per_step: int, log):
-    """Run one step on the next batch; log it; return the new state (data position refreshed) and the record."""
-    batch = _device_batch(next(loader), sharding)
+def _one_step(step_fn, state, batch, loader, tokens_per_step: int, log):
+    """Run one step on ``batch``; log it; return the new state (data position refreshed) and the record."""
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)
     metrics = jax.device_get(metrics)
