@@ -84,16 +84,25 @@ def local_device_count(total: int, settings: Settings | None) -> int:
 
 
 def initialize(settings: Settings | None) -> None:
-    """Start ``jax.distributed`` (blocks until every process has joined or the timeout passes)."""
+    """Start ``jax.distributed`` (blocks until every process has joined or the timeout passes).
+
+    Raises ValueError (one line naming the coordinator) when they do not all join in time."""
     if settings is None:
         return
     import jax
 
-    if settings.cluster:
-        jax.distributed.initialize(initialization_timeout=settings.timeout_s)
-    else:
-        jax.distributed.initialize(coordinator_address=settings.coordinator, num_processes=settings.num_processes,
-                                   process_id=settings.process_id, initialization_timeout=settings.timeout_s)
+    try:
+        if settings.cluster:
+            jax.distributed.initialize(initialization_timeout=settings.timeout_s)
+        else:
+            jax.distributed.initialize(coordinator_address=settings.coordinator,
+                                       num_processes=settings.num_processes, process_id=settings.process_id,
+                                       initialization_timeout=settings.timeout_s)
+    except Exception as e:  # JAX raises RuntimeError/XlaRuntimeError with a long message
+        where = settings.coordinator or settings.cluster
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--coordinator {where}: the {settings.num_processes or 'cluster'} processes did not all "
+                         f"join within --init-timeout {settings.timeout_s} s ({detail})") from None
 
 
 def is_primary() -> bool:
@@ -101,6 +110,16 @@ def is_primary() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (nothing to wait for with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def any_process(flag: bool) -> bool:

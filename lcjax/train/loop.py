@@ -62,10 +62,15 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
     """Drop metrics.jsonl records of the steps a run resumed at ``step`` is about to redo: those after
     ``step`` and the skipped (non-finite) ones that followed it."""
     if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        records = [json.loads(line) for line in lines]
-        path.write_text("".join(line for line, r in zip(lines, records)
-                                if r["step"] < step or (r["step"] == step and not r.get("skipped"))))
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if r["step"] < step or (r["step"] == step and not r.get("skipped")):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        path.write_text("".join(kept))
 
 
 def metrics_record(step: int, metrics: dict, step_time: float, tokens: int) -> dict:
@@ -122,7 +127,10 @@ def load_init_params(path: str | Path, cfg: Config, abstract_params):
     path = Path(path)
     check_init_from(path, cfg)
     if _is_hf_folder(path):
-        from lcjax.convert import hf_params  # only this branch needs the converter
+        try:
+            from lcjax.convert import hf_params  # only this branch needs the converter
+        except ImportError as e:
+            raise ValueError(f"--init-from {path}: a Hugging Face folder needs lcjax.convert ({e})") from None
 
         return hf_params(path, abstract_params)
     return restore_params(path / "checkpoints", abstract_params)
@@ -268,6 +276,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
         state = Checkpointer.read(run_dir / "checkpoints", abstract_like(state))
         loader.set_state(data_state_dict(state.data_state))
     start = int(state.step)
+    distributed.barrier("lcjax-checks")  # every process has checked its input before the first write
     primary = distributed.is_primary()
     if primary:  # the first write: everything above only read
         run_dir.mkdir(parents=True, exist_ok=True)
