@@ -117,6 +117,16 @@ def test_killed_and_preempted_runs_resume_bitwise(corpus, base_run, tmp_path):
     assert not [p for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name]
 
 
+def test_metrics_of_redone_steps_and_cut_lines_are_dropped(tmp_path):
+    from lcjax.train.loop import keep_metrics_up_to
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1}, {"step": 2}, {"step": 2, "skipped": True}, {"step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
+    keep_metrics_up_to(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
 def test_sigint_saves_like_sigterm(corpus, tmp_path):
     """In-process: SIGINT (Ctrl-C) while training; the loop finishes the step, saves and returns."""
     run_dir = tmp_path / "run"

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -70,7 +71,14 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
                 continue
             if r["step"] < step or (r["step"] == step and not r.get("skipped")):
                 kept.append(line if line.endswith("\n") else line + "\n")
-        path.write_text("".join(kept))
+        write_atomic(path, "".join(kept))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step (a kill leaves the old file or the new one, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def metrics_record(step: int, metrics: dict, step_time: float, tokens: int) -> dict:
@@ -281,8 +289,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     if primary:  # the first write: everything above only read
         run_dir.mkdir(parents=True, exist_ok=True)
         keep_metrics_up_to(run_dir / "metrics.jsonl", start)
-        (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-        tokenizer.save(run_dir / "tokenizer")
+        write_atomic(run_dir / "config.yaml", config_lib.to_yaml(cfg))
+        if not (run_dir / "tokenizer" / "tokenizer.json").is_file():  # a resumed run keeps its own
+            tokenizer.save(run_dir / "tokenizer")
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
