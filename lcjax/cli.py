@@ -97,7 +97,8 @@ def _train(args) -> int:
     from lcjax.train.loop import NonFiniteError, train  # imports JAX: after the devices are provisioned
 
     try:
-        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress,
+                       hf_params=_hf_params)
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
@@ -109,6 +110,15 @@ def _train(args) -> int:
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     print(f"lcjax: step {result['step']} loss {loss} — run dir {run_dir}, checkpoint {result['checkpoint']}")
     return 0
+
+
+def _hf_params(hf_dir, abstract_params):
+    """lcjax.convert.hf_params, imported only when a Hugging Face folder is used."""
+    try:
+        from lcjax.convert import hf_params
+    except ImportError as e:
+        raise ValueError(f"--init-from {hf_dir}: reading a Hugging Face folder needs lcjax.convert ({e})") from None
+    return hf_params(hf_dir, abstract_params)
 
 
 def _plan(args) -> int:

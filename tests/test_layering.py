@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "lcjax"
 ORDER = ["config", "ops", "kernels", "parallel", "sharding", "attention", "model", "data", "checkpoint",
-         "plan", "eval", "train", "convert", "cli"]
+         "distributed", "plan", "eval", "train", "convert", "cli"]
 NEVER = {"ops": {"config"}, "kernels": {"config"}, "parallel": {"config"}, "eval": {"train"},
          "plan": {"ops", "kernels", "parallel", "sharding", "attention", "model", "data", "checkpoint"}}
 

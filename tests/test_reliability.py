@@ -21,7 +21,7 @@ from conftest import relative_error
 from lcjax import cli
 from lcjax import config as config_lib
 from lcjax import distributed
-from lcjax.train.loop import NonFiniteError, train
+from lcjax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",

@@ -126,20 +126,20 @@ def _is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def load_init_params(path: str | Path, cfg: Config, abstract_params):
+def load_init_params(path: str | Path, cfg: Config, abstract_params, *, hf_params=None):
     """Parameters to start a new run from: the newest checkpoint of the run dir ``path``, or the weights of a
-    Hugging Face folder (config.json + *.safetensors), placed like ``abstract_params`` (any mesh).
+    Hugging Face folder (config.json + *.safetensors) read by ``hf_params(hf_dir, abstract_params)``
+    (lcjax.convert.hf_params, passed in by the CLI: train/ sits above convert/ in the layering), placed like
+    ``abstract_params`` (any mesh).
 
-    Raises ValueError (one line) when ``path`` is neither or holds parameters of another shape.
+    Raises ValueError (one line) when ``path`` is neither, holds parameters of another shape, or is a
+    Hugging Face folder and no ``hf_params`` was given.
     """
     path = Path(path)
     check_init_from(path, cfg)
     if _is_hf_folder(path):
-        try:
-            from lcjax.convert import hf_params  # only this branch needs the converter
-        except ImportError as e:
-            raise ValueError(f"--init-from {path}: a Hugging Face folder needs lcjax.convert ({e})") from None
-
+        if hf_params is None:
+            raise ValueError(f"--init-from {path}: a Hugging Face folder needs a converter (lcjax.convert)")
         return hf_params(path, abstract_params)
     return restore_params(path / "checkpoints", abstract_params)
 
@@ -171,10 +171,13 @@ def _device_batch(local: dict, sharding, rows: slice, global_shape: tuple[int, i
     return {k: put(v) for k, v in local.items()}
 
 
-def _local_batch(loader, rows: slice) -> dict:
-    """This process's rows of the loader's next global batch (the loader builds the whole global batch, the
-    same in every process; a loader that builds only a process's rows can replace this slice)."""
-    return {k: v[rows] for k, v in next(loader).items()}
+def _batches(loader, rows: slice, put):
+    """Endless device batches: this process's ``rows`` of each global batch of ``loader``, placed by ``put``.
+
+    The loader builds the whole global batch, the same in every process; a loader that builds only a
+    process's rows can replace the slice here."""
+    while True:
+        yield put({k: v[rows] for k, v in next(loader).items()})
 
 
 @contextlib.contextmanager
@@ -238,13 +241,14 @@ def _fresh_opt_state(optimizer, params, shardings):
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
-          progress: bool = True, devices=None) -> dict:
+          progress: bool = True, devices=None, hf_params=None) -> dict:
     """Train ``cfg`` into ``run_dir``. Returns {"step", "loss", "checkpoint", "checkpoint_dir", "preempted"}
     of the last step.
 
     ``resume`` continues the newest checkpoint of ``run_dir`` (model, optimizer and data-iterator state,
     on any mesh); ``init_from`` starts a new run from the parameters of another run's newest checkpoint or a
-    Hugging Face folder (fresh optimizer; mesh, seq_len and RoPE may differ, the model shape may not).
+    Hugging Face folder (fresh optimizer; mesh, seq_len and RoPE may differ, the model shape may not;
+    ``hf_params``: see :func:`load_init_params`).
     ``devices`` defaults to every device (their number must equal the mesh product). SIGTERM or SIGINT
     finishes the current step, saves and returns with ``preempted`` True. A step with a non-finite loss or
     gradient norm is not applied.
@@ -256,28 +260,17 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     checkpoint is left as it was).
     """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume)
-    if resume and init_from is not None:
-        raise ValueError("--resume and --init-from exclude each other")
-    if init_from is not None:
-        check_init_from(Path(init_from), cfg)
-    saved = check_directory(run_dir / "checkpoints") if resume else []
-    if resume:
-        check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
-        if saved and cfg.train.steps <= saved[-1]:
-            raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
-                             f"{saved[-1]} to --resume")
-    d = cfg.data
+    saved = check_inputs(cfg, run_dir, resume, init_from)
     devices = check_devices(cfg, devices)
-    tokenizer_dir = Path(init_from) / "tokenizer" if init_from is not None else None
-    tokenizer, tokens, doc_starts = _load_data(cfg, tokenizer_dir)
+    d = cfg.data
+    tokenizer, tokens, doc_starts = _load_data(cfg, Path(init_from) / "tokenizer" if init_from else None)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
     loader = make_loader(tokens, seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
                          layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
                          cross_document_attention=d.cross_document_attention, doc_starts=doc_starts)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
     if init_from is not None:
-        params = load_init_params(init_from, cfg, abstract_like(state.params))
+        params = load_init_params(init_from, cfg, abstract_like(state.params), hf_params=hf_params)
         shardings = jax.tree.map(lambda x: x.sharding, state.params)
         state = state._replace(params=params, opt_state=_fresh_opt_state(optimizer, params, shardings))
     if saved:
@@ -285,13 +278,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
         loader.set_state(data_state_dict(state.data_state))
     start = int(state.step)
     distributed.barrier("lcjax-checks")  # every process has checked its input before the first write
-    primary = distributed.is_primary()
-    if primary:  # the first write: everything above only read
-        run_dir.mkdir(parents=True, exist_ok=True)
-        keep_metrics_up_to(run_dir / "metrics.jsonl", start)
-        write_atomic(run_dir / "config.yaml", config_lib.to_yaml(cfg))
-        if not (run_dir / "tokenizer" / "tokenizer.json").is_file():  # a resumed run keeps its own
-            tokenizer.save(run_dir / "tokenizer")
+    if distributed.is_primary():  # the first write: everything above only read
+        _write_run_files(run_dir, cfg, tokenizer, start)
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
@@ -299,48 +287,78 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     rows = process_rows(sharding, shape)
     put = functools.partial(_device_batch, sharding=sharding, rows=rows, global_shape=shape)
     step_fn.compile(state, put({k: v[rows] for k, v in _zeros_batch(cfg).items()}))
-    tokens_per_step = d.global_batch * d.seq_len
     print(f"lcjax: mesh data={cfg.mesh.data} sequence={cfg.mesh.sequence} model={cfg.mesh.model} "
           f"({mesh.devices.size} {devices[0].platform} devices, {jax.process_count()} processes), "
-          f"{count_params(cfg.model):,} parameters, {tokens_per_step:,} tokens/step, "
+          f"{count_params(cfg.model):,} parameters, {d.global_batch * d.seq_len:,} tokens/step, "
           f"steps {start + 1}..{cfg.train.steps}", flush=True)
+    batches = _batches(loader, rows, put)
+    try:
+        return _run_steps(cfg, state, step_fn, batches, loader, ckpt, run_dir, progress)
+    finally:
+        ckpt.close()
+        loader.close()
+
+
+def check_inputs(cfg: Config, run_dir: Path, resume: bool, init_from) -> list[int]:
+    """Check the run dir and what ``--resume`` or ``--init-from`` points at (ValueError, one line); return
+    the steps of the run dir's complete checkpoints (none for a new run)."""
+    check_run_dir(run_dir, resume)
+    if resume and init_from is not None:
+        raise ValueError("--resume and --init-from exclude each other")
+    if init_from is not None:
+        check_init_from(Path(init_from), cfg)
+    if not resume:
+        return []
+    saved = check_directory(run_dir / "checkpoints")
+    check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
+    if saved and cfg.train.steps <= saved[-1]:
+        raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
+                         f"{saved[-1]} to --resume")
+    return saved
+
+
+def _write_run_files(run_dir: Path, cfg: Config, tokenizer, start: int) -> None:
+    """Create the run dir (or continue it from step ``start``): config.yaml, tokenizer/, metrics.jsonl."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keep_metrics_up_to(run_dir / "metrics.jsonl", start)
+    write_atomic(run_dir / "config.yaml", config_lib.to_yaml(cfg))
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file():  # a resumed run keeps its own
+        tokenizer.save(run_dir / "tokenizer")
+
+
+def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer, run_dir: Path,
+               progress: bool) -> dict:
+    """The step loop: log, checkpoint, count non-finite steps, stop on SIGTERM/SIGINT (see :func:`train`)."""
+    start, primary = int(state.step), distributed.is_primary()
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
     last = {"step": start, "loss": None, "checkpoint": ckpt.latest_step(),
             "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": False}
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or not primary, unit="step",
                dynamic_ncols=True)
-    log = open(run_dir / "metrics.jsonl", "a") if primary else None
     bad = 0
-    try:
-        with preemption_signals() as flag:
-            while last["step"] < cfg.train.steps:
-                if distributed.any_process(flag["signal"] is not None):
-                    last["preempted"] = True
-                    break
-                state, record = _one_step(step_fn, state, put(_local_batch(loader, rows)), loader, tokens_per_step,
-                                          log)
-                bad = bad + 1 if record["skipped"] else 0
-                if bad >= cfg.train.max_bad_steps:
-                    raise NonFiniteError(
-                        f"train.max_bad_steps {cfg.train.max_bad_steps}: {bad} steps in a row after step "
-                        f"{record['step']} had a non-finite loss or gradient norm (loss {record['loss']}, "
-                        f"grad_norm {record['grad_norm']}); stopped without saving, newest checkpoint: "
-                        f"{_describe(ckpt)}")
-                if not record["skipped"]:
-                    step = record["step"]
-                    if ckpt.maybe_save(step, state, force=step == cfg.train.steps):
-                        last["checkpoint"] = step
-                    bar.update(1)
-                    last.update(step=step, loss=record["loss"])
-                bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
-                                tok_s=f"{record['tokens_per_sec']:.0f}", bad=bad)
-            if last["preempted"] and ckpt.maybe_save(last["step"], state, force=True):
-                last["checkpoint"] = last["step"]
-    finally:
-        bar.close()
-        ckpt.close()
-        loader.close()
-        if log is not None:
-            log.close()
+    with open(run_dir / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log, \
+            preemption_signals() as flag, contextlib.closing(bar):
+        while last["step"] < cfg.train.steps:
+            if distributed.any_process(flag["signal"] is not None):
+                last["preempted"] = True
+                break
+            state, record = _one_step(step_fn, state, next(batches), loader, tokens_per_step, log)
+            bad = bad + 1 if record["skipped"] else 0
+            if bad >= cfg.train.max_bad_steps:
+                raise NonFiniteError(
+                    f"train.max_bad_steps {cfg.train.max_bad_steps}: {bad} steps in a row after step "
+                    f"{record['step']} had a non-finite loss or gradient norm (loss {record['loss']}, "
+                    f"grad_norm {record['grad_norm']}); stopped without saving, newest checkpoint: "
+                    f"{_describe(ckpt)}")
+            if not record["skipped"]:
+                if ckpt.maybe_save(record["step"], state, force=record["step"] == cfg.train.steps):
+                    last["checkpoint"] = record["step"]
+                bar.update(1)
+                last.update(step=record["step"], loss=record["loss"])
+            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
+                            tok_s=f"{record['tokens_per_sec']:.0f}", bad=bad)
+        if last["preempted"] and ckpt.maybe_save(last["step"], state, force=True):
+            last["checkpoint"] = last["step"]
     return last
 
 
