@@ -113,9 +113,12 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
         with _one_line_errors(Path(directory) / str(step)):
             args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                           partial_restore=True)
-            return manager.restore(step, args=args)["params"]
+            params = manager.restore(step, args=args)["params"]
     finally:
         manager.close()
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):  # partial restore skips them
+        raise ValueError(f"checkpoint {Path(directory) / str(step)}: holds no model parameters of this shape")
+    return params
 
 
 def check_directory(directory: str | Path) -> list[int]:

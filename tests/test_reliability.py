@@ -335,10 +335,27 @@ def test_resume_from_broken_or_foreign_checkpoints(base_run, tmp_path, capsys, h
     _bad([], tmp_path, capsys, args, message, run_dir)
 
 
-@pytest.mark.parametrize("source,message", [("missing", "no such folder"), ("plain", "neither a run dir"),
-                                            ("shape", "model.d_model: --init-from")])
+def _foreign_run(base_run, tmp_path):
+    """A run dir whose checkpoints/ holds a valid Orbax checkpoint of something else."""
+    import orbax.checkpoint as ocp
+
+    src = tmp_path / "foreign"
+    src.mkdir()
+    shutil.copy(base_run / "config.yaml", src / "config.yaml")
+    manager = ocp.CheckpointManager(src / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(3, args=ocp.args.StandardSave({"x": np.ones(3, np.float32)}))
+    manager.wait_until_finished()
+    manager.close()
+    return src
+
+
+@pytest.mark.parametrize("source,message", [("missing", "no such folder"), ("file", "not a folder"),
+                                            ("plain", "neither a run dir"), ("shape", "model.d_model: --init-from"),
+                                            ("foreign", "holds no model parameters")])
 def test_init_from_refuses_what_it_cannot_use(corpus, base_run, tmp_path, capsys, source, message):
-    src = {"missing": tmp_path / "nope", "plain": tmp_path, "shape": base_run}[source]
+    (tmp_path / "afile").write_text("")
+    src = {"missing": tmp_path / "nope", "file": tmp_path / "afile", "plain": tmp_path, "shape": base_run,
+           "foreign": _foreign_run(base_run, tmp_path) if source == "foreign" else None}[source]
     run_dir = tmp_path / "new"
     extra = ["model.d_model=64"] if source == "shape" else []
     _bad(corpus, tmp_path, capsys, [*_cli_args(corpus, run_dir, *extra), "--init-from", str(src)], message, run_dir)

@@ -69,6 +69,8 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
+            if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                continue
             if r["step"] < step or (r["step"] == step and not r.get("skipped")):
                 kept.append(line if line.endswith("\n") else line + "\n")
         write_atomic(path, "".join(kept))
@@ -103,7 +105,7 @@ def check_init_from(path: Path, cfg: Config) -> None:
     """Raise ValueError (one line) unless ``path`` is a run dir with a checkpoint of ``cfg``'s model shape or a
     Hugging Face folder (config.json + *.safetensors)."""
     if not path.is_dir():
-        raise ValueError(f"--init-from {path}: no such folder")
+        raise ValueError(f"--init-from {path}: {'not a folder' if path.exists() else 'no such folder'}")
     if _is_hf_folder(path):
         return
     if not (path / "config.yaml").is_file() or not (path / "checkpoints").exists():
