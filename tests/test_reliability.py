@@ -64,9 +64,9 @@ def _cli_args(corpus, run_dir, *sets):
 
 @pytest.fixture(scope="module")
 def base_run(corpus, tmp_path_factory):
-    """8 uninterrupted steps on (1, 4, 2), a checkpoint every 2 steps (the reference for the other tests)."""
+    """12 uninterrupted steps on (1, 4, 2), a checkpoint every 2 steps (the reference for the other tests)."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
-    train(_cfg(corpus, "train.steps=8", "checkpoint.every=2", "checkpoint.keep=4"), run_dir, progress=False)
+    train(_cfg(corpus, "train.steps=12", "checkpoint.every=2", "checkpoint.keep=6"), run_dir, progress=False)
     return run_dir
 
 
@@ -84,7 +84,7 @@ def _wait_for_steps(proc, metrics: Path, count: int, timeout: float = 240) -> No
 def test_killed_and_preempted_runs_resume_bitwise(corpus, base_run, tmp_path):
     rng = random.Random()
     run_dir = tmp_path / "run"
-    sets = ["train.steps=8", "checkpoint.every=1", "checkpoint.keep=2"]
+    sets = ["train.steps=12", "checkpoint.every=1", "checkpoint.keep=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def start(*extra):
@@ -105,14 +105,16 @@ def test_killed_and_preempted_runs_resume_bitwise(corpus, base_run, tmp_path):
 
     # SIGKILL at a random later step, possibly in the middle of an asynchronous save
     proc = start("--resume")
-    _wait_for_steps(proc, run_dir / "metrics.jsonl", rng.randint(step + 1, 6))
+    _wait_for_steps(proc, run_dir / "metrics.jsonl", rng.randint(step + 1, 6))  # 6 steps before the end
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    print(f"SIGTERM: saved at step {step}; SIGKILL: {len(_records(run_dir))} steps logged, checkpoints "
+          f"{sorted(p.name for p in (run_dir / 'checkpoints').iterdir())}")
 
     proc = start("--resume")  # runs to the end
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
-    assert [r["step"] for r in _records(run_dir)] == list(range(1, 9))
+    assert [r["step"] for r in _records(run_dir)] == list(range(1, 13))
     assert _losses(run_dir) == _losses(base_run)  # bitwise on CPU, float32, data order included
     assert not [p for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name]
 
@@ -149,7 +151,7 @@ def test_sigint_saves_like_sigterm(corpus, tmp_path):
 def test_checkpoint_continues_on_another_mesh(corpus, base_run, tmp_path, mesh):
     run_dir = tmp_path / "run"
     shutil.copytree(base_run, run_dir)
-    for step in (6, 8):
+    for step in (6, 8, 10, 12):
         shutil.rmtree(run_dir / "checkpoints" / str(step))
     leftover = run_dir / "checkpoints" / "6.orbax-checkpoint-tmp-1234"  # a save killed half-way
     leftover.mkdir()
@@ -240,14 +242,15 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(corpus, tmp_path):
-    """2 processes x 4 CPU devices (gloo over loopback) on mesh (2, 2, 2), so each process holds its own rows
-    of every batch, against 1 process x 8 devices on the same mesh."""
+    """2 processes x 4 CPU devices (gloo over loopback) resume a 1-process x 8-device run on mesh (2, 2, 2)
+    (each process holds its own rows of every batch) and give its losses; they save step 4 together."""
     mesh = ["mesh.data=2", "mesh.sequence=2", "mesh.model=2", "train.steps=4", "checkpoint.every=2"]
-    single = tmp_path / "single"
+    single, run_dir, port = tmp_path / "single", tmp_path / "run", _free_port()
     train(_cfg(corpus, *mesh), single, progress=False)
-    run_dir, port = tmp_path / "run", _free_port()
+    shutil.copytree(single, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "4")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [subprocess.Popen([sys.executable, "-m", "lcjax.cli", *_cli_args(corpus, run_dir, *mesh),
+    procs = [subprocess.Popen([sys.executable, "-m", "lcjax.cli", *_cli_args(corpus, run_dir, *mesh), "--resume",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                                "--init-timeout", "60"], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
@@ -258,7 +261,8 @@ def test_two_processes_match_one(corpus, tmp_path):
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert "8 cpu devices, 2 processes" in outs[0][0]
+    assert "8 cpu devices, 2 processes" in outs[0][0] and "steps 3..4" in outs[1][0]
+    assert [r["step"] for r in _records(run_dir)] == [1, 2, 3, 4]
     np.testing.assert_allclose(_losses(run_dir), _losses(single), rtol=1e-5)
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
