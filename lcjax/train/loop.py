@@ -252,8 +252,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     Hugging Face folder (fresh optimizer; mesh, seq_len and RoPE may differ, the model shape may not;
     ``hf_params``: see :func:`load_init_params`).
     ``devices`` defaults to every device (their number must equal the mesh product). SIGTERM or SIGINT
-    finishes the current step, saves and returns with ``preempted`` True. A step with a non-finite loss or
-    gradient norm is not applied.
+    (even during set-up) finishes the current step, saves and returns with ``preempted`` True. A step with
+    a non-finite loss or gradient norm is not applied.
 
     Raises ValueError (one line naming the field and the rule) for unusable input before anything is
     written: an existing run dir without ``resume``, a tokenizer larger than model.vocab_size, a device count
@@ -261,7 +261,12 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     model shape. Raises NonFiniteError after ``train.max_bad_steps`` non-finite steps in a row (the newest
     checkpoint is left as it was).
     """
-    run_dir = Path(run_dir)
+    with preemption_signals() as flag:  # a signal during set-up stops before the first step
+        return _train(cfg, Path(run_dir), resume, init_from, progress, devices, hf_params, flag)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, devices, hf_params,
+           flag: dict) -> dict:
     saved = check_inputs(cfg, run_dir, resume, init_from)
     devices = check_devices(cfg, devices)
     d = cfg.data
@@ -271,12 +276,15 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
                          layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
                          cross_document_attention=d.cross_document_attention, doc_starts=doc_starts)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
+    # the fresh arrays are dropped before reading, so memory holds one state at a time
     if init_from is not None:
-        params = load_init_params(init_from, cfg, abstract_like(state.params), hf_params=hf_params)
-        shardings = jax.tree.map(lambda x: x.sharding, state.params)
+        abstract, shardings = abstract_like(state.params), jax.tree.map(lambda x: x.sharding, state.params)
+        state = state._replace(params=None, opt_state=None)
+        params = load_init_params(init_from, cfg, abstract, hf_params=hf_params)
         state = state._replace(params=params, opt_state=_fresh_opt_state(optimizer, params, shardings))
     if saved:
-        state = Checkpointer.read(run_dir / "checkpoints", abstract_like(state))
+        abstract, state = abstract_like(state), None
+        state = Checkpointer.read(run_dir / "checkpoints", abstract)
         loader.set_state(data_state_dict(state.data_state))
     start = int(state.step)
     distributed.barrier("lcjax-checks")  # every process has checked its input before the first write
@@ -295,7 +303,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
           f"steps {start + 1}..{cfg.train.steps}", flush=True)
     batches = _batches(loader, rows, put)
     try:
-        return _run_steps(cfg, state, step_fn, batches, loader, ckpt, run_dir, progress)
+        return _run_steps(cfg, state, step_fn, batches, loader, ckpt, run_dir, progress, flag)
     finally:
         ckpt.close()
         loader.close()
@@ -329,7 +337,7 @@ def _write_run_files(run_dir: Path, cfg: Config, tokenizer, start: int) -> None:
 
 
 def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer, run_dir: Path,
-               progress: bool) -> dict:
+               progress: bool, flag: dict) -> dict:
     """The step loop: log, checkpoint, count non-finite steps, stop on SIGTERM/SIGINT (see :func:`train`)."""
     start, primary = int(state.step), distributed.is_primary()
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
@@ -339,7 +347,7 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
                dynamic_ncols=True)
     bad = 0
     with open(run_dir / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log, \
-            preemption_signals() as flag, contextlib.closing(bar):
+            contextlib.closing(bar):
         while last["step"] < cfg.train.steps:
             if distributed.any_process(flag["signal"] is not None):
                 last["preempted"] = True
