@@ -7,6 +7,7 @@ the next run opens the directory, so the previous good checkpoint always stays v
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -25,6 +26,27 @@ class Checkpointer:
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    @property
+    def directory(self) -> Path:
+        """The folder holding one sub-folder per saved step."""
+        return Path(self._manager.directory)
+
+    @staticmethod
+    def read(directory: str | Path, abstract_state, step: int | None = None):
+        """The state saved at ``step`` (default: newest) under ``directory``, laid out like ``abstract_state``,
+        without writing anything there (no folder created, no leftovers cleaned). Raises ValueError (one line)
+        when there is no checkpoint or it cannot be restored into ``abstract_state``."""
+        steps = saved_steps(directory)
+        step = steps[-1] if step is None and steps else step
+        if step is None:
+            raise ValueError(f"{directory}: holds no checkpoint")
+        manager = ocp.CheckpointManager(Path(directory).absolute())
+        try:
+            with _one_line_errors(Path(directory) / str(step)):
+                return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            manager.close()
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -52,12 +74,14 @@ class Checkpointer:
     def restore(self, abstract_state, step: int | None = None):
         """The state saved at ``step`` (default: newest), laid out like ``abstract_state``.
 
-        Raises FileNotFoundError when there is no checkpoint.
+        Raises FileNotFoundError when there is no checkpoint, ValueError (one line naming the checkpoint)
+        when it cannot be read into ``abstract_state`` (another model shape, a foreign or damaged folder).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError("no checkpoint to restore")
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        with _one_line_errors(self._manager.directory / str(step)):
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
@@ -132,3 +156,50 @@ def abstract_like(tree):
     """ShapeDtypeStruct pytree (with shardings) of a pytree of arrays: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
+
+
+def restore_params(directory: str | Path, abstract_params, step: int | None = None):
+    """Only the model parameters (``params`` of a saved TrainState) of the checkpoint at ``step`` (default:
+    newest) under ``directory``, placed like ``abstract_params`` (any mesh); the rest is not read.
+
+    Raises ValueError (one line naming the checkpoint) when there is none or it does not hold parameters of
+    these shapes.
+    """
+    steps = saved_steps(directory)
+    step = steps[-1] if step is None and steps else step
+    if step is None:
+        raise ValueError(f"{directory}: holds no checkpoint")
+    target = {"params": abstract_params}
+    manager = ocp.CheckpointManager(Path(directory).absolute())
+    try:
+        with _one_line_errors(Path(directory) / str(step)):
+            args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                          partial_restore=True)
+            params = manager.restore(step, args=args)["params"]
+    finally:
+        manager.close()
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):  # partial restore skips them
+        raise ValueError(f"checkpoint {Path(directory) / str(step)}: holds no model parameters of this shape")
+    return params
+
+
+def check_directory(directory: str | Path) -> list[int]:
+    """The complete checkpoint steps of ``directory`` (a run's ``checkpoints/``), raising ValueError (one line)
+    when it exists but is not a readable folder."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: is not a folder of checkpoints")
+    try:
+        return saved_steps(directory)
+    except OSError as e:
+        raise ValueError(f"{directory}: cannot be read ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def _one_line_errors(path: Path):
+    """Turn whatever Orbax raises while reading ``path`` into one ValueError line naming it."""
+    try:
+        yield
+    except Exception as e:  # Orbax raises ValueError, FileNotFoundError, KeyError, TypeError, ...
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path}: cannot be restored into this model ({detail[:300]})") from None

@@ -1,4 +1,4 @@
-"""Command line: ``lcjax train --config FILE [--set key=value]... [--run-dir DIR] [--resume]``.
+"""Command line: ``lcjax train --config FILE [--set key=value]... [--run-dir DIR] [--resume | --init-from DIR]``.
 
 Errors in anything the user typed or pointed at print one line on stderr naming the field and the rule
 and exit with code 2, before anything is written. Simulated CPU devices for the mesh are provisioned
@@ -16,6 +16,7 @@ from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
 
 EXIT_USAGE = 2
+EXIT_NON_FINITE = 3  # train.max_bad_steps non-finite steps in a row
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set model.n_layers=2 (repeatable)")
     train.add_argument("--run-dir", help="run directory (default runs/<config name>-<UTC time>)")
     train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
+    train.add_argument("--init-from", metavar="DIR",
+                       help="start a new run from the weights of another run dir or a Hugging Face folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--profile", metavar="START:END",
+                       help="write a jax.profiler trace of optimizer steps START..END into <run dir>/profile")
+    multi = train.add_argument_group("multi-process runs (docs/multihost.md; default: JAX_* or SLURM variables)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes (one per host)")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's id in [0, N)")
+    multi.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                       help="seconds to wait for every process to join (default 300)")
     _add_plan_parser(sub)
     _add_data_parser(sub)
     _add_convert_parser(sub)
@@ -169,19 +180,51 @@ def default_run_dir(cfg: config_lib.Config) -> Path:
 
 
 def _train(args) -> int:
+    from lcjax import distributed
+
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir")
+    if args.resume and args.init_from:
+        raise ValueError("--resume and --init-from exclude each other")
     if args.config is None and not args.resume:
         raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
     cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    provision_host_devices(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
-    from lcjax.train.loop import train  # imports JAX: after the devices are provisioned
+    from lcjax.train.metrics import parse_profile  # imports no JAX
 
-    result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    profile = parse_profile(args.profile)
+    settings = distributed.resolve(args.coordinator, args.num_processes, args.process_id,
+                                   timeout_s=args.init_timeout)
+    if settings is not None and not args.run_dir:
+        raise ValueError("--run-dir is required in a multi-process run (every process must name the same one)")
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    provision_host_devices(distributed.local_device_count(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model,
+                                                          settings))
+    distributed.initialize(settings)
+    from lcjax.train.loop import NonFiniteError, train  # imports JAX: after the devices are provisioned
+
+    try:
+        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress,
+                       hf_params=_hf_params, profile=profile)
+    except NonFiniteError as e:
+        print(f"lcjax: stopped: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    where = (f"{result['checkpoint_dir']}/{result['checkpoint']}" if result["checkpoint"] is not None
+             else "nowhere (no step was completed)")
+    if result["preempted"]:
+        print(f"lcjax: preempted at step {result['step']}, saved checkpoint to {where}", flush=True)
+        return 0
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     print(f"lcjax: step {result['step']} loss {loss} — run dir {run_dir}, checkpoint {result['checkpoint']}")
     return 0
+
+
+def _hf_params(hf_dir, abstract_params):
+    """lcjax.convert.hf_params, imported only when a Hugging Face folder is used."""
+    try:
+        from lcjax.convert import hf_params
+    except ImportError as e:
+        raise ValueError(f"--init-from {hf_dir}: reading a Hugging Face folder needs lcjax.convert ({e})") from None
+    return hf_params(hf_dir, abstract_params)
 
 
 def _plan(args) -> int:

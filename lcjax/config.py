@@ -139,6 +139,7 @@ class TrainConfig:
     loss_tile: int = 0
     mlp_tile: int = 0
     grad_accum: int = 1
+    max_bad_steps: int = 5  # a run stops after this many non-finite (skipped) steps in a row
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,8 @@ def _positive(cfg: Config) -> str | None:
         "data.seq_len": cfg.data.seq_len, "data.global_batch": cfg.data.global_batch,
         "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
         "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep, "attention.block_q": cfg.attention.block_q,
+        "checkpoint.keep": cfg.checkpoint.keep, "train.max_bad_steps": cfg.train.max_bad_steps,
+        "attention.block_q": cfg.attention.block_q,
         "attention.block_k": cfg.attention.block_k,
     }
     for key, value in checks.items():

@@ -20,17 +20,17 @@ def _scalars(run_dir):
 def test_tensorboard_events_and_jsonl_agree_and_resume_purges_redone_steps(tmp_path):
     w = MetricsWriter(tmp_path)
     for step in range(1, 5):
-        w.write({"step": step, "loss": 5.0 - step, "grad_norm": None})
-    w.write({"step": 4, "loss": 1.5, "perplexity": 4.48}, kind="eval")
-    w.close()
-    scalars = _scalars(tmp_path)
-    assert scalars["train/loss"] == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0)]
-    assert scalars["eval/loss"] == [(4, 1.5)] and "train/grad_norm" not in scalars
-    w = MetricsWriter(tmp_path, start=2)  # a resumed run redoes steps 3 and 4
-    w.write({"step": 3, "loss": 9.0})
+        w.write({"step": step, "loss": 5.0 - step, "grad_norm": None, "skipped": False})
+    w.write({"step": 5, "loss": 0.5, "eval_loss": 1.5, "eval_perplexity": 4.48})
     w.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["eval_loss"] == 1.5
+    scalars = _scalars(tmp_path)
+    assert scalars["train/loss"] == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0), (5, 0.5)]
+    assert scalars["eval/loss"] == [(5, 1.5)] and "train/grad_norm" not in scalars
+    w = MetricsWriter(tmp_path, start=2)  # a resumed run redoes steps 3, 4 and 5
+    w.write({"step": 3, "loss": 9.0})
+    w.close()
     assert _scalars(tmp_path)["train/loss"] == [(1, 4.0), (2, 3.0), (3, 9.0)]
 
 

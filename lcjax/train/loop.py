@@ -6,8 +6,13 @@ Run directory layout (DESIGN.md, "Public contracts"): ``config.yaml`` (resolved)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,13 +21,15 @@ import numpy as np
 from tqdm import tqdm
 
 from lcjax import config as config_lib
-from lcjax.checkpoint import Checkpointer, abstract_like, saved_steps
+from lcjax import distributed
+from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_params
 from lcjax.config import Config
-from lcjax.data import build_dataset
+from lcjax.data import Dataset, build_dataset
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
-from lcjax.train.state import data_state_arrays, data_state_dict, init_state
-from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_train_step
+from lcjax.train.metrics import MetricsWriter, Profiler, clean, startup_summary
+from lcjax.train.state import data_state_arrays, data_state_dict, init_opt_state, init_state
+from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_eval_loss, make_train_step
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -52,20 +59,89 @@ RESUME_FREE = ("cache_dir", "data_dir", "workers")  # keys of the model/data sec
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records after ``step`` (steps a resumed run is about to redo)."""
+    """Drop metrics.jsonl records of the steps a run resumed at ``step`` is about to redo: those after
+    ``step`` and the skipped (non-finite) ones that followed it."""
     if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                continue
+            if r["step"] < step or (r["step"] == step and not r.get("skipped")):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        write_atomic(path, "".join(kept))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step (a kill leaves the old file or the new one, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def metrics_record(step: int, metrics: dict, step_time: float, tokens: int) -> dict:
-    """One metrics.jsonl line; non-finite values become null."""
-    def clean(x):
-        x = float(x)
-        return x if math.isfinite(x) else None
+    """One metrics.jsonl line; non-finite values become null. ``step`` counts applied updates, so a skipped
+    (non-finite) step repeats the previous step number with ``skipped`` true."""
     return {"step": step, "loss": clean(metrics["loss"]), "grad_norm": clean(metrics["grad_norm"]),
             "lr": clean(metrics["lr"]), "tokens_per_sec": clean(tokens / step_time),
-            "step_time_s": clean(step_time)}
+            "step_time_s": clean(step_time), "skipped": bool(metrics.get("skipped", 0) > 0)}
+
+
+class NonFiniteError(RuntimeError):
+    """``train.max_bad_steps`` steps in a row had a NaN or infinite loss or gradient norm (CLI exit 3)."""
+
+
+HF_FILES = ("config.json", "*.safetensors")
+
+
+def check_init_from(path: Path, cfg: Config) -> None:
+    """Raise ValueError (one line) unless ``path`` is a run dir with a checkpoint of ``cfg``'s model shape or a
+    Hugging Face folder (config.json + *.safetensors)."""
+    if not path.is_dir():
+        raise ValueError(f"--init-from {path}: {'not a folder' if path.exists() else 'no such folder'}")
+    if _is_hf_folder(path):
+        return
+    if not (path / "config.yaml").is_file() or not (path / "checkpoints").exists():
+        raise ValueError(f"--init-from {path}: neither a run dir (config.yaml, checkpoints/) nor a Hugging Face "
+                         f"folder (config.json, *.safetensors)")
+    if not check_directory(path / "checkpoints"):
+        raise ValueError(f"--init-from {path}: holds no complete checkpoint")
+    source = config_lib.to_dict(config_lib.load(path / "config.yaml"))["model"]
+    target = config_lib.to_dict(cfg)["model"]
+    for key in SHAPE_KEYS:
+        if source[key] != target[key]:
+            raise ValueError(f"model.{key}: --init-from {path} has {source[key]!r}, this config {target[key]!r} "
+                             f"(the model shape must match)")
+
+
+SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "tie_embeddings")
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def load_init_params(path: str | Path, cfg: Config, abstract_params, *, hf_params=None):
+    """Parameters to start a new run from: the newest checkpoint of the run dir ``path``, or the weights of a
+    Hugging Face folder (config.json + *.safetensors) read by ``hf_params(hf_dir, abstract_params)``
+    (lcjax.convert.hf_params, passed in by the CLI: train/ sits above convert/ in the layering), placed like
+    ``abstract_params`` (any mesh).
+
+    Raises ValueError (one line) when ``path`` is neither, holds parameters of another shape, or is a
+    Hugging Face folder and no ``hf_params`` was given.
+    """
+    path = Path(path)
+    check_init_from(path, cfg)
+    if _is_hf_folder(path):
+        if hf_params is None:
+            raise ValueError(f"--init-from {path}: a Hugging Face folder needs a converter (lcjax.convert)")
+        weights = hf_params(path, abstract_params)  # host arrays (float32) in the structure of abstract_params
+        return jax.tree.map(lambda w, a: jax.device_put(np.asarray(w).astype(a.dtype), a.sharding), weights,
+                            abstract_params)
+    return restore_params(path / "checkpoints", abstract_params)
 
 
 def _zeros_batch(cfg: Config) -> dict:
@@ -74,77 +150,280 @@ def _zeros_batch(cfg: Config) -> dict:
     return {k: np.zeros(shape, np.int32) for k in BATCH_FIELDS}
 
 
-def _device_batch(batch: dict, sharding) -> dict:
-    return {k: jax.device_put(np.asarray(v, np.int32), sharding) for k, v in batch.items()}
+def process_rows(sharding, global_shape: tuple[int, int]) -> slice:
+    """The rows (sequences) of a [B, T] global batch that this process's devices hold: a contiguous block
+    when ``data`` is split across processes (devices are laid out process by process), else all rows."""
+    rows = [index[0] for index in sharding.addressable_devices_indices_map(global_shape).values()]
+    return slice(min(r.start or 0 for r in rows), max(global_shape[0] if r.stop is None else r.stop for r in rows))
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` into ``run_dir``. Returns {"step", "loss", "checkpoint"} of the last step.
+def _device_batch(local: dict, sharding, rows: slice, global_shape: tuple[int, int]) -> dict:
+    """Global [B, T] arrays from ``local``, this process's ``rows`` of the global batch; every process places
+    only its own devices' shards."""
+    def put(v):
+        v = np.asarray(v, np.int32)
 
-    Raises ValueError (one line naming the field and the rule) for unusable input before anything is
-    written: an existing run dir without ``resume``, a tokenizer larger than model.vocab_size, too few
-    devices for the mesh, a corpus too small for one batch.
-    """
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume)
-    saved = saved_steps(run_dir / "checkpoints") if resume else []
-    if resume:
-        check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
-        if saved and cfg.train.steps <= saved[-1]:
-            raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
-                             f"{saved[-1]} to --resume")
+        def shard(index):
+            r = index[0]
+            return v[slice((r.start or 0) - rows.start, (rows.stop if r.stop is None else r.stop) - rows.start),
+                     index[1]]
+        return jax.make_array_from_callback(global_shape, sharding, shard)
+    return {k: put(v) for k, v in local.items()}
+
+
+def _batches(loader, rows: slice, put):
+    """Endless device batches: this process's ``rows`` of each global batch of ``loader``, placed by ``put``.
+
+    The loader builds the whole global batch, the same in every process; a loader that builds only a
+    process's rows can replace the slice here."""
+    while True:
+        yield put({k: v[rows] for k, v in next(loader).items()})
+
+
+@contextlib.contextmanager
+def preemption_signals():
+    """While open, SIGTERM and SIGINT only set ``flag["signal"]`` (the loop saves and stops after the current
+    step); a second one raises KeyboardInterrupt. In a thread other than the main one signals cannot be
+    caught and nothing is installed."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, _frame):
+        if flag["signal"] is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def check_devices(cfg: Config, devices) -> list:
+    """The devices of the mesh: ``devices`` or every device of every process, whose number must equal the
+    mesh product (ValueError naming mesh.* otherwise)."""
+    devices = jax.devices() if devices is None else list(devices)
+    m = cfg.mesh
+    if m.data * m.sequence * m.model != len(devices):
+        raise ValueError(f"mesh.data x mesh.sequence x mesh.model = {m.data}x{m.sequence}x{m.model} = "
+                         f"{m.data * m.sequence * m.model} must equal the number of devices, "
+                         f"{len(devices)} {devices[0].platform}")
+    return devices
+
+
+def _load_data(cfg: Config, tokenizer_dir: Path | None) -> Dataset:
+    """The run's :class:`lcjax.data.Dataset`, tokenized with ``data.tokenizer`` or, for ``--init-from``, the
+    tokenizer saved in ``tokenizer_dir`` (when it holds one)."""
     d, m = cfg.data, cfg.model
     print(f"lcjax: data {d.source}: loading (tokenized on first use, then cached)", flush=True)
+    own = tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file()
     try:
-        dataset = build_dataset(d.source, tokenizer_kind=d.tokenizer, vocab_size=m.vocab_size,
-                                cache_dir=d.cache_dir, data_dir=d.data_dir)
+        dataset = build_dataset(d.source, tokenizer_kind=str(tokenizer_dir) if own else d.tokenizer,
+                                vocab_size=m.vocab_size, cache_dir=d.cache_dir, data_dir=d.data_dir)
     except OSError as e:
         raise ValueError(f"data.cache_dir {d.cache_dir or '~/.cache/lcjax'}: {e.strerror or e}") from None
-    tokenizer = dataset.tokenizer
     print("\n".join(f"lcjax: {line}" for line in dataset.summary(d.seq_len)), flush=True)
-    if tokenizer.vocab_size > m.vocab_size:
-        raise ValueError(f"model.vocab_size {m.vocab_size} must be >= the tokenizer's {tokenizer.vocab_size}")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
+    if dataset.tokenizer.vocab_size > m.vocab_size:
+        raise ValueError(f"model.vocab_size {m.vocab_size} must be >= the tokenizer's {dataset.tokenizer.vocab_size}")
+    return dataset
+
+
+def _eval_batches(cfg: Config, heldout: Dataset, put) -> list[dict]:
+    """The fixed validation batches: the first ``eval.batches`` global batches of the held-out split (in a
+    fixed shuffled order), placed on the devices. Raises ValueError when the split is too small."""
+    d = cfg.data
+    try:
+        loader = heldout.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=0, prefetch=0,
+                                layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                                cross_document_attention=d.cross_document_attention)
+    except ValueError as e:
+        raise ValueError(f"eval.holdout {cfg.eval.holdout}: the held-out split is too small ({e})") from None
+    batches = [put(next(loader)) for _ in range(cfg.eval.batches)]
+    loader.close()
+    return batches
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
+          progress: bool = True, devices=None, hf_params=None, profile: tuple[int, int] | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir``. Returns {"step", "loss", "checkpoint", "checkpoint_dir", "preempted"}
+    of the last step.
+
+    ``resume`` continues the newest checkpoint of ``run_dir`` (model, optimizer and data-iterator state,
+    on any mesh); ``init_from`` starts a new run from the parameters of another run's newest checkpoint or a
+    Hugging Face folder (fresh optimizer; mesh, seq_len and RoPE may differ, the model shape may not;
+    ``hf_params``: see :func:`load_init_params`).
+    ``devices`` defaults to every device (their number must equal the mesh product). SIGTERM or SIGINT
+    (even during set-up) finishes the current step, saves and returns with ``preempted`` True. A step with
+    a non-finite loss or gradient norm is not applied. ``eval.every`` > 0 evaluates the held-out split;
+    ``profile`` (START, END) traces those optimizer steps into ``run_dir/profile``.
+
+    Raises ValueError (one line naming the field and the rule) for unusable input before anything is
+    written: an existing run dir without ``resume``, a tokenizer larger than model.vocab_size, a device count
+    other than the mesh's, a corpus too small for one batch, an unreadable or foreign checkpoint, another
+    model shape. Raises NonFiniteError after ``train.max_bad_steps`` non-finite steps in a row (the newest
+    checkpoint is left as it was).
+    """
+    with preemption_signals() as flag:  # a signal during set-up stops before the first step
+        return _train(cfg, Path(run_dir), resume, init_from, progress, devices, hf_params, flag, profile)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, devices, hf_params,
+           flag: dict, profile) -> dict:
+    saved = check_inputs(cfg, run_dir, resume, init_from)
+    devices = check_devices(cfg, devices)
+    d = cfg.data
+    dataset = _load_data(cfg, Path(init_from) / "tokenizer" if init_from else None)
+    tokenizer, heldout = dataset.tokenizer, None
+    if cfg.eval.every:
+        dataset, heldout = dataset.split(cfg.eval.holdout)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
     loader = dataset.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
                             layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
                             cross_document_attention=d.cross_document_attention, workers=d.workers)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+    # the fresh arrays are dropped before reading, so memory holds one state at a time
+    if init_from is not None:
+        abstract = abstract_like(state.params)
+        state = state._replace(params=None, opt_state=None)
+        params = load_init_params(init_from, cfg, abstract, hf_params=hf_params)
+        state = state._replace(params=params, opt_state=init_opt_state(cfg, mesh, optimizer, params, specs))
     if saved:
-        state = ckpt.restore(abstract_like(state))
+        abstract, state = abstract_like(state), None
+        state = Checkpointer.read(run_dir / "checkpoints", abstract)
         loader.set_state(data_state_dict(state.data_state))
     start = int(state.step)
-    keep_metrics_up_to(run_dir / "metrics.jsonl", start)
-    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    tokenizer.save(run_dir / "tokenizer")
+    distributed.barrier("lcjax-checks")  # every process has checked its input before the first write
+    if distributed.is_primary():  # the first write: everything above only read
+        _write_run_files(run_dir, cfg, tokenizer, start)
+    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
-    sharding = batch_sharding(mesh)
-    step_fn.compile(state, _device_batch(_zeros_batch(cfg), sharding))
-    tokens_per_step = d.global_batch * d.seq_len
-    print(f"lcjax: mesh data={cfg.mesh.data} sequence={cfg.mesh.sequence} model={cfg.mesh.model} "
-          f"({mesh.devices.size} {jax.devices()[0].platform} devices), {count_params(m):,} parameters, "
-          f"{tokens_per_step:,} tokens/step, steps {start + 1}..{cfg.train.steps}", flush=True)
-    last = {"step": start, "loss": None, "checkpoint": ckpt.latest_step()}
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        for step in range(start + 1, cfg.train.steps + 1):
-            batch = _device_batch(next(loader), sharding)
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            metrics = jax.device_get(metrics)
-            record = metrics_record(step, metrics, time.perf_counter() - t0, tokens_per_step)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            state = state._replace(data_state=data_state_arrays(loader.get_state()))
-            if ckpt.maybe_save(step, state, force=step == cfg.train.steps):
-                last["checkpoint"] = step
-            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
-                            tok_s=f"{record['tokens_per_sec']:.0f}")
-            bar.update(1)
-            last.update(step=step, loss=record["loss"])
-    bar.close()
-    ckpt.close()
-    loader.close()
+    sharding, shape = batch_sharding(mesh), (d.global_batch, d.seq_len)
+    rows = process_rows(sharding, shape)
+    put = functools.partial(_device_batch, sharding=sharding, rows=rows, global_shape=shape)
+    compiled = step_fn.compile(state, put({k: v[rows] for k, v in _zeros_batch(cfg).items()}))
+    try:
+        memory = compiled.memory_analysis()
+    except Exception:  # a backend without the analysis
+        memory = None
+    summary = startup_summary(cfg, memory, platform=devices[0].platform, device_kind=devices[0].device_kind,
+                              n_params=count_params(cfg.model))
+    summary.append(f"{jax.process_count()} process(es), steps {start + 1}..{cfg.train.steps}")
+    print("\n".join(f"lcjax: {line}" for line in summary), flush=True)
+    evaluate = None
+    if heldout is not None:
+        eval_loss, eval_batches = make_eval_loss(graphdef, specs, mesh, cfg), _eval_batches(cfg, heldout, put)
+        evaluate = lambda params: _evaluate(eval_loss, params, eval_batches)
+    batches = _batches(loader, rows, put)
+    writer = MetricsWriter(run_dir, start) if distributed.is_primary() else None
+    if writer is not None:
+        writer.text("config", "\n".join(["```", config_lib.to_yaml(cfg), "```", *summary]))
+    profiler = Profiler(run_dir, profile)
+    try:
+        return _run_steps(cfg, state, step_fn, batches, loader, ckpt, run_dir, progress, flag, writer, evaluate,
+                          profiler)
+    finally:
+        profiler.close()
+        if writer is not None:
+            writer.close()
+        ckpt.close()
+        loader.close()
+
+
+def _evaluate(eval_loss, params, batches) -> dict:
+    """Validation loss (nats per target token) and perplexity over the fixed held-out batches."""
+    total = count = 0.0
+    for batch in batches:
+        s, c = jax.device_get(eval_loss(params, batch))
+        total, count = total + float(s), count + float(c)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+
+
+def check_inputs(cfg: Config, run_dir: Path, resume: bool, init_from) -> list[int]:
+    """Check the run dir and what ``--resume`` or ``--init-from`` points at (ValueError, one line); return
+    the steps of the run dir's complete checkpoints (none for a new run)."""
+    check_run_dir(run_dir, resume)
+    if resume and init_from is not None:
+        raise ValueError("--resume and --init-from exclude each other")
+    if init_from is not None:
+        check_init_from(Path(init_from), cfg)
+    if not resume:
+        return []
+    saved = check_directory(run_dir / "checkpoints")
+    check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
+    if saved and cfg.train.steps <= saved[-1]:
+        raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
+                         f"{saved[-1]} to --resume")
+    return saved
+
+
+def _write_run_files(run_dir: Path, cfg: Config, tokenizer, start: int) -> None:
+    """Create the run dir (or continue it from step ``start``): config.yaml, tokenizer/, metrics.jsonl."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keep_metrics_up_to(run_dir / "metrics.jsonl", start)
+    write_atomic(run_dir / "config.yaml", config_lib.to_yaml(cfg))
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file():  # a resumed run keeps its own
+        tokenizer.save(run_dir / "tokenizer")
+
+
+def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer, run_dir: Path,
+               progress: bool, flag: dict, writer: MetricsWriter | None, evaluate, profiler: Profiler) -> dict:
+    """The step loop: log, evaluate, checkpoint, count non-finite steps, stop on SIGTERM/SIGINT (see
+    :func:`train`)."""
+    start, primary = int(state.step), distributed.is_primary()
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    last = {"step": start, "loss": None, "checkpoint": ckpt.latest_step(),
+            "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": False}
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or not primary, unit="step",
+               dynamic_ncols=True)
+    bad, every, shown = 0, cfg.eval.every, {}
+    with contextlib.closing(bar):
+        while last["step"] < cfg.train.steps:
+            if distributed.any_process(flag["signal"] is not None):
+                last["preempted"] = True
+                break
+            profiler.before(last["step"] + 1)
+            state, record = _one_step(step_fn, state, next(batches), loader, tokens_per_step)
+            profiler.after(last["step"] + 1, state.params)
+            done = record["step"]
+            if evaluate is not None and not record["skipped"] and (done % every == 0 or done == cfg.train.steps):
+                record.update(evaluate(state.params))
+                shown = {"val": f"{record['eval_loss']:.4f}"}
+            if writer is not None:
+                writer.write(record)
+            bad = bad + 1 if record["skipped"] else 0
+            if bad >= cfg.train.max_bad_steps:
+                raise NonFiniteError(
+                    f"train.max_bad_steps {cfg.train.max_bad_steps}: {bad} steps in a row after step "
+                    f"{record['step']} had a non-finite loss or gradient norm (loss {record['loss']}, "
+                    f"grad_norm {record['grad_norm']}); stopped without saving, newest checkpoint: "
+                    f"{_describe(ckpt)}")
+            if not record["skipped"]:
+                if ckpt.maybe_save(record["step"], state, force=record["step"] == cfg.train.steps):
+                    last["checkpoint"] = record["step"]
+                bar.update(1)
+                last.update(step=record["step"], loss=record["loss"])
+            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan", **shown,
+                            tok_s=f"{record['tokens_per_sec']:.0f}", bad=bad)
+        if last["preempted"] and ckpt.maybe_save(last["step"], state, force=True):
+            last["checkpoint"] = last["step"]
     return last
+
+
+def _one_step(step_fn, state, batch, loader, tokens_per_step: int):
+    """Run one step on ``batch``; return the new state (data position refreshed) and its metrics record."""
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    metrics = jax.device_get(metrics)
+    step = int(state.step)
+    record = metrics_record(step, metrics, time.perf_counter() - t0, tokens_per_step)
+    return state._replace(data_state=data_state_arrays(loader.get_state())), record
+
+
+def _describe(ckpt: Checkpointer) -> str:
+    step = ckpt.latest_step()
+    return "none" if step is None else f"{ckpt.directory / str(step)} (step {step})"

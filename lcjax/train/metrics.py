@@ -18,27 +18,19 @@ def clean(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def keep_records_up_to(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records after ``step`` (steps a resumed run is about to redo)."""
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
-
-
 class MetricsWriter:
     """Appends records to ``<run dir>/metrics.jsonl`` and the same scalars to TensorBoard.
 
-    ``start``: the step the run continues from (records and events after it, left by a killed run, are
-    dropped: TensorBoard's ``purge_step``). Each record is a dict with an int ``step``; other values are
-    numbers or None. ``kind`` ("train" or "eval") prefixes the TensorBoard tags; the JSON line carries the
-    keys as given.
+    ``start``: the step the run continues from (TensorBoard events after it, left by a killed run, are
+    dropped: ``purge_step``; the trainer trims metrics.jsonl itself). Each record is a dict with an int
+    ``step``; other values are numbers, booleans or None. Keys ``eval_*`` are tagged ``eval/*``, the others
+    ``<kind>/<key>``; the JSON line carries the keys as given.
     """
 
     def __init__(self, run_dir: str | Path, start: int = 0):
         from tensorboardX import SummaryWriter
 
         run_dir = Path(run_dir)
-        keep_records_up_to(run_dir / "metrics.jsonl", start)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
         # the suffix keeps a resumed run (even within the same second) from reusing its event file's name
         self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None,
@@ -49,7 +41,8 @@ class MetricsWriter:
         self._jsonl.flush()
         for key, value in record.items():
             if key != "step" and value is not None:
-                self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"{kind}/{key}"
+                self._tb.add_scalar(tag, float(value), record["step"])
         self._tb.flush()
 
     def text(self, tag: str, text: str) -> None:

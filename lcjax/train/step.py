@@ -219,12 +219,19 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
     lr_at = schedule(cfg.train)
 
     def update(arrays, batch):
+        """One update. Non-finite guard: when the loss or the gradient norm is NaN or infinite, params,
+        opt_state and step come back unchanged and metrics["skipped"] is 1.0 (else 0.0)."""
         params, opt_state, step = arrays
         loss, grads, count = accumulate(loss_and_grads, params, batch, cfg.train.grad_accum)
         grads = as_float32(grads)
-        updates, opt_state = optimizer.update(grads, opt_state, as_float32(params))
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_at(step), "tokens": count}
-        return (apply_updates(params, updates), opt_state, step + 1), metrics
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, as_float32(params))
+        new = (apply_updates(params, updates), new_opt_state, step + 1)
+        # the non-finite guard: a step whose loss or gradient norm is NaN or infinite changes nothing
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_at(step), "tokens": count,
+                   "skipped": (~ok).astype(jnp.float32)}
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, arrays), metrics
 
     def jitted(arrays):
         """The jitted update, its outputs pinned to the inputs' shardings (under ZeRO-1/2 XLA must
