@@ -84,3 +84,26 @@ def test_cli_trains_and_refuses_to_overwrite(tmp_path):
     more = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr
     assert len(_losses(run_dir)) == 3
+
+
+def test_validation_tensorboard_profile_and_init_from_a_hugging_face_export(tmp_path):
+    """eval.every logs a held-out loss; TensorBoard events and a profile are written; a run exported to
+    Hugging Face's format and started from with --init-from (new seq_len, RoPE scaling and mesh) gives the
+    first loss that starting from the lcjax run itself gives."""
+    from lcjax.convert import hf_params, lcjax_to_hf
+
+    src = tmp_path / "src"
+    train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=4", "eval.every=2", "eval.batches=1"), src,
+          progress=False, profile=(2, 3))
+    records = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert all(np.isfinite(r["eval_loss"]) and r["eval_perplexity"] > 1 for r in records if "eval_loss" in r)
+    assert list((src / "tensorboard").glob("events.out.tfevents.*"))
+    assert any(p.is_file() for p in (src / "profile").rglob("*"))
+    hf = lcjax_to_hf(src, tmp_path / "hf")
+    new = ("train.steps=1", "data.seq_len=256", "model.rope.type=linear", "model.rope.factor=2.0",
+           "mesh.sequence=2", "mesh.model=4")
+    train(_cfg(tmp_path, *new), tmp_path / "from_run", init_from=src, progress=False)
+    train(_cfg(tmp_path, *new), tmp_path / "from_hf", init_from=hf, hf_params=hf_params, progress=False)
+    np.testing.assert_allclose(_losses(tmp_path / "from_hf"), _losses(tmp_path / "from_run"), rtol=1e-5)
+    assert _losses(tmp_path / "from_run")[0] < _losses(src)[0]  # trained weights, not a fresh init

@@ -275,7 +275,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, 
     saved = check_inputs(cfg, run_dir, resume, init_from)
     devices = check_devices(cfg, devices)
     d = cfg.data
-    dataset = _load_data(cfg, Path(init_from) / "tokenizer" if init_from else None)
+    source = Path(init_from) if init_from else None
+    dataset = _load_data(cfg, None if source is None else source if _is_hf_folder(source) else source / "tokenizer")
     tokenizer, heldout = dataset.tokenizer, None
     if cfg.eval.every:
         dataset, heldout = dataset.split(cfg.eval.holdout)
