@@ -3,15 +3,16 @@
 # limits sum to 470 s), run from the source tree (PYTHONPATH=., no pip install):
 #
 #   OUT=/some/dir bash scripts/gpu_bench.sh          # on the GPU host
-#   SMOKE=1 OUT=/tmp/gb bash scripts/gpu_bench.sh    # plumbing check on a CPU host: tiny sizes, ~5 min
+#   SMOKE=1 OUT=/tmp/gb bash scripts/gpu_bench.sh    # plumbing check on a CPU host: tiny sizes, ~6 min
 #
 # Stages (results in $OUT as markdown and JSON; the *.log files hold each stage's stderr):
 #   0. env.txt          nvidia-smi, python and package versions, which optional packages are importable
 #   1. correctness.*    the compiled Pallas (Triton) kernels against the dense float32 reference on the
-#                       device: forward and dq, dk, dv, float32 and bf16, T = 2048, GQA 8/2 x 128  (60 s)
+#                       device: forward and dq, dk, dv, float32 and bf16, T = 2048, GQA 8/2 x 128  (45 s)
 #   2. kernels.*        TFLOP/s of our Pallas and XLA kernels next to jax.nn.dot_product_attention
-#                       ("cudnn", and "dense" = XLA), causal bf16, 32/8 heads x 128, T 4k/16k/32k  (140 s)
-#   3. emulated.*       the emulated-shard efficiency table per layout at N = 8, 32k tokens, Pallas (110 s)
+#                       ("cudnn", and "dense" = XLA), causal bf16, 32/8 heads x 128, T 4k/16k/32k  (130 s)
+#   3. emulated.*       the emulated-shard efficiency table per layout at N = 8, 32k tokens, Pallas (145 s;
+#                       3 layouts x 8 shards x 2 passes = 48 compilations; rows are printed as they finish)
 #   4. train.*          train-step tokens/s, step time, MFU and memory of the ~1.1B model at 32k on this one
 #                       GPU (configs/experiments/llama_1b_32k.yaml, synthetic batches)          (150 s)
 #
@@ -29,17 +30,18 @@ PY=${PYTHON:-python3}
 
 if [ "${SMOKE:-0}" = 1 ]; then  # tiny sizes: checks the plumbing on a CPU host (Pallas in interpret mode)
   CORR_T=256; KERNEL_T=256,512; KERNEL_H=4,2,64; EMU_T=512; EMU_BLOCK=64; EMU_LAYOUTS=zigzag
+  EMU_H=4,2,16; SCALE=3  # the Pallas interpreter on 2 loaded cores is slow: triple the limits
   TRAIN_SETS="--set model.n_layers=1 --set model.d_model=128 --set model.n_heads=4 --set model.n_kv_heads=2
     --set model.d_ff=256 --set model.vocab_size=512 --set data.seq_len=256 --set train.loss_tile=128
     --set attention.block_q=64 --set attention.block_k=64"; TRAIN_STEPS="--steps 2 --warmup 1"
 else
   CORR_T=2048; KERNEL_T=4096,16384,32768; KERNEL_H=32,8,128; EMU_T=32768; EMU_BLOCK=128
-  EMU_LAYOUTS=zigzag,striped,contiguous
-  TRAIN_SETS=""; TRAIN_STEPS="--steps 5 --warmup 2"
+  EMU_LAYOUTS=zigzag,striped,contiguous; EMU_H=32,8,128
+  TRAIN_SETS=""; TRAIN_STEPS="--steps 5 --warmup 2"; SCALE=1
 fi
 
 stage() {  # stage NAME SECONDS COMMAND...: run under timeout, log its status
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(($2 * SCALE)); shift 2
   local t0=$SECONDS
   timeout "$limit" "$@"
   local rc=$?
@@ -63,7 +65,7 @@ PY
 } > "$OUT/env.txt" 2>&1
 echo "stage env: done" > "$OUT/stages.txt"
 
-CORR_T=$CORR_T OUT_JSON="$OUT/correctness.json" stage correctness 60 $PY - > "$OUT/correctness.md" 2> "$OUT/correctness.log" <<'PY'
+CORR_T=$CORR_T OUT_JSON="$OUT/correctness.json" stage correctness 45 $PY - > "$OUT/correctness.md" 2> "$OUT/correctness.log" <<'PY'
 import json, os
 import jax, jax.numpy as jnp
 from lcjax.kernels.flash_attention import pallas_triton as pallas
@@ -100,11 +102,12 @@ json.dump(records, open(os.environ["OUT_JSON"], "w"), indent=1)
 PY
 
 IFS=, read -r KH KKV KD <<< "$KERNEL_H"
-stage kernels 140 $PY scripts/bench_kernels.py --seq-lens "$KERNEL_T" --heads "$KH" --kv-heads "$KKV" --head-dim "$KD" \
+stage kernels 130 $PY scripts/bench_kernels.py --seq-lens "$KERNEL_T" --heads "$KH" --kv-heads "$KKV" --head-dim "$KD" \
   --iters 5 --json "$OUT/kernels.json" > "$OUT/kernels.md" 2> "$OUT/kernels.log"
 
-stage emulated 110 $PY scripts/bench_attention.py --emulate-shard --shards 8 --seq-len "$EMU_T" --heads 32 --kv-heads 8 \
-  --head-dim 128 --dtype bfloat16 --kernel pallas --block "$EMU_BLOCK" --layouts "$EMU_LAYOUTS" --iters 3 --json "$OUT/emulated.json" \
+IFS=, read -r EH EKV ED <<< "$EMU_H"
+stage emulated 145 $PY scripts/bench_attention.py --emulate-shard --shards 8 --seq-len "$EMU_T" --heads "$EH" --kv-heads "$EKV" \
+  --head-dim "$ED" --dtype bfloat16 --kernel pallas --block "$EMU_BLOCK" --layouts "$EMU_LAYOUTS" --iters 3 --json "$OUT/emulated.json" \
   > "$OUT/emulated.md" 2> "$OUT/emulated.log"
 
 # shellcheck disable=SC2086  # TRAIN_SETS / TRAIN_STEPS are lists of words
