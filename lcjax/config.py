@@ -5,7 +5,9 @@ rules that relate keys to each other (divisibility by the mesh, head counts, lay
 :func:`validate`. Every problem is reported as one ``ValueError`` line naming the key and the rule, which
 the CLI prints and turns into exit code 2.
 
-This module imports no other lcjax module (DESIGN.md, "Layout of the repository").
+This module imports no other lcjax module (DESIGN.md, "Layout of the repository"). OmegaConf is imported
+only by the functions that load or print YAML, so the dataclasses and :func:`validate` work on a host
+without it (the GPU host has jax, flax, optax and orbax but none of our data dependencies).
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
-
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
 ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
@@ -182,6 +181,8 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     Raises ValueError with one line naming the key and the rule: unknown key, wrong type, malformed
     override, unreadable file, or a rule of :func:`validate`.
     """
+    from omegaconf import OmegaConf
+
     merged = OmegaConf.structured(Config)
     if path is not None:
         merged = _merge(merged, _read_yaml(Path(path)), str(path))
@@ -197,6 +198,8 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 def _read_yaml(path: Path, seen: tuple = ()):
+    from omegaconf import OmegaConf
+
     if not path.exists():
         raise ValueError(f"--config {path}: file does not exist")
     if not path.is_file():
@@ -217,6 +220,9 @@ def _read_yaml(path: Path, seen: tuple = ()):
 
 
 def _merge(base, other, origin: str):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:
@@ -231,6 +237,8 @@ def _merge(base, other, origin: str):
 
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML text (what the run directory's ``config.yaml`` holds)."""
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 

@@ -118,7 +118,14 @@ def sharded(impl, layout, args):
 
 
 def emulated_shard(layout, shard, args):
-    """One ring shard's kernel calls on one device (lcjax.parallel.ring.schedule), no communication."""
+    """One ring shard's kernel calls on one device (lcjax.parallel.ring.schedule), no communication.
+
+    Forward: the schedule's ``flash_forward`` calls merged as the ring merges them. Backward (a
+    ``custom_vjp``, as the ring's): one ``flash_backward`` call per step with the final ``out``/``lse``,
+    dq summed at home and dK/dV added to the visiting block's slot — the calls the real ring backward
+    makes, so the Pallas kernel (not differentiable by itself) is timed in forward+backward too.
+    """
+    import jax
     import jax.numpy as jnp
 
     from lcjax.kernels.flash_attention.api import get_kernel
@@ -126,19 +133,39 @@ def emulated_shard(layout, shard, args):
 
     kernel, n = get_kernel(args.kernel), args.seq_len // args.shards
     steps = schedule(shard, args.shards, n, layout=layout, causal=True, window=None)
+    kw = dict(block_q=args.block, block_k=args.block)
+    part = lambda x, r: x[:, r * n:(r + 1) * n]
 
-    def attend(q, k, v, p, s):
-        part = lambda x, r: x[:, r * n:(r + 1) * n]
+    def blocks(q, k, v, p, s, step, qh, kh):
+        src = (shard - step) % args.shards
+        return src, (_sel(part(q, shard), qh), _sel(part(k, src), kh), _sel(part(v, src), kh),
+                     _sel(part(p, shard), qh), _sel(part(p, src), kh), _sel(part(s, shard), qh),
+                     _sel(part(s, src), kh))
+
+    def fwd(q, k, v, p, s):
         acc = None
         for step, qh, kh in steps:
-            src = (shard - step) % args.shards
-            o, l = kernel.flash_forward(_sel(part(q, shard), qh), _sel(part(k, src), kh), _sel(part(v, src), kh),
-                                        _sel(part(p, shard), qh), _sel(part(p, src), kh), _sel(part(s, shard), qh),
-                                        _sel(part(s, src), kh), block_q=args.block, block_k=args.block)
+            _, (qb, kb, vb, qp, kp, qs, ks) = blocks(q, k, v, p, s, step, qh, kh)
+            o, l = kernel.flash_forward(qb, kb, vb, qp, kp, qs, ks, **kw)
             o, l = _place(o, 0.0, qh), _place(l, -jnp.inf, qh)
             acc = (o, l) if acc is None else merge(*acc, o, l)
-        return acc[0].astype(q.dtype)
+        return acc[0].astype(q.dtype), (q, k, v, p, s, *acc)
 
+    def bwd(res, dout):
+        q, k, v, p, s, out, lse = res
+        dq = jnp.zeros(part(q, shard).shape, jnp.float32)
+        dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+        for step, qh, kh in steps:
+            src, (qb, kb, vb, qp, kp, qs, ks) = blocks(q, k, v, p, s, step, qh, kh)
+            g = kernel.flash_backward(qb, kb, vb, _sel(out, qh), _sel(lse, qh), _sel(dout, qh), qp, kp, qs, ks, **kw)
+            dq = dq + _place(g[0], 0.0, qh)
+            dk = dk.at[:, src * n:(src + 1) * n].add(_place(g[1], 0.0, kh))
+            dv = dv.at[:, src * n:(src + 1) * n].add(_place(g[2], 0.0, kh))
+        dq = jnp.zeros(q.shape, jnp.float32).at[:, shard * n:(shard + 1) * n].set(dq)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+    attend = jax.custom_vjp(lambda q, k, v, p, s: fwd(q, k, v, p, s)[0])
+    attend.defvjp(fwd, bwd)
     return attend
 
 
@@ -166,6 +193,7 @@ def run(args):
                 records.append({"impl": impl, "layout": layout, "n_shards": args.shards, "pass": name,
                                 "iters_per_sec": 1.0 / t, "efficiency": (b / args.shards) / t, "balance": bal,
                                 "emulated": args.emulate_shard})
+                print(json.dumps(records[-1]), flush=True)  # kept even if a time limit stops the run
     return records
 
 
