@@ -19,6 +19,7 @@ from lcjax import config as config_lib
 from lcjax.checkpoint import Checkpointer, abstract_like, saved_steps
 from lcjax.config import Config
 from lcjax.data import build_dataset
+from lcjax.data.curriculum import curriculum_loader, stage_index
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
 from lcjax.train.state import data_state_arrays, data_state_dict, init_state
@@ -68,10 +69,11 @@ def metrics_record(step: int, metrics: dict, step_time: float, tokens: int) -> d
             "step_time_s": clean(step_time)}
 
 
-def _zeros_batch(cfg: Config) -> dict:
-    """A batch of the right shapes (for compiling ahead of the first step)."""
-    shape = (cfg.data.global_batch, cfg.data.seq_len)
-    return {k: np.zeros(shape, np.int32) for k in BATCH_FIELDS}
+def _zeros_batch(cfg: Config, step: int) -> dict:
+    """A batch of the shape of 1-based ``step``'s batches (for compiling ahead of it; data.curriculum)."""
+    stages = config_lib.stages(cfg)
+    _, seq_len, batch = stages[stage_index(stages, step)]
+    return {k: np.zeros((batch, seq_len), np.int32) for k in BATCH_FIELDS}
 
 
 def _device_batch(batch: dict, sharding) -> dict:
@@ -105,9 +107,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(f"model.vocab_size {m.vocab_size} must be >= the tokenizer's {tokenizer.vocab_size}")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
-    loader = dataset.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
-                            layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                            cross_document_attention=d.cross_document_attention, workers=d.workers)
+    loader = curriculum_loader(dataset.loader, config_lib.stages(cfg), seed=d.seed,
+                               layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                               cross_document_attention=d.cross_document_attention, workers=d.workers,
+                               passkey_fraction=d.passkey_fraction, passkey_synthetic=d.passkey_synthetic)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
@@ -121,7 +124,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
     sharding = batch_sharding(mesh)
-    step_fn.compile(state, _device_batch(_zeros_batch(cfg), sharding))
+    compiled = _zeros_batch(cfg, start + 1)["tokens"].shape  # the shape the step is compiled for
+    step_fn.compile(state, _device_batch(_zeros_batch(cfg, start + 1), sharding))
     tokens_per_step = d.global_batch * d.seq_len
     print(f"lcjax: mesh data={cfg.mesh.data} sequence={cfg.mesh.sequence} model={cfg.mesh.model} "
           f"({mesh.devices.size} {jax.devices()[0].platform} devices), {count_params(m):,} parameters, "
@@ -131,6 +135,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
     with open(run_dir / "metrics.jsonl", "a") as log:
         for step in range(start + 1, cfg.train.steps + 1):
             batch = _device_batch(next(loader), sharding)
+            if batch["tokens"].shape != compiled:  # data.curriculum: a new stage, recompile for its shape
+                compiled = batch["tokens"].shape
+                step_fn.compile(state, batch)
+            tokens_per_step = int(np.prod(compiled))
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)
