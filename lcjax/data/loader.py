@@ -274,14 +274,15 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
 
 
 def _passkey_mix(tokenizer, seq_len: int, fraction: float, synthetic: float, seed: int, row_offset: int):
-    from lcjax.data.passkey import PassKeyMix, overhead
+    from lcjax.data.passkey import END, PassKeyMix, overhead
 
     if tokenizer is None:
         raise ValueError("data.passkey_fraction > 0 needs the tokenizer")
     mix = PassKeyMix(tokenizer, fraction=fraction, seed=seed, synthetic=synthetic, row_offset=row_offset)
-    if overhead(mix.encode, task=False) > seq_len:
+    need = overhead(mix.encode, task=False, end=END)
+    if need > seq_len:
         raise ValueError(f"data.seq_len {seq_len} is too short for PassKey examples (data.passkey_fraction): "
-                         f"they need more than {overhead(mix.encode, task=False)} tokens")
+                         f"they need more than {need} tokens")
     return mix
 
 

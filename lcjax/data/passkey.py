@@ -42,9 +42,10 @@ def info_line(key: int) -> str:
 class Prompt:
     """One PassKey example.
 
-    tokens: int32 [T + 1], the prompt then the answer; the model reads ``tokens[:-1]`` and predicts
-    ``tokens[1:]``. answer: the slice of ``tokens`` holding the answer (" N"); info: the slice holding the
-    information line; key: N; depth: the requested depth in [0, 1].
+    tokens: int32 [T + 1], the prompt then the answer (and, in training examples, an end mark after it);
+    the model reads ``tokens[:-1]`` and predicts ``tokens[1:]``. answer: the slice of ``tokens`` holding
+    the answer (" N"); info: the slice holding the information line; key: N; depth: the requested depth
+    in [0, 1].
     """
 
     tokens: np.ndarray
@@ -59,9 +60,9 @@ class Prompt:
         return len(self.tokens) - 1
 
     def label_mask(self) -> np.ndarray:
-        """int32 [T]: 1 where the label (``tokens[1:]``) is an answer token, else 0."""
+        """int32 [T]: 1 where the label (``tokens[1:]``) is an answer token or the end mark after it."""
         mask = np.zeros(self.length, np.int32)
-        mask[self.answer.start - 1:self.answer.stop - 1] = 1
+        mask[self.answer.start - 1:] = 1
         return mask
 
 
@@ -118,36 +119,40 @@ def fixed_parts(encode: Encode, key: int, task: bool = True) -> tuple[np.ndarray
     return head, enc("\n" + info_line(key) + "\n"), enc("\n" + QUESTION), enc(" " + str(key))
 
 
-def overhead(encode: Encode, task: bool = True) -> int:
+def overhead(encode: Encode, task: bool = True, end: str = "") -> int:
     """Tokens of a prompt that are not filler (for the longest 5-digit key), so lengths above it fit."""
-    return sum(len(p) for p in fixed_parts(encode, KEY_RANGE[1] - 1, task)) - 1
+    return sum(len(p) for p in fixed_parts(encode, KEY_RANGE[1] - 1, task)) + len(encode(end)) - 1
 
 
 def build_prompt(encode: Encode, *, length: int, depth: float, key: int, filler: Filler | None = None,
-                 task: bool = True) -> Prompt:
+                 task: bool = True, end: str = "") -> Prompt:
     """The PassKey prompt of ``length`` T tokens read by the model (T + 1 with the last answer token).
 
     ``filler``: a :class:`Filler` with at least the tokens needed (None: the synthetic sentences); its
-    first tokens are used. ``task``: begin with the task description. Raises ValueError when ``length`` is
-    too short for the fixed parts or ``depth`` is outside [0, 1].
+    first tokens are used. ``task``: begin with the task description. ``end``: text after the answer
+    (training examples end with "." so that a trained model stops the number there). Raises ValueError
+    when ``length`` is too short for the fixed parts or ``depth`` is outside [0, 1].
     """
     if not 0 <= depth <= 1:
         raise ValueError(f"depth {depth} must be in [0, 1] (0-100 %)")
     head, info, question, answer = fixed_parts(encode, key, task)
-    count = length + 1 - len(head) - len(info) - len(question) - len(answer)
+    tail = np.asarray(encode(end), np.int32) if end else np.zeros(0, np.int32)
+    count = length + 1 - len(head) - len(info) - len(question) - len(answer) - len(tail)
     if count < 0:
         raise ValueError(f"length {length} is too short for a PassKey prompt: it needs at least "
                          f"{length - count} tokens before any filler")
     filler = synthetic_filler(encode, count) if filler is None else filler
     filler = filler.take(count)
     cut = filler.insertion_point(depth)
-    parts = [head, filler.tokens[:cut], info, filler.tokens[cut:], question, answer]
+    parts = [head, filler.tokens[:cut], info, filler.tokens[cut:], question, answer, tail]
     tokens = np.concatenate(parts).astype(np.int32)
     info_start = len(head) + cut
-    return Prompt(tokens, slice(len(tokens) - len(answer), len(tokens)),
+    stop = len(tokens) - len(tail)
+    return Prompt(tokens, slice(stop - len(answer), stop),
                   slice(info_start, info_start + len(info)), key, float(depth))
 
 
+END = "."  # what follows the answer in training examples
 MIX_SALT = 0x5A55_4B45  # seeds training examples apart from evaluation keys (lcjax.eval.passkey uses others)
 
 
@@ -159,8 +164,9 @@ class PassKeyMix:
     global row ``row_offset + r``. Each row independently becomes, with probability ``fraction``, a PassKey
     example built from its own corpus window: the window's tokens are the filler (or, for a share
     ``synthetic`` of the examples, the standard synthetic sentences from a random sentence on), the key is
-    at a uniformly random depth, the question at the end and the answer last; the row becomes one sequence
-    (positions 0…T−1, one segment) whose loss mask is 1 on the answer tokens only. The task description
+    at a uniformly random depth, the question at the end and the answer " N." last; the row becomes one
+    sequence (positions 0…T−1, one segment) whose loss mask is 1 on the answer tokens (and the final ".")
+    only. The task description
     starts half of the examples that are long enough to hold it twice over. Choices are drawn from
     ``(seed, MIX_SALT, batch index, global row)``, so the batch index alone determines every batch.
     """
@@ -183,10 +189,10 @@ class PassKeyMix:
     def example(self, window: np.ndarray, rng: np.random.Generator) -> Prompt:
         """A PassKey example of ``len(window) - 1`` tokens using ``window`` (int32 [T+1]) as filler."""
         length = len(window) - 1
-        task = overhead(self.encode, True) <= length // 2 and rng.random() < 0.5
+        task = overhead(self.encode, True, END) <= length // 2 and rng.random() < 0.5
         filler = self._synthetic(length + 1, rng) if rng.random() < self.synthetic else Filler(window)
         return build_prompt(self.encode, length=length, depth=float(rng.random()), key=random_key(rng),
-                            filler=filler, task=task)
+                            filler=filler, task=task, end=END)
 
     def __call__(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {name: np.array(array) for name, array in batch.items()}

@@ -206,7 +206,7 @@ def plot_heatmap(records: list[dict], path: str | Path, title: str = "PassKey re
     depths = sorted({r["depth"] for r in records})
     acc = {(r["length"], r["depth"]): r["accuracy"] for r in records}
     grid = np.array([[100 * acc[(n, d)] for n in lengths] for d in depths])
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(lengths)), max(3.0, 0.9 + 0.4 * len(depths))))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.9 * len(lengths)), max(3.5, 1.2 + 0.4 * len(depths))))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -215,7 +215,7 @@ def plot_heatmap(records: list[dict], path: str | Path, title: str = "PassKey re
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -271,7 +271,7 @@ def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 
     evaluator = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints", step))
     records = evaluate(evaluator, tokenizer, lengths=lengths, depths=grid_depths, samples=samples, seed=seed,
                        corpus=corpus, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)
-    title = f"PassKey: {cfg.name}, step {step or steps[-1]} ({mode}, {filler} filler)"
+    title = f"PassKey: {cfg.name}, step {step or steps[-1]}\n{mode} scoring, {filler} filler, {samples} keys per cell"
     json_path, png_path = write_results(records, run_dir, title)
     log(grid_text(records))
     log(f"lcjax: wrote {json_path} and {png_path}")
