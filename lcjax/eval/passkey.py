@@ -1,4 +1,5 @@
-"""PassKey retrieval (Mohtashami & Jaggi 2023) over a grid of prompt lengths and key depths (docs/evaluation.md).
+"""PassKey retrieval (Mohtashami & Jaggi 2023) over a grid of prompt lengths and key depths
+(docs/evaluation.md).
 
 Prompts come from :mod:`lcjax.data.passkey` (in tokens, so every cell hits its length exactly). Each prompt
 runs through the same sharded model as training: one ``shard_map`` over the run's mesh (or another one
@@ -28,7 +29,7 @@ import numpy as np
 from lcjax import config as config_lib
 from lcjax.config import Config
 from lcjax.data import passkey as pk
-from lcjax.ops.layout import check_divisible, permute, unpermute
+from lcjax.ops.layout import permute, unpermute
 
 EVAL_SALT = 0x45564B59
 FILLERS = ("synthetic", "corpus")
@@ -50,10 +51,11 @@ def check_lengths(lengths: list[int], cfg: Config, encode) -> None:
     for length in lengths:
         if length < need:
             raise ValueError(f"--lengths {length}: a PassKey prompt needs at least {need} tokens")
-        try:
-            check_divisible(length, cfg.attention.layout, cfg.mesh.sequence)
-        except ValueError as e:
-            raise ValueError(f"--lengths {length}: {str(e).split(': ', 1)[-1].replace('data.seq_len ', '')}") from None
+        unit = 2 * cfg.mesh.sequence if cfg.attention.layout == "zigzag" else cfg.mesh.sequence
+        if length % unit:
+            how = "2 x mesh.sequence" if cfg.attention.layout == "zigzag" else "mesh.sequence"
+            raise ValueError(f"--lengths {length} must be divisible by {how} = {unit} "
+                             f"for the {cfg.attention.layout} layout")
 
 
 def make_prompts(encode, length: int, depths: list[float], samples: int, seed: int,
@@ -129,7 +131,8 @@ class Evaluator:
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
-            misses = np.asarray(self._score(self.params, self._device(teacher_batch(self._padded(chunk, batch_size)))))
+            batch = self._device(teacher_batch(self._padded(chunk, batch_size)))
+            misses = np.asarray(self._score(self.params, batch))
             out.append(misses[:len(chunk)] == 0)
         return np.concatenate(out)
 
