@@ -204,7 +204,7 @@ def _loader(seq_len=128, batch=4, fraction=0.5, **kw):
 def test_passkey_mixture_rows():
     batches = [next(iter(_loader())) for _ in range(2)]
     np.testing.assert_array_equal(batches[0]["tokens"], batches[1]["tokens"])  # determined by the batch index
-    loader, count = _loader(), 0
+    loader, count, synthetic = _loader(), 0, 0
     for _ in range(4):
         b = {k: unpermute(v, "zigzag", 2) for k, v in next(loader).items()}
         for r in range(4):
@@ -213,12 +213,13 @@ def test_passkey_mixture_rows():
                 assert b["loss_mask"][r].sum() > 100  # a plain LM window
                 continue
             count += 1
+            synthetic += "The sky is blue." in text
             key = re.search(r"pass key is (\d{5})", text).group(1)
             assert TOKENIZER.decode(b["labels"][r][b["loss_mask"][r] == 1]) == f" {key}."
             assert TOKENIZER.decode(b["labels"][r][-6:]) == f"{key}."
             np.testing.assert_array_equal(b["positions"][r], np.arange(128))
             assert (b["segment_ids"][r] == 1).all()
-    assert 2 <= count <= 14
+    assert 2 <= count <= 14 and 1 <= synthetic < count  # data.passkey_synthetic 0.5: both kinds of filler
     with pytest.raises(ValueError, match="too short for PassKey"):
         _loader(seq_len=64)
 
@@ -252,7 +253,8 @@ def test_bad_curricula(curriculum, message):
         config_lib.load(None, ["mesh.data=2", "mesh.sequence=4", "data.global_batch=2",
                                f"data.curriculum={curriculum}"])
     assert message in str(info.value)
-    assert config_lib.load(None, ["data.passkey_fraction=0.5"]).data.passkey_fraction == 0.5
+    d = config_lib.load(None, ["data.passkey_fraction=0.5", "data.passkey_synthetic=0.25"]).data
+    assert (d.passkey_fraction, d.passkey_synthetic) == (0.5, 0.25)
     with pytest.raises(ValueError, match="data.passkey_fraction 2.0 must be a fraction"):
         config_lib.load(None, ["data.passkey_fraction=2"])
 
