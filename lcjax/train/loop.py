@@ -126,7 +126,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
     sharding = batch_sharding(mesh)
     compiled = _zeros_batch(cfg, start + 1)["tokens"].shape  # the shape the step is compiled for
     step_fn.compile(state, _device_batch(_zeros_batch(cfg, start + 1), sharding))
-    tokens_per_step = d.global_batch * d.seq_len
+    tokens_per_step = int(np.prod(compiled))
     print(f"lcjax: mesh data={cfg.mesh.data} sequence={cfg.mesh.sequence} model={cfg.mesh.model} "
           f"({mesh.devices.size} {jax.devices()[0].platform} devices), {count_params(m):,} parameters, "
           f"{tokens_per_step:,} tokens/step, steps {start + 1}..{cfg.train.steps}", flush=True)
