@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_convert_parser(sub)
     _add_generate_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -174,6 +175,46 @@ def _convert(args) -> int:
     return 0
 
 
+def _add_eval_parser(sub) -> None:
+    evaluate = sub.add_parser("eval", help="evaluate a trained run (docs/evaluation.md)")
+    task = evaluate.add_subparsers(dest="task", required=True, parser_class=_Parser)
+    pk = task.add_parser("passkey", help="PassKey retrieval over lengths x depths -> passkey.json, passkey.png")
+    pk.add_argument("--run-dir", required=True, help="run directory (config.yaml, tokenizer, checkpoints)")
+    pk.add_argument("--lengths", help="comma-separated prompt lengths in tokens (default: data.seq_len)")
+    pk.add_argument("--depths", type=int, default=11, help="N evenly spaced key depths from 0 to 100%% (default 11)")
+    pk.add_argument("--samples", type=int, default=20, help="prompts (keys) per length and depth (default 20)")
+    pk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the run's config, e.g. --set mesh.sequence=8 (repeatable)")
+    pk.add_argument("--filler", default="synthetic", help="synthetic (the standard sentences) or corpus "
+                                                           "(held-out text of the run's data.source)")
+    pk.add_argument("--mode", default="teacher", help="teacher (teacher-forced exact match, one forward) or "
+                                                       "generate (greedy generation, first integer == key)")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the evaluation keys (default 0)")
+    pk.add_argument("--step", type=int, help="checkpoint step (default the newest)")
+    pk.add_argument("--batch-size", type=int, help="prompts per forward pass (default 16, a multiple of mesh.data)")
+    pk.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated in --mode generate")
+
+
+def _eval(args) -> int:
+    from lcjax.sharding.mesh import provision_host_devices as provision
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    except ValueError:
+        raise ValueError(f"--lengths {args.lengths!r} must be comma-separated integers") from None
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"--run-dir {run_dir}: not an lcjax run dir (no config.yaml)")
+    cfg = config_lib.load(run_dir / "config.yaml", args.set)
+    provision(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
+    from lcjax.eval import passkey  # imports JAX: after the devices are provisioned
+
+    passkey.run(run_dir, lengths=lengths, depths=args.depths, samples=args.samples, overrides=args.set,
+                seed=args.seed, filler=args.filler, mode=args.mode, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, step=args.step, log=print)
+    return 0
+
+
 def default_run_dir(cfg: config_lib.Config) -> Path:
     """runs/<config name>-<UTC time>."""
     return Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
@@ -261,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": _train, "plan": _plan, "data": _data, "convert": _convert,
-                "generate": _generate}[args.command](args)
+                "generate": _generate, "eval": _eval}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

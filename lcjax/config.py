@@ -16,7 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
 ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
@@ -93,6 +93,12 @@ class DataConfig:
     ``source``: ``stdlib``, ``files:PATH[,PATH...]`` or ``tfds:NAME[/CONFIG]`` (under ``data_dir``, default
     ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); ``tokenizer``: ``bpe``, ``bytes`` or a path to a Hugging
     Face tokenizer.json; ``workers``: Grain worker processes (0: threads in the training process).
+
+    ``passkey_fraction``: share of windows turned into PassKey retrieval examples (the window's text as
+    filler, or for a share ``passkey_synthetic`` of them the standard synthetic sentences; loss on the
+    answer only; lcjax.data.passkey). ``curriculum``: ``[[until_step, seq_len, global_batch], ...]``, the
+    window length and batch of steps up to ``until_step`` (increasing); later steps use ``seq_len`` and
+    ``global_batch`` (docs/evaluation.md).
     """
 
     source: str = "stdlib"
@@ -104,6 +110,9 @@ class DataConfig:
     cache_dir: Optional[str] = None
     data_dir: Optional[str] = None
     workers: int = 0
+    passkey_fraction: float = 0.0
+    passkey_synthetic: float = 0.5
+    curriculum: List[List[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -401,6 +410,42 @@ def _data(cfg: Config) -> str | None:
                 f"Hugging Face tokenizer.json (or a folder holding one)")
     if d.workers < 0:
         return f"data.workers {d.workers} must be >= 0 (0: no worker processes)"
+    for key, value in (("data.passkey_fraction", d.passkey_fraction), ("data.passkey_synthetic", d.passkey_synthetic)):
+        if not 0 <= value <= 1:
+            return f"{key} {value} must be a fraction in [0, 1]"
+    return None
+
+
+def stages(cfg: Config) -> list[tuple[int, int, int]]:
+    """The curriculum as (until_step, seq_len, global_batch) stages, the last one (data.seq_len,
+    data.global_batch) open-ended (until_step = train.steps or later)."""
+    d = cfg.data
+    last = max([cfg.train.steps, *(s[0] for s in d.curriculum)])
+    return [tuple(s) for s in d.curriculum] + [(last, d.seq_len, d.global_batch)]
+
+
+def _curriculum(cfg: Config) -> str | None:
+    d, sp, dp = cfg.data, cfg.mesh.sequence, cfg.mesh.data
+    unit = 2 * sp if cfg.attention.layout == "zigzag" else sp
+    previous = 0
+    for i, stage in enumerate(d.curriculum):
+        where = f"data.curriculum[{i}] {list(stage)}"
+        if len(stage) != 3:
+            return f"{where} must be [until_step, seq_len, global_batch]"
+        until, seq_len, batch = stage
+        if until <= previous:
+            return f"{where}: until_step must be > {previous} (stages in increasing order)"
+        if not 1 <= seq_len <= d.seq_len or seq_len % unit:
+            return (f"{where}: seq_len must be in [1, data.seq_len = {d.seq_len}] and divisible by "
+                    f"{unit} for the {cfg.attention.layout} layout on mesh.sequence = {sp}")
+        per_shard = batch // dp if batch >= 1 and batch % dp == 0 else 0
+        if not per_shard or per_shard % cfg.train.grad_accum:
+            return (f"{where}: global_batch must be a positive multiple of mesh.data = {dp} whose share per "
+                    f"data shard train.grad_accum = {cfg.train.grad_accum} divides")
+        for key, tile in (("train.loss_tile", cfg.train.loss_tile), ("train.mlp_tile", cfg.train.mlp_tile)):
+            if tile and (seq_len // sp) % tile:
+                return f"{where}: {key} {tile} must divide the tokens per sequence shard, {seq_len // sp}"
+        previous = until
     return None
 
 
@@ -431,4 +476,4 @@ def _rope(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data)
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum)

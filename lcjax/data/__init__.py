@@ -68,7 +68,7 @@ class Dataset:
     def loader(self, **kwargs) -> Loader:
         """:func:`make_loader` on this stream (documents, stream id and vocabulary filled in)."""
         return make_loader(self.tokens, doc_starts=self.doc_starts, stream=stream_id(self.key),
-                           vocab_size=self.tokenizer.vocab_size, **kwargs)
+                           vocab_size=self.tokenizer.vocab_size, tokenizer=self.tokenizer, **kwargs)
 
 
 def build_dataset(source: str, *, tokenizer_kind: str, vocab_size: int,

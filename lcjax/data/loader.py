@@ -218,7 +218,8 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
                 num_shards: int, cross_document_attention: bool = False,
                 doc_starts: np.ndarray | None = None, prefetch: int = 2, workers: int = 0,
                 process_index: int = 0, process_count: int = 1, stream: int | None = None,
-                vocab_size: int | None = None) -> Loader:
+                vocab_size: int | None = None, tokenizer=None, passkey_fraction: float = 0.0,
+                passkey_synthetic: float = 0.5) -> Loader:
     """A :class:`Loader` of shuffled, packed batches from a token stream.
 
     Args:
@@ -238,6 +239,9 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
         pass the same index, and n is then the number of distinct row blocks. B must be divisible by n.
       stream, vocab_size: ints identifying the token stream and tokenizer, checked by ``set_state`` (so a
         checkpoint of another corpus or tokenizer is refused with a clear error); None leaves them out.
+      tokenizer, passkey_fraction, passkey_synthetic: the PassKey training mixture
+        (:class:`lcjax.data.passkey.PassKeyMix`, applied in natural order before the layout; its draws
+        depend on the seed and the global batch index only); ``tokenizer`` is needed when the fraction > 0.
 
     Batches span epochs without a gap; the loader never ends. Raises ValueError (one line naming the
     data field) when seq_len or global_batch is below 1, the layout cannot split seq_len on num_shards,
@@ -259,11 +263,27 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
                .shuffle(seed=seed)
                .repeat(None)
                .batch(global_batch, drop_remainder=True)
-               .map(rows_of)
-               .map(LayOut(layout, num_shards)))
+               .map(rows_of))
+    if passkey_fraction > 0:
+        dataset = dataset.map_with_index(_passkey_mix(tokenizer, seq_len, passkey_fraction, passkey_synthetic,
+                                                      seed, process_index * rows))
+    dataset = dataset.map(LayOut(layout, num_shards))
     identity = {"seed": seed, "seq_len": seq_len, "global_batch": global_batch, "num_windows": windows}
     identity.update({k: v for k, v in (("stream", stream), ("vocab_size", vocab_size)) if v is not None})
     return Loader(dataset, identity, prefetch=prefetch, workers=workers)
+
+
+def _passkey_mix(tokenizer, seq_len: int, fraction: float, synthetic: float, seed: int, row_offset: int):
+    from lcjax.data.passkey import END, PassKeyMix, overhead
+
+    if tokenizer is None:
+        raise ValueError("data.passkey_fraction > 0 needs the tokenizer")
+    mix = PassKeyMix(tokenizer, fraction=fraction, seed=seed, synthetic=synthetic, row_offset=row_offset)
+    need = overhead(mix.encode, task=False, end=END)
+    if need > seq_len:
+        raise ValueError(f"data.seq_len {seq_len} is too short for PassKey examples (data.passkey_fraction): "
+                         f"they need more than {need} tokens")
+    return mix
 
 
 def epoch_summary(num_tokens: int, seq_len: int, num_docs: int | None = None) -> str:

@@ -70,3 +70,33 @@ def kv_columns(w, *, n_kv_heads: int, n_heads: int, head_dim: int, axis: str):
         return w
     kv = (lax.axis_index(axis) * (n_heads // tp)) // (n_heads // n_kv_heads)
     return lax.dynamic_slice_in_dim(w, kv * head_dim, head_dim, axis=w.ndim - 1)
+
+
+def vocab_parallel_argmax(logits, *, vocab_size: int, axis: str):
+    """Global argmax id (int32 [B, T]) of vocabulary-sharded logits [B, T, V/tp], padded ids (>= V) left out;
+    ties go to the smallest id. Two [B, T] all-reduces (max, then min over the tied shards' ids)."""
+    local_v = logits.shape[-1]
+    start = vocab_range(local_v, axis)
+    ids = start + jnp.arange(local_v)
+    logits = jnp.where(ids < vocab_size, logits.astype(jnp.float32), -jnp.inf)
+    local_max = jnp.max(logits, axis=-1)
+    peak = lax.pmax(local_max, axis)
+    local_arg = (start + jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    big = jnp.iinfo(jnp.int32).max
+    return lax.pmin(jnp.where(local_max == peak, local_arg, big), axis)
+
+
+def vocab_parallel_label_is_argmax(logits, labels, *, vocab_size: int, axis: str):
+    """bool [B, T]: whether ``labels`` [B, T] holds the largest logit of vocabulary-sharded logits
+    [B, T, V/tp] (a tie counts as a hit), without gathering them: each shard's local max and its label
+    logit (if the label is on that shard), then one ``pmax`` and one ``psum`` of [B, T] values."""
+    local_v = logits.shape[-1]
+    start = vocab_range(local_v, axis)
+    ids = start + jnp.arange(local_v)
+    logits = jnp.where(ids < vocab_size, logits.astype(jnp.float32), -jnp.inf)
+    peak = lax.pmax(jnp.max(logits, axis=-1), axis)
+    local_label = labels - start
+    inside = (local_label >= 0) & (local_label < local_v)
+    picked = jnp.take_along_axis(logits, jnp.clip(local_label, 0, local_v - 1)[..., None], axis=-1)[..., 0]
+    hit = lax.psum((inside & (picked >= peak)).astype(jnp.int32), axis)
+    return hit > 0

@@ -7,7 +7,6 @@ Run directory layout (DESIGN.md, "Public contracts"): ``config.yaml`` (resolved)
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from lcjax import distributed
 from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_params
 from lcjax.config import Config
 from lcjax.data import Dataset, build_dataset
+from lcjax.data.curriculum import curriculum_loader, stage_index
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
 from lcjax.train.metrics import MetricsWriter, Profiler, clean, startup_summary
@@ -144,10 +144,11 @@ def load_init_params(path: str | Path, cfg: Config, abstract_params, *, hf_param
     return restore_params(path / "checkpoints", abstract_params)
 
 
-def _zeros_batch(cfg: Config) -> dict:
-    """A batch of the right shapes (for compiling ahead of the first step)."""
-    shape = (cfg.data.global_batch, cfg.data.seq_len)
-    return {k: np.zeros(shape, np.int32) for k in BATCH_FIELDS}
+def _zeros_batch(cfg: Config, step: int) -> dict:
+    """A batch of the shape of 1-based ``step``'s batches (for compiling ahead of it; data.curriculum)."""
+    stages = config_lib.stages(cfg)
+    _, seq_len, batch = stages[stage_index(stages, step)]
+    return {k: np.zeros((batch, seq_len), np.int32) for k in BATCH_FIELDS}
 
 
 def process_rows(sharding, global_shape: tuple[int, int]) -> slice:
@@ -171,13 +172,22 @@ def _device_batch(local: dict, sharding, rows: slice, global_shape: tuple[int, i
     return {k: put(v) for k, v in local.items()}
 
 
-def _batches(loader, rows: slice, put):
-    """Endless device batches: this process's ``rows`` of each global batch of ``loader``, placed by ``put``.
+def placer(sharding):
+    """``put(global_batch) -> device batch``: global [B, T] arrays of which every process places only the
+    rows its devices hold (:func:`process_rows`). The loader builds the whole global batch, the same in every
+    process; a loader that builds only a process's rows can replace the slice here. B and T may change
+    from batch to batch (``data.curriculum``)."""
+    def put(batch: dict) -> dict:
+        shape = next(iter(batch.values())).shape
+        rows = process_rows(sharding, shape)
+        return _device_batch({k: v[rows] for k, v in batch.items()}, sharding, rows, shape)
+    return put
 
-    The loader builds the whole global batch, the same in every process; a loader that builds only a
-    process's rows can replace the slice here."""
+
+def _batches(loader, put):
+    """Endless device batches from ``loader``'s global batches."""
     while True:
-        yield put({k: v[rows] for k, v in next(loader).items()})
+        yield put(next(loader))
 
 
 @contextlib.contextmanager
@@ -281,9 +291,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, 
     if cfg.eval.every:
         dataset, heldout = dataset.split(cfg.eval.holdout)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
-    loader = dataset.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
-                            layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                            cross_document_attention=d.cross_document_attention, workers=d.workers)
+    loader = curriculum_loader(dataset.loader, config_lib.stages(cfg), seed=d.seed,
+                               layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                               cross_document_attention=d.cross_document_attention, workers=d.workers,
+                               passkey_fraction=d.passkey_fraction, passkey_synthetic=d.passkey_synthetic)
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
     # the fresh arrays are dropped before reading, so memory holds one state at a time
     if init_from is not None:
@@ -302,10 +313,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, 
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
 
     step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
-    sharding, shape = batch_sharding(mesh), (d.global_batch, d.seq_len)
-    rows = process_rows(sharding, shape)
-    put = functools.partial(_device_batch, sharding=sharding, rows=rows, global_shape=shape)
-    compiled = step_fn.compile(state, put({k: v[rows] for k, v in _zeros_batch(cfg).items()}))
+    put = placer(batch_sharding(mesh))
+    compiled = step_fn.compile(state, put(_zeros_batch(cfg, start + 1)))  # data.curriculum: the first stage
     try:
         memory = compiled.memory_analysis()
     except Exception:  # a backend without the analysis
@@ -318,7 +327,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, 
     if heldout is not None:
         eval_loss, eval_batches = make_eval_loss(graphdef, specs, mesh, cfg), _eval_batches(cfg, heldout, put)
         evaluate = lambda params: _evaluate(eval_loss, params, eval_batches)
-    batches = _batches(loader, rows, put)
+    batches = _batches(loader, put)
     writer = MetricsWriter(run_dir, start) if distributed.is_primary() else None
     if writer is not None:
         writer.text("config", "\n".join(["```", config_lib.to_yaml(cfg), "```", *summary]))
@@ -376,7 +385,7 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
     """The step loop: log, evaluate, checkpoint, count non-finite steps, stop on SIGTERM/SIGINT (see
     :func:`train`)."""
     start, primary = int(state.step), distributed.is_primary()
-    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    shape = _zeros_batch(cfg, start + 1)["tokens"].shape  # what the step is compiled for
     last = {"step": start, "loss": None, "checkpoint": ckpt.latest_step(),
             "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": False}
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or not primary, unit="step",
@@ -387,8 +396,12 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
             if distributed.any_process(flag["signal"] is not None):
                 last["preempted"] = True
                 break
+            batch = next(batches)
+            if batch["tokens"].shape != shape:  # data.curriculum: a new stage, compile for its shape
+                shape = batch["tokens"].shape
+                step_fn.compile(state, batch)
             profiler.before(last["step"] + 1)
-            state, record = _one_step(step_fn, state, next(batches), loader, tokens_per_step)
+            state, record = _one_step(step_fn, state, batch, loader, shape[0] * shape[1])
             profiler.after(last["step"] + 1, state.params)
             done = record["step"]
             if evaluate is not None and not record["skipped"] and (done % every == 0 or done == cfg.train.steps):

@@ -1,0 +1,98 @@
+"""A trained model for evaluation: parameters restored onto any mesh, and jitted forward functions that run
+inside one ``shard_map`` exactly as training does (layout order, ring attention over ``sequence``,
+vocabulary-parallel head over ``model``), returning small per-token results instead of logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcjax.checkpoint import restore_params
+from lcjax.config import Config
+from lcjax.model.llama import AttentionSpec, Axes, Llama
+from lcjax.parallel import tensor
+from lcjax.sharding import rules
+from lcjax.sharding.mesh import AXES, make_mesh
+
+FIELDS = ("tokens", "positions", "segment_ids")
+
+
+def load_params(cfg: Config, checkpoints: str | Path, step: int | None = None):
+    """(graphdef, specs, params, mesh): the parameters of checkpoint ``step`` (default newest) under
+    ``checkpoints``, placed on the mesh of ``cfg.mesh`` (any mesh: Orbax reshards), stored dtype kept."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, nnx.Rngs(0))))
+    specs = rules.param_specs(abstract, n_kv_heads=cfg.model.n_kv_heads, tp=mesh.shape["model"])
+    dtype = jnp.dtype(cfg.train.param_dtype)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    target: dict = {}
+    for (path, leaf), spec in zip(leaves, spec_leaves):
+        node = target
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=NamedSharding(mesh, spec))
+    restored = restore_params(checkpoints, target, step)
+    values = []
+    for path, _ in leaves:
+        node = restored
+        for k in path:
+            node = node[str(getattr(k, "key", getattr(k, "name", k)))]
+        values.append(node)
+    return graphdef, specs, jax.tree_util.tree_unflatten(treedef, values), mesh
+
+
+def _attention(cfg: Config) -> AttentionSpec:
+    a = cfg.attention
+    return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
+                         kernel=a.kernel, ulysses_size=a.ulysses_size)
+
+
+def _logits_fn(graphdef, cfg: Config):
+    """Per-shard (params, batch) -> float32 logits [B/dp, T/sp, V/tp] for a batch of any length."""
+    axes, attn, dtype = Axes(*AXES), _attention(cfg), jnp.dtype(cfg.train.dtype)
+
+    def logits(params, batch):
+        model = nnx.merge(graphdef, params)
+        length = batch["tokens"].shape[1] * lax.axis_size(axes.sequence)
+        h = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"],
+                         max_position=max(length, cfg.data.seq_len), attn=attn, axes=axes, dtype=dtype)
+        head = model.embed[...].astype(dtype).T if cfg.model.tie_embeddings else model.lm_head[...].astype(dtype)
+        return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
+    return logits
+
+
+def make_answer_misses(graphdef, specs, mesh, cfg: Config):
+    """Jitted (params, batch) -> int32 [B]: per sequence, how many masked labels are not the argmax of the
+    logits (0: the whole answer is decoded greedily). batch: int32 [B, T] ``tokens``, ``labels``,
+    ``positions``, ``segment_ids`` and ``loss_mask`` (the answer positions) in layout order, sharded
+    P('data', 'sequence')."""
+    logits_of, v = _logits_fn(graphdef, cfg), cfg.model.vocab_size
+
+    def local(params, batch):
+        hit = tensor.vocab_parallel_label_is_argmax(logits_of(params, batch), batch["labels"], vocab_size=v,
+                                                    axis="model")
+        miss = jnp.sum(jnp.where(hit, 0, batch["loss_mask"]), axis=1)
+        return lax.psum(miss, "sequence")
+
+    names = (*FIELDS, "labels", "loss_mask")
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in names}),
+                                 out_specs=P("data"), check_vma=cfg.attention.kernel != "pallas"))
+
+
+def make_argmax(graphdef, specs, mesh, cfg: Config):
+    """Jitted (params, batch) -> int32 [B, T]: the greedy next token at every position (layout order).
+    batch: ``tokens``, ``positions``, ``segment_ids`` int32 [B, T] in layout order."""
+    logits_of, v = _logits_fn(graphdef, cfg), cfg.model.vocab_size
+
+    def local(params, batch):
+        return tensor.vocab_parallel_argmax(logits_of(params, batch), vocab_size=v, axis="model")
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in FIELDS}),
+                                 out_specs=rules.BATCH, check_vma=cfg.attention.kernel != "pallas"))

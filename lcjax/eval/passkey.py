@@ -1,0 +1,294 @@
+"""PassKey retrieval (Mohtashami & Jaggi 2023) over a grid of prompt lengths and key depths
+(docs/evaluation.md).
+
+Prompts come from :mod:`lcjax.data.passkey` (in tokens, so every cell hits its length exactly). Each prompt
+runs through the same sharded model as training: one ``shard_map`` over the run's mesh (or another one
+given with ``--set mesh.*``), tokens in the layout order, ring attention over ``sequence``, vocabulary-
+parallel head over ``model``; the [T, V] logits are never gathered.
+
+Scoring (default, ``mode="teacher"``): teacher-forced greedy decoding of the key in one forward pass — the
+prompt followed by the answer " N" is read at once and the example counts as correct when every answer
+token is the argmax of the logits at the position before it (exact token match, as LongLoRA scores).
+``mode="generate"``: greedy generation of ``max_new_tokens`` tokens after the question by repeated full
+forward passes (simple and slow; fine for a short key), correct when the first integer of the generated
+text is the key (Landmark's rule).
+
+Keys are drawn from ``(seed, EVAL_SALT, length, depth index, sample)``, a stream apart from the training
+mixture's (``lcjax.data.passkey.MIX_SALT``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from lcjax import config as config_lib
+from lcjax.config import Config
+from lcjax.data import passkey as pk
+from lcjax.ops.layout import permute, unpermute
+
+EVAL_SALT = 0x45564B59
+FILLERS = ("synthetic", "corpus")
+MODES = ("teacher", "generate")
+
+
+def depths_grid(count: int) -> list[float]:
+    """``count`` evenly spaced depths from 0 to 1 (``--depths N``); one depth is 0."""
+    if count < 1:
+        raise ValueError(f"--depths {count} must be >= 1")
+    return [0.0] if count == 1 else [i / (count - 1) for i in range(count)]
+
+
+def check_lengths(lengths: list[int], cfg: Config, encode) -> None:
+    """Raise ValueError unless every length can be laid out on the mesh and holds a whole prompt."""
+    if not lengths:
+        raise ValueError("--lengths must name at least one length")
+    need = pk.overhead(encode, task=True) + 1
+    for length in lengths:
+        if length < need:
+            raise ValueError(f"--lengths {length}: a PassKey prompt needs at least {need} tokens")
+        unit = 2 * cfg.mesh.sequence if cfg.attention.layout == "zigzag" else cfg.mesh.sequence
+        if length % unit:
+            how = "2 x mesh.sequence" if cfg.attention.layout == "zigzag" else "mesh.sequence"
+            raise ValueError(f"--lengths {length} must be divisible by {how} = {unit} "
+                             f"for the {cfg.attention.layout} layout")
+
+
+def make_prompts(encode, length: int, depths: list[float], samples: int, seed: int,
+                 corpus: np.ndarray | None = None) -> list[list[pk.Prompt]]:
+    """``samples`` prompts of ``length`` tokens per depth (list per depth), keys and corpus offsets seeded.
+
+    ``corpus``: a token stream to take natural-text filler from (random offsets), None for the synthetic
+    sentences.
+    """
+    grid = []
+    for d, depth in enumerate(depths):
+        row = []
+        for s in range(samples):
+            rng = np.random.default_rng([seed, EVAL_SALT, length, d, s])
+            key = pk.random_key(rng)
+            filler = None
+            if corpus is not None:
+                count = length + 1
+                if len(corpus) < count:
+                    raise ValueError(f"--filler corpus: the corpus has {len(corpus)} tokens, fewer than {count}")
+                offset = int(rng.integers(0, len(corpus) - count + 1))
+                filler = pk.Filler(np.asarray(corpus[offset:offset + count]))
+            row.append(pk.build_prompt(encode, length=length, depth=depth, key=key, filler=filler))
+        grid.append(row)
+    return grid
+
+
+def teacher_batch(prompts: list[pk.Prompt]) -> dict[str, np.ndarray]:
+    """int32 [B, T] arrays in natural order: tokens, labels, positions, segment ids, answer mask."""
+    tokens = np.stack([p.tokens for p in prompts])
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "segment_ids": np.ones((b, t), np.int32),
+            "loss_mask": np.stack([p.label_mask() for p in prompts])}
+
+
+def first_integer(text: str) -> int | None:
+    """The first integer in ``text`` (Landmark's scoring rule), or None."""
+    found = re.search(r"\d+", text)
+    return int(found.group()) if found else None
+
+
+class Evaluator:
+    """A restored model on a mesh with jitted sharded scoring and argmax functions.
+
+    ``cfg``: the run's config (mesh and attention settings as wanted for the evaluation); ``params``: the
+    model's nnx.State placed by :func:`lcjax.eval.model.load_params`.
+    """
+
+    def __init__(self, cfg: Config, graphdef, specs, params, mesh):
+        from lcjax.eval import model as model_lib
+
+        self.cfg, self.params, self.mesh = cfg, params, mesh
+        self._score = model_lib.make_answer_misses(graphdef, specs, mesh, cfg)
+        self._argmax = model_lib.make_argmax(graphdef, specs, mesh, cfg)
+
+    def _device(self, batch: dict) -> dict:
+        import jax
+        from jax.sharding import NamedSharding
+
+        from lcjax.sharding import rules
+
+        sharding = NamedSharding(self.mesh, rules.BATCH)
+        lay = lambda x: permute(np.asarray(x, np.int32), self.cfg.attention.layout, self.cfg.mesh.sequence)
+        return {k: jax.device_put(lay(v), sharding) for k, v in batch.items()}
+
+    def _padded(self, items: list, batch_size: int) -> list:
+        return items + [items[-1]] * (batch_size - len(items))
+
+    def teacher(self, prompts: list[pk.Prompt], batch_size: int) -> np.ndarray:
+        """bool [len(prompts)]: every answer token is the argmax (one forward pass per ``batch_size``)."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            batch = self._device(teacher_batch(self._padded(chunk, batch_size)))
+            misses = np.asarray(self._score(self.params, batch))
+            out.append(misses[:len(chunk)] == 0)
+        return np.concatenate(out)
+
+    def generate(self, prompts: list[pk.Prompt], batch_size: int, max_new_tokens: int) -> np.ndarray:
+        """int32 [len(prompts), max_new_tokens]: greedy continuations of the prompts (the answer removed),
+        by one full forward pass per new token over a buffer padded to the layout's multiple."""
+        cfg, out = self.cfg, []
+        unit = 2 * cfg.mesh.sequence if cfg.attention.layout == "zigzag" else cfg.mesh.sequence
+        for i in range(0, len(prompts), batch_size):
+            chunk = self._padded(prompts[i:i + batch_size], batch_size)
+            ns = np.array([p.answer.start for p in chunk])  # prompt tokens of each row
+            size = math.ceil((ns.max() + max_new_tokens) / unit) * unit
+            buf = np.zeros((batch_size, size), np.int32)
+            for row, (p, n) in enumerate(zip(chunk, ns)):
+                buf[row, :n] = p.tokens[:n]
+            batch = {"positions": np.broadcast_to(np.arange(size, dtype=np.int32), buf.shape).copy(),
+                     "segment_ids": np.ones_like(buf)}
+            rows = np.arange(batch_size)
+            for j in range(max_new_tokens):
+                ids = self._argmax(self.params, self._device({"tokens": buf, **batch}))
+                ids = unpermute(np.asarray(ids), cfg.attention.layout, cfg.mesh.sequence)
+                buf[rows, ns + j] = ids[rows, ns + j - 1]
+            new = np.stack([buf[row, n:n + max_new_tokens] for row, n in enumerate(ns)])
+            out.append(new[:len(prompts[i:i + batch_size])])
+        return np.concatenate(out)
+
+
+def evaluate(evaluator: Evaluator, tokenizer, *, lengths: list[int], depths: list[float], samples: int,
+             seed: int = 0, corpus: np.ndarray | None = None, mode: str = "teacher", batch_size: int = 8,
+             max_new_tokens: int = 10, log=None) -> list[dict]:
+    """The PassKey grid: one record per (length, depth) with ``length`` (tokens), ``depth`` (percent),
+    ``accuracy`` (fraction of ``samples`` correct, 0-1) and ``samples``."""
+    encode = lambda s: tokenizer.encode_batch([s])[0]
+    records = []
+    for length in lengths:
+        grid = make_prompts(encode, length, depths, samples, seed, corpus)
+        flat = [p for row in grid for p in row]
+        if mode == "teacher":
+            correct = evaluator.teacher(flat, batch_size)
+        else:
+            ids = evaluator.generate(flat, batch_size, max_new_tokens)
+            correct = np.array([first_integer(tokenizer.decode(row)) == p.key for row, p in zip(ids, flat)])
+        correct = correct.reshape(len(depths), samples)
+        for depth, hits in zip(depths, correct):
+            records.append({"length": length, "depth": round(100 * depth, 4),
+                            "accuracy": float(np.mean(hits)), "samples": samples})
+        if log:
+            log(f"lcjax: passkey length {length}: mean accuracy {100 * np.mean(correct):.1f}%")
+    return records
+
+
+def grid_text(records: list[dict]) -> str:
+    """The grid as text: one row per depth, one column per length, accuracy in percent."""
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    acc = {(r["length"], r["depth"]): r["accuracy"] for r in records}
+    lines = ["depth % \\ length " + "".join(f"{n:>8}" for n in lengths)]
+    for d in depths:
+        lines.append(f"{d:>16g} " + "".join(f"{100 * acc[(n, d)]:>8.1f}" for n in lengths))
+    lines.append(f"{'mean':>16} " + "".join(
+        f"{100 * np.mean([acc[(n, d)] for d in depths]):>8.1f}" for n in lengths))
+    return "\n".join(lines)
+
+
+def plot_heatmap(records: list[dict], path: str | Path, title: str = "PassKey retrieval") -> None:
+    """Write a length x depth heatmap of accuracy (red 0 % .. green 100 %) as PNG, like the published
+    LLaMA / Mistral / LWM figures: x = prompt length (tokens), y = key depth (0 % = start, at the top)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    acc = {(r["length"], r["depth"]): r["accuracy"] for r in records}
+    grid = np.array([[100 * acc[(n, d)] for n in lengths] for d in depths])
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.9 * len(lengths)), max(3.5, 1.2 + 0.4 * len(depths))))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth (% of the filler)")
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(records: list[dict], out_dir: str | Path, title: str) -> tuple[Path, Path]:
+    """Write ``passkey.json`` and ``passkey.png`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    json_path, png_path = out_dir / "passkey.json", out_dir / "passkey.png"
+    plot_heatmap(records, png_path, title)
+    json_path.write_text(json.dumps(records, indent=1) + "\n")
+    return json_path, png_path
+
+
+def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 11, samples: int = 20,
+        overrides: list[str] = (), seed: int = 0, filler: str = "synthetic", mode: str = "teacher",
+        batch_size: int | None = None, max_new_tokens: int = 10, step: int | None = None, log=print) -> list[dict]:
+    """``lcjax eval passkey``: evaluate the newest checkpoint (or ``step``) of ``run_dir`` on the grid and
+    write ``passkey.json`` and ``passkey.png`` there. ``lengths`` default to the run's ``data.seq_len``.
+    Raises ValueError (one line, nothing written) for unusable input."""
+    from lcjax.checkpoint import saved_steps
+    from lcjax.data.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"--run-dir {run_dir}: not an lcjax run dir (no config.yaml)")
+    cfg = config_lib.load(run_dir / "config.yaml", list(overrides))
+    steps = saved_steps(run_dir / "checkpoints")
+    if not steps or (step is not None and step not in steps):
+        raise ValueError(f"--run-dir {run_dir}: no checkpoint{'' if step is None else f' at step {step}'} "
+                         f"(saved: {steps or 'none'})")
+    if filler not in FILLERS:
+        raise ValueError(f"--filler {filler!r} must be one of {', '.join(FILLERS)}")
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r} must be one of {', '.join(MODES)}")
+    if seed < 0:
+        raise ValueError(f"--seed {seed} must be >= 0")
+    if samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"--samples {samples} and --max-new-tokens {max_new_tokens} must be >= 1")
+    grid_depths = depths_grid(depths)
+    dp = cfg.mesh.data
+    batch_size = batch_size or math.ceil(min(samples * depths, 16) / dp) * dp
+    if batch_size < 1 or batch_size % dp:
+        raise ValueError(f"--batch-size {batch_size} must be a positive multiple of mesh.data = {dp}")
+    tokenizer = Tokenizer.load(run_dir / "tokenizer", "--run-dir tokenizer")
+    encode = lambda s: tokenizer.encode_batch([s])[0]
+    lengths = list(lengths) if lengths else [cfg.data.seq_len]
+    check_lengths(lengths, cfg, encode)
+    corpus = _corpus(cfg, run_dir) if filler == "corpus" else None
+
+    from lcjax.eval import model as model_lib
+
+    evaluator = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints", step))
+    records = evaluate(evaluator, tokenizer, lengths=lengths, depths=grid_depths, samples=samples, seed=seed,
+                       corpus=corpus, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)
+    title = f"PassKey: {cfg.name}, step {step or steps[-1]}\n{mode} scoring, {filler} filler, {samples} keys per cell"
+    json_path, png_path = write_results(records, run_dir, title)
+    log(grid_text(records))
+    log(f"lcjax: wrote {json_path} and {png_path}")
+    return records
+
+
+def _corpus(cfg: Config, run_dir: Path) -> np.ndarray:
+    """Natural-text filler: the run's held-out split (eval.holdout) tokenized with the run's tokenizer."""
+    from lcjax.data import build_dataset
+
+    d = cfg.data
+    dataset = build_dataset(d.source, tokenizer_kind=str(run_dir / "tokenizer" / "tokenizer.json"),
+                            vocab_size=cfg.model.vocab_size, cache_dir=d.cache_dir, data_dir=d.data_dir)
+    try:
+        return np.asarray(dataset.split(cfg.eval.holdout)[1].tokens)
+    except ValueError:
+        return np.asarray(dataset.tokens)
