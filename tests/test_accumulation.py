@@ -36,7 +36,8 @@ def _run(accum, mesh_shape, *extra):
     return jax.device_get(metrics), nnx.to_pure_dict(state.params)
 
 
-@pytest.mark.parametrize("mesh_shape,extra", [((2, 2, 2), ()), ((1, 4, 2), ("train.fsdp=true",))])
+@pytest.mark.parametrize("mesh_shape,extra", [((2, 2, 2), ()),
+                                              pytest.param((1, 4, 2), ("train.fsdp=true",), marks=pytest.mark.slow)])
 def test_accumulated_step_equals_the_large_batch(mesh_shape, extra):
     big_metrics, big_params = _run(1, mesh_shape, *extra)
     acc_metrics, acc_params = _run(4, mesh_shape, *extra)

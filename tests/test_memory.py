@@ -50,7 +50,8 @@ def _spec(array):
     return tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec))
 
 
-@pytest.mark.parametrize("option", ["train.fsdp=true", "train.shard_optimizer=true"])
+@pytest.mark.parametrize("option", ["train.fsdp=true",
+                                    pytest.param("train.shard_optimizer=true", marks=pytest.mark.slow)])
 def test_zero_layouts_of_parameters_gradients_and_optimizer_state(option):
     cfg = _config((2, 2, 2), option)
     mesh = make_mesh(2, 2, 2)
@@ -69,6 +70,7 @@ def test_zero_layouts_of_parameters_gradients_and_optimizer_state(option):
     assert "reduce_scatter" in hlo or "reduce-scatter" in hlo
 
 
+@pytest.mark.slow
 def test_sharded_optimizer_steps_equal_the_unsharded_ones():
     """Three AdamW steps under FSDP and under ZeRO-1/2 give the parameters, moments and losses of the
     replicated run (float32)."""
@@ -136,6 +138,7 @@ def test_full_remat_keeps_only_layer_inputs_and_no_hoisted_ring_masks():
     assert per_layer["none"] > 5 * per_layer["full"], per_layer
 
 
+@pytest.mark.slow
 def test_bfloat16_parameters_keep_float32_optimizer_state():
     mesh = make_mesh(1, 4, 2)
     losses = {}

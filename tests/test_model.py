@@ -151,12 +151,12 @@ def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, mistake):
 
 @pytest.mark.parametrize("mesh_shape,extra", [
     ((1, 4, 2), ("train.fsdp=true",)),
-    ((2, 2, 2), ("train.fsdp=true", "train.remat=full")),
+    pytest.param((2, 2, 2), ("train.fsdp=true", "train.remat=full"), marks=pytest.mark.slow),
     ((1, 4, 2), ("train.shard_optimizer=true", "train.remat=dots")),
-    ((2, 2, 2), ("train.shard_optimizer=true", "train.loss_tile=8")),
+    pytest.param((2, 2, 2), ("train.shard_optimizer=true", "train.loss_tile=8"), marks=pytest.mark.slow),
     ((1, 4, 2), ("train.remat=attention", "train.mlp_tile=4", "train.loss_tile=4")),
-    ((1, 8, 1), ("train.fsdp=true", "train.remat=full", "train.mlp_tile=4", "attention.impl=hybrid",
-                 "attention.ulysses_size=2")),
+    pytest.param((1, 8, 1), ("train.fsdp=true", "train.remat=full", "train.mlp_tile=4", "attention.impl=hybrid",
+                             "attention.ulysses_size=2"), marks=pytest.mark.slow),
 ])
 def test_memory_options_match_dense(mesh_shape, extra, oracle):
     """FSDP, ZeRO-1/2 gradient sharding, every remat policy and MLP/loss tiles leave the loss and every

@@ -141,6 +141,7 @@ PROMPTS = [p for row in make_prompts(encode, 256, [0.0, 0.5, 1.0], 2, 0) for p i
 MESHES = [(2, 2, 2), (1, 8, 1), (2, 1, 4)]
 
 
+@pytest.mark.slow
 def test_one_checkpoint_same_grid_on_every_mesh(run_dir):
     """The same correct/incorrect per prompt, the same greedy token at every position, the same
     generation, whatever the mesh."""

@@ -233,6 +233,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(corpus, tmp_path):
     """2 processes x 4 CPU devices (gloo over loopback) resume a 1-process x 8-device run on mesh (2, 2, 2)
     (each process holds its own rows of every batch) and give its losses; they save step 4 together."""
