@@ -93,5 +93,7 @@ def test_startup_summary_puts_xla_next_to_the_planner():
                          alias_size_in_bytes=2e6)
     lines = startup_summary(cfg, ma, platform="cpu", device_kind="cpu", n_params=123)
     assert len(lines) == 3 and "8 cpu devices" in lines[0] and "fsdp True" in lines[0]
-    assert "XLA 8.0 MB compiled" in lines[1] and "planner" in lines[1] and "MFU" in lines[2]
+    assert "XLA 8.0 MB compiled" in lines[1] and "planner" in lines[1] and "GPUs only" in lines[2]
+    gpu = startup_summary(cfg, ma, platform="gpu", device_kind="NVIDIA H100 80GB HBM3", n_params=123)
+    assert "h100 preset" in gpu[2] and "MFU" in gpu[2]
     assert preset_for("gpu", "NVIDIA H200") == "h200" and preset_for("gpu", "Tesla T4") == "h100"

@@ -141,7 +141,10 @@ def startup_summary(cfg, memory_analysis, *, platform: str, device_kind: str, n_
                      f"temporaries {gb(xla['temp'])}); planner {gb(predicted)} ({gap:+.0%})")
     else:
         lines.append(f"memory per device: planner {gb(predicted)} (XLA's analysis not available)")
-    lines.append(f"planner ({preset} preset, efficiency {plan.device.efficiency}): "
-                 f"{plan.tokens_per_sec_per_device:,.0f} tokens/s/device, MFU {plan.mfu['causal']:.2f} causal "
-                 f"/ {plan.mfu['palm']:.2f} PaLM")
+    if preset == "cpu":  # simulated devices share the host's cores: no meaningful speed prediction
+        lines.append("planner speed and MFU: predicted for GPUs only (lcjax plan --device h100 ...)")
+    else:
+        lines.append(f"planner ({preset} preset, efficiency {plan.device.efficiency}): "
+                     f"{plan.tokens_per_sec_per_device:,.0f} tokens/s/device, MFU {plan.mfu['causal']:.2f} "
+                     f"causal / {plan.mfu['palm']:.2f} PaLM")
     return lines
