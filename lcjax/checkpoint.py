@@ -97,6 +97,16 @@ def saved_steps(directory: str | Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def check_step(run_dir: str | Path, step: int | None, field: str = "--run-dir") -> list[int]:
+    """The complete checkpoint steps of the run dir ``run_dir``; raises ValueError (one line naming
+    ``field``) when it has none, or not ``step`` (None: any)."""
+    steps = saved_steps(Path(run_dir) / "checkpoints")
+    if not steps or (step is not None and step not in steps):
+        raise ValueError(f"{field} {run_dir}: no checkpoint{'' if step is None else f' at step {step}'} "
+                         f"(saved: {steps or 'none'})")
+    return steps
+
+
 def save_params_streamed(directory: str | Path, step: int, parts) -> None:
     """Write checkpoint ``directory/<step>`` holding ``{"params": ...}`` from ``parts``, an iterable of
     disjoint sub-trees of the parameters (nested dicts of the saved structure, numpy leaves), one at a time:

@@ -46,7 +46,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax import config as config_lib
-from lcjax.checkpoint import restore_params, saved_steps
+from lcjax.checkpoint import check_step, restore_params
 from lcjax.config import Config
 from lcjax.model.llama import AttentionSpec, Axes, Llama, rms_norm, swiglu
 from lcjax.ops import rope
@@ -120,10 +120,7 @@ def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, overrides)
-    steps = saved_steps(run_dir / "checkpoints")
-    if not steps or (step is not None and step not in steps):
-        raise ValueError(f"--run-dir {run_dir}: no checkpoint{'' if step is None else f' {step}'} in "
-                         f"{run_dir / 'checkpoints'}")
+    steps = check_step(run_dir, step)
     tokenizer = Tokenizer.load(run_dir / "tokenizer", field="--run-dir tokenizer")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
     graphdef, specs, abstract = abstract_params(cfg, mesh)

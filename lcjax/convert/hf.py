@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lcjax import config as config_lib
-from lcjax.checkpoint import restore_params, save_params_streamed, saved_steps
+from lcjax.checkpoint import check_step, restore_params, save_params_streamed
 from lcjax.config import Config, ModelConfig, padded_vocab
 from lcjax.convert.hf_config import hf_config_from_model, model_config_from_hf, read_config_json
 from lcjax.convert.safetensors_io import SafetensorsFolder, ShardWriter
@@ -245,10 +245,7 @@ def lcjax_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir}: not an lcjax run dir (no config.yaml)")
-    steps = saved_steps(run_dir / "checkpoints")
-    if not steps or (step is not None and step not in steps):
-        raise ValueError(f"{run_dir}: no checkpoint{'' if step is None else f' at step {step}'} "
-                         f"(saved: {steps or 'none'})")
+    steps = check_step(run_dir, step, field="lcjax-to-hf")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
     cfg = config_lib.load(run_dir / "config.yaml")

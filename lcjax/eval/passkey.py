@@ -239,17 +239,14 @@ def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 
     """``lcjax eval passkey``: evaluate the newest checkpoint (or ``step``) of ``run_dir`` on the grid and
     write ``passkey.json`` and ``passkey.png`` there. ``lengths`` default to the run's ``data.seq_len``.
     Raises ValueError (one line, nothing written) for unusable input."""
-    from lcjax.checkpoint import saved_steps
+    from lcjax.checkpoint import check_step
     from lcjax.data.tokenizer import Tokenizer
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"--run-dir {run_dir}: not an lcjax run dir (no config.yaml)")
     cfg = config_lib.load(run_dir / "config.yaml", list(overrides))
-    steps = saved_steps(run_dir / "checkpoints")
-    if not steps or (step is not None and step not in steps):
-        raise ValueError(f"--run-dir {run_dir}: no checkpoint{'' if step is None else f' at step {step}'} "
-                         f"(saved: {steps or 'none'})")
+    steps = check_step(run_dir, step)
     if filler not in FILLERS:
         raise ValueError(f"--filler {filler!r} must be one of {', '.join(FILLERS)}")
     if mode not in MODES:
