@@ -24,8 +24,8 @@ T (a multiple of the layout's unit); padded keys are masked by position, and gen
 prompt of length n takes position n + i whatever the padding. Parameters are replicated over data ×
 sequence here (no optimizer state is loaded), whatever ``train.fsdp`` says; compute in ``train.dtype``.
 Single process only (results are fetched to the host). RoPE tables (``model.rope.*``, as in
-``Llama.hidden``) are built for max_position = T + M in both prefill and decode, so a ``dynamic`` scaling
-uses that length throughout.
+``Llama.hidden``) are built for max_position = max(T + M, ``data.seq_len``) (T the padded prompt length) in
+both prefill and decode: a ``dynamic`` scaling uses one length throughout, never less than training's.
 
 Entry points: :func:`load` (a run dir's newest checkpoint, config and tokenizer), :func:`from_params`
 (parameters in memory), :func:`prompt_logits` (next-token logits of a batch of prompts),
@@ -337,6 +337,12 @@ def _padded_batch(model: Model, prompts: Sequence[Sequence[int]]):
     return lay(tokens), lay(positions), put(lengths, P(DATA)), len(prompts)
 
 
+def _max_position(model: Model, prompt_len: int, slots: int) -> int:
+    """Positions the RoPE tables serve: the padded prompt plus the generated tokens, and at least the
+    training length (so that a ``dynamic`` RoPE scaling matches training for shorter prompts)."""
+    return max(prompt_len + slots, model.cfg.data.seq_len)
+
+
 def _true_vocab(model: Model, logits, rows: int):
     return logits[:rows, : model.cfg.model.vocab_size]
 
@@ -356,7 +362,7 @@ def prefill(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 0")
     tokens, positions, lengths, rows = _padded_batch(model, prompts)
     slots = max(max_new_tokens, 1)
-    max_position = int(tokens.shape[1]) + slots
+    max_position = _max_position(model, int(tokens.shape[1]), slots)
     logits, k, v = model.fns["prefill"](model.params, tokens, positions, lengths, max_position)
     tail = lambda: jax.device_put(np.zeros((k.shape[0], k.shape[1], slots, *k.shape[3:]), k.dtype),
                                   NamedSharding(model.mesh, TAIL_SPEC))
@@ -376,7 +382,7 @@ def decode_step(model: Model, cache: Cache, tokens) -> tuple[Any, Cache]:
     tokens = np.asarray(tokens, np.int32).reshape(-1)
     rows = tokens.shape[0]
     tokens = np.concatenate([tokens, np.repeat(tokens[:1], b - rows)])
-    max_position = int(cache.positions.shape[1]) + slots
+    max_position = _max_position(model, int(cache.positions.shape[1]), slots)
     tokens = jax.device_put(tokens, NamedSharding(model.mesh, P(DATA)))
     logits, cache = model.fns["decode"](model.params, cache, tokens, max_position)
     return _true_vocab(model, logits, rows), cache

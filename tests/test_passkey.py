@@ -156,6 +156,21 @@ def test_one_checkpoint_same_grid_on_every_mesh(run_dir):
             np.testing.assert_array_equal(a, b)
 
 
+def test_generate_mode_is_greedy_decoding_of_the_full_forward(run_dir):
+    """--mode generate (prefill + KV-cache decode, lcjax.generate) on a 2x2x2 mesh gives the tokens a full
+    forward pass over prompt + generated tokens calls greedy: token j is the argmax after token j-1."""
+    ev, steps = _evaluator(run_dir, (2, 2, 2)), 4
+    new = ev.generate(PROMPTS[:3], 2, steps)  # batches of 2: the last one padded
+    assert new.shape == (3, steps) and new.dtype == np.int32
+    batch = teacher_batch(PROMPTS[:4])
+    starts = [p.answer.start for p in PROMPTS[:3]]
+    for row, n in enumerate(starts):
+        batch["tokens"][row, n:n + steps] = new[row]
+    ids = _argmax(ev, batch)
+    for row, n in enumerate(starts):
+        np.testing.assert_array_equal(ids[row, n - 1:n - 1 + steps], new[row])
+
+
 def test_teacher_scoring_counts_answer_tokens_that_are_not_the_argmax(run_dir):
     """Scoring on the model's own greedy tokens: answers made of them score 0 misses; k wrong tokens, k."""
     ev = _evaluator(run_dir)

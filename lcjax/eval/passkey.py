@@ -9,9 +9,9 @@ parallel head over ``model``; the [T, V] logits are never gathered.
 Scoring (default, ``mode="teacher"``): teacher-forced greedy decoding of the key in one forward pass — the
 prompt followed by the answer " N" is read at once and the example counts as correct when every answer
 token is the argmax of the logits at the position before it (exact token match, as LongLoRA scores).
-``mode="generate"``: greedy generation of ``max_new_tokens`` tokens after the question by repeated full
-forward passes (simple and slow; fine for a short key), correct when the first integer of the generated
-text is the key (Landmark's rule).
+``mode="generate"``: greedy generation of ``max_new_tokens`` tokens after the question with
+:mod:`lcjax.generate` (the prompt prefilled through the same sharded model, then decoding with the KV
+cache), correct when the first integer of the generated text is the key (Landmark's rule).
 
 Keys are drawn from ``(seed, EVAL_SALT, length, depth index, sample)``, a stream apart from the training
 mixture's (``lcjax.data.passkey.MIX_SALT``).
@@ -29,7 +29,7 @@ import numpy as np
 from lcjax import config as config_lib
 from lcjax.config import Config
 from lcjax.data import passkey as pk
-from lcjax.ops.layout import permute, unpermute
+from lcjax.ops.layout import permute
 
 EVAL_SALT = 0x45564B59
 FILLERS = ("synthetic", "corpus")
@@ -112,6 +112,7 @@ class Evaluator:
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self._score = model_lib.make_answer_misses(graphdef, specs, mesh, cfg)
         self._argmax = model_lib.make_argmax(graphdef, specs, mesh, cfg)
+        self._generator = None  # an lcjax.generate.Model, built on the first generate()
 
     def _device(self, batch: dict) -> dict:
         import jax
@@ -138,26 +139,17 @@ class Evaluator:
 
     def generate(self, prompts: list[pk.Prompt], batch_size: int, max_new_tokens: int) -> np.ndarray:
         """int32 [len(prompts), max_new_tokens]: greedy continuations of the prompts (the answer removed),
-        by one full forward pass per new token over a buffer padded to the layout's multiple."""
-        cfg, out = self.cfg, []
-        unit = 2 * cfg.mesh.sequence if cfg.attention.layout == "zigzag" else cfg.mesh.sequence
+        ``batch_size`` prompts at a time, by :func:`lcjax.generate.generate`: one sharded prefill over the
+        mesh (ring attention, the run's layout), then decoding with the KV cache."""
+        from lcjax import generate as gen
+
+        if self._generator is None:
+            self._generator = gen.from_params(self.cfg, self.params, self.mesh)
+        out = []
         for i in range(0, len(prompts), batch_size):
-            chunk = self._padded(prompts[i:i + batch_size], batch_size)
-            ns = np.array([p.answer.start for p in chunk])  # prompt tokens of each row
-            size = math.ceil((ns.max() + max_new_tokens) / unit) * unit
-            buf = np.zeros((batch_size, size), np.int32)
-            for row, (p, n) in enumerate(zip(chunk, ns)):
-                buf[row, :n] = p.tokens[:n]
-            batch = {"positions": np.broadcast_to(np.arange(size, dtype=np.int32), buf.shape).copy(),
-                     "segment_ids": np.ones_like(buf)}
-            rows = np.arange(batch_size)
-            for j in range(max_new_tokens):
-                ids = self._argmax(self.params, self._device({"tokens": buf, **batch}))
-                ids = unpermute(np.asarray(ids), cfg.attention.layout, cfg.mesh.sequence)
-                buf[rows, ns + j] = ids[rows, ns + j - 1]
-            new = np.stack([buf[row, n:n + max_new_tokens] for row, n in enumerate(ns)])
-            out.append(new[:len(prompts[i:i + batch_size])])
-        return np.concatenate(out)
+            chunk = [p.tokens[:p.answer.start] for p in prompts[i:i + batch_size]]
+            out += gen.generate(self._generator, chunk, max_new_tokens=max_new_tokens)
+        return np.asarray(out, np.int32)
 
 
 def evaluate(evaluator: Evaluator, tokenizer, *, lengths: list[int], depths: list[float], samples: int,
