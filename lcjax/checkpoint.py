@@ -175,22 +175,69 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
     Raises ValueError (one line naming the checkpoint) when there is none or it does not hold parameters of
     these shapes.
     """
+    step = _newest_or(directory, step)
+    params = _restore_part(directory, "params", abstract_params, step)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):  # partial restore skips them
+        raise ValueError(f"checkpoint {Path(directory) / str(step)}: holds no model parameters of this shape")
+    return params
+
+
+def restore_opt_state(directory: str | Path, abstract_opt_state, step: int | None = None):
+    """Only the optimizer state (``opt_state`` of a saved TrainState: every optax state, e.g. AdamW's moments
+    and counts) of the checkpoint at ``step`` (default: newest) under ``directory``, placed like
+    ``abstract_opt_state`` (ShapeDtypeStruct leaves with shardings: any mesh, any ZeRO layout); the rest is
+    not read.
+
+    Raises ValueError (one line naming the checkpoint) when there is none, it holds no optimizer state
+    (parameters alone: :meth:`Checkpointer.save_params`, an import) or one of another structure (another
+    optimizer: other states, arrays, shapes or dtypes).
+    """
+    directory = Path(directory)
+    step = _newest_or(directory, step)
+    path = directory / str(step)
+    manager = ocp.CheckpointManager(directory.absolute(), item_handlers=ocp.StandardCheckpointHandler())
+    try:
+        with _one_line_errors(path, "this optimizer state"):
+            saved = manager.item_metadata(step)
+    finally:
+        manager.close()
+    saved = getattr(saved, "tree", saved) or {}  # newer Orbax wraps the tree in TreeMetadata
+    if "opt_state" not in saved:
+        raise ValueError(f"checkpoint {path}: holds no optimizer state (model parameters alone)")
+    want, have = jax.tree.leaves(abstract_opt_state), len(jax.tree.leaves(saved["opt_state"]))
+    if have != len(want):
+        raise ValueError(f"checkpoint {path}: its optimizer state holds {have} arrays, this optimizer's "
+                         f"{len(want)} (another optimizer structure)")
+    opt_state = _restore_part(directory, "opt_state", abstract_opt_state, step, "this optimizer state")
+    # partial restore leaves what the checkpoint lacks as ShapeDtypeStructs and keeps the saved shapes
+    for got, target in zip(jax.tree.leaves(opt_state), want):
+        if isinstance(got, jax.ShapeDtypeStruct) or got.shape != target.shape or got.dtype != target.dtype:
+            raise ValueError(f"checkpoint {path}: its optimizer state does not match this optimizer's "
+                             f"(another structure, shapes or dtypes)")
+    return opt_state
+
+
+def _newest_or(directory: str | Path, step: int | None) -> int:
+    """``step``, or the newest complete checkpoint's under ``directory`` (ValueError when there is none)."""
     steps = saved_steps(directory)
     step = steps[-1] if step is None and steps else step
     if step is None:
         raise ValueError(f"{directory}: holds no checkpoint")
-    target = {"params": abstract_params}
+    return step
+
+
+def _restore_part(directory: str | Path, key: str, abstract, step: int, into: str = "this model"):
+    """``tree[key]`` of the checkpoint at ``step`` read by partial restore into ``abstract``; leaves the
+    checkpoint lacks stay ShapeDtypeStructs. Raises ValueError (one line) when Orbax cannot read it."""
+    target = {key: abstract}
     manager = ocp.CheckpointManager(Path(directory).absolute())
     try:
-        with _one_line_errors(Path(directory) / str(step)):
+        with _one_line_errors(Path(directory) / str(step), into):
             args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                           partial_restore=True)
-            params = manager.restore(step, args=args)["params"]
+            return manager.restore(step, args=args)[key]
     finally:
         manager.close()
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):  # partial restore skips them
-        raise ValueError(f"checkpoint {Path(directory) / str(step)}: holds no model parameters of this shape")
-    return params
 
 
 def check_directory(directory: str | Path) -> list[int]:
@@ -206,10 +253,10 @@ def check_directory(directory: str | Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def _one_line_errors(path: Path):
+def _one_line_errors(path: Path, into: str = "this model"):
     """Turn whatever Orbax raises while reading ``path`` into one ValueError line naming it."""
     try:
         yield
     except Exception as e:  # Orbax raises ValueError, FileNotFoundError, KeyError, TypeError, ...
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: cannot be restored into this model ({detail[:300]})") from None
+        raise ValueError(f"checkpoint {path}: cannot be restored into {into} ({detail[:300]})") from None

@@ -1,4 +1,5 @@
-"""Command line: ``lcjax train --config FILE [--set key=value]... [--run-dir DIR] [--resume | --init-from DIR]``.
+"""Command line: ``lcjax train --config FILE [--set key=value]... [--run-dir DIR]
+[--resume | --init-from DIR [--init-optimizer]]``.
 
 Errors in anything the user typed or pointed at print one line on stderr naming the field and the rule
 and exit with code 2, before anything is written. Simulated CPU devices for the mesh are provisioned
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
     train.add_argument("--init-from", metavar="DIR",
                        help="start a new run from the weights of another run dir or a Hugging Face folder")
+    train.add_argument("--init-optimizer", action="store_true",
+                       help="with --init-from RUN_DIR: also take that run's optimizer state (AdamW moments; "
+                            "the new run still starts at step 1 with a fresh data order and lr schedule)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--profile", metavar="START:END",
                        help="write a jax.profiler trace of optimizer steps START..END into <run dir>/profile")
@@ -227,6 +231,8 @@ def _train(args) -> int:
         raise ValueError("--resume needs --run-dir")
     if args.resume and args.init_from:
         raise ValueError("--resume and --init-from exclude each other")
+    if args.init_optimizer and not args.init_from:
+        raise ValueError("--init-optimizer needs --init-from RUN_DIR (the run whose optimizer state to take)")
     if args.config is None and not args.resume:
         raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
     cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
@@ -244,8 +250,9 @@ def _train(args) -> int:
     from lcjax.train.loop import NonFiniteError, train  # imports JAX: after the devices are provisioned
 
     try:
-        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress,
-                       hf_params=_hf_params, profile=profile)
+        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from,
+                       init_optimizer=args.init_optimizer, progress=not args.no_progress, hf_params=_hf_params,
+                       profile=profile)
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE

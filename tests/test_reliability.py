@@ -1,5 +1,6 @@
 """Reliability (issue 6): exact resume after SIGKILL, preemption by SIGTERM/SIGINT, restore on another mesh,
---init-from, the non-finite guard, bad input of every kind, and a real two-process run on loopback."""
+--init-from (and --init-optimizer), the non-finite guard, bad input of every kind, and a real two-process run
+on loopback."""
 
 import json
 import os
@@ -168,6 +169,75 @@ def test_init_from_with_a_new_seq_len_and_mesh(corpus, base_run, tmp_path):
     assert losses[1] < _losses(base_run)[0] - 0.05  # the trained weights were used (a fresh model: ~ln 257)
 
 
+ZERO1 = ("mesh.data=2", "mesh.sequence=2", "mesh.model=2", "train.shard_optimizer=true")  # another mesh and layout
+
+
+def _opt_state(run_dir, cfg, step=None):
+    """(the optimizer state of ``run_dir``'s checkpoint at ``step`` placed for ``cfg``'s mesh, its target)."""
+    from lcjax.checkpoint import restore_opt_state
+    from lcjax.sharding.mesh import make_mesh
+    from lcjax.train.state import abstract_state
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
+    target = abstract_state(cfg, mesh)[3].opt_state
+    return restore_opt_state(run_dir / "checkpoints", target, step), target
+
+
+def _adam(opt_state):
+    """(ScaleByAdamState, ScaleByScheduleState) of lcjax's optimizer: chain(clip, adamw(...))."""
+    return opt_state[1][0], opt_state[1][-1]
+
+
+def test_init_optimizer_restores_the_moments_on_another_mesh(corpus, base_run, tmp_path):
+    """--init-optimizer: the source's AdamW moments and count, resharded onto (2, 2, 2) with ZeRO-1, bitwise;
+    the schedule restarts with the new run. Through a whole run: after one update the moments are those of
+    a fresh optimizer plus b1 (b2) times the source's, and its checkpoint's Adam count is the source's + 1."""
+    from lcjax.train.loop import load_init_opt_state
+
+    cfg = _cfg(corpus, "train.steps=1", "checkpoint.every=1", *ZERO1)
+    source, target = _opt_state(base_run, cfg)
+    restored = load_init_opt_state(base_run, target)
+    assert any("data" in str(x.sharding.spec) for x in jax.tree.leaves(target))  # not the source's layout
+    adam, sched = _adam(restored)
+    assert int(adam.count) == 12 and int(sched.count) == 0 and int(_adam(source)[1].count) == 12
+    for got, want, where in zip(jax.tree.leaves(restored), jax.tree.leaves(source), jax.tree.leaves(target)):
+        assert got.sharding == where.sharding
+        if got.ndim:  # the moments (the scalars are the counts above)
+            assert np.abs(np.asarray(want)).max() > 0  # trained moments, not fresh zeros
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    runs = {}
+    for name, carry in (("carried", True), ("fresh", False)):
+        train(cfg, tmp_path / name, init_from=base_run, init_optimizer=carry, progress=False)
+        assert [r["step"] for r in _records(tmp_path / name)] == [1]  # a new run: step 1, fresh data
+        runs[name] = _adam(_opt_state(tmp_path / name, cfg, 1)[0])
+    assert _losses(tmp_path / "carried") == _losses(tmp_path / "fresh")  # the same weights
+    (carried, carried_sched), (fresh, fresh_sched) = runs["carried"], runs["fresh"]
+    assert (int(carried.count), int(fresh.count), int(carried_sched.count), int(fresh_sched.count)) == (13, 1, 1, 1)
+    src = _adam(source)[0]
+    for moments, beta in (("mu", cfg.train.b1), ("nu", cfg.train.b2)):
+        for c, f, s in zip(*(jax.tree.leaves(getattr(a, moments)) for a in (carried, fresh, src))):
+            c, f, s = (np.asarray(x, np.float64) for x in (c, f, s))
+            np.testing.assert_allclose(c - f, beta * s, rtol=1e-5, atol=1e-6 * np.abs(c).max())
+    b1, b2 = cfg.train.b1, cfg.train.b2
+    for mu, nu in zip(jax.tree.leaves(fresh.mu), jax.tree.leaves(fresh.nu)):  # one update from zeros
+        g = np.asarray(mu, np.float64) / (1 - b1)  # mu = (1-b1) g, nu = (1-b2) g²
+        np.testing.assert_allclose(np.asarray(nu, np.float64), (1 - b2) * g**2, rtol=1e-4,
+                                   atol=1e-6 * np.abs(nu).max())
+
+
+def test_restore_opt_state_refuses_other_shapes(corpus, base_run):
+    """Orbax's partial restore would keep the saved shape where the target's differs: refused instead."""
+    from lcjax.checkpoint import restore_opt_state
+
+    _, target = _opt_state(base_run, _cfg(corpus))
+    leaves, tree = jax.tree.flatten(target)
+    i = next(i for i, x in enumerate(leaves) if x.ndim)
+    leaves[i] = jax.ShapeDtypeStruct((leaves[i].shape[0] + 1, *leaves[i].shape[1:]), leaves[i].dtype)
+    with pytest.raises(ValueError, match="optimizer state does not match this optimizer's"):
+        restore_opt_state(base_run / "checkpoints", jax.tree.unflatten(tree, leaves))
+
+
 # 4: non-finite guard
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, capsys):
@@ -268,6 +338,7 @@ def _bad(corpus, tmp_path, capsys, args, message, run_dir):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lcjax: error:") and message in err[0], err
     assert _snapshot(run_dir) == before
+    return err[0]
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -358,3 +429,52 @@ def test_init_from_refuses_what_it_cannot_use(corpus, base_run, tmp_path, capsys
     extra = ["model.d_model=64"] if source == "shape" else []
     _bad(corpus, tmp_path, capsys, [*_cli_args(corpus, run_dir, *extra), "--init-from", str(src)], message, run_dir)
     assert not run_dir.exists()
+
+
+def _copy_with_checkpoint(source, dst, state_of):
+    """A run dir ``dst``: ``source``'s config and tokenizer and one checkpoint (step 12) holding
+    ``state_of(params)``, ``params`` being ``source``'s newest (numpy)."""
+    import orbax.checkpoint as ocp
+
+    from lcjax.checkpoint import restore_params
+    from lcjax.train.state import abstract_params
+
+    shutil.copytree(source / "tokenizer", dst / "tokenizer")
+    shutil.copy(source / "config.yaml", dst / "config.yaml")
+    params = restore_params(source / "checkpoints", abstract_params(config_lib.load(source / "config.yaml"))[1])
+    manager = ocp.CheckpointManager(dst / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(12, args=ocp.args.StandardSave(state_of(params)))
+    manager.wait_until_finished()
+    manager.close()
+    return dst
+
+
+def _init_optimizer_source(kind, base_run, tmp_path):
+    if kind == "hf":  # only the folder's shape matters: refused before anything is read
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text("{}")
+        (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+        return tmp_path / "hf"
+    if kind == "params_only":  # like an import: parameters alone
+        return _copy_with_checkpoint(base_run, tmp_path / kind, lambda params: {"params": params})
+    if kind == "other":  # another optimizer: Lion's state (no nu)
+        import optax
+
+        lion = optax.chain(optax.clip_by_global_norm(1.0), optax.lion(1e-3))
+        return _copy_with_checkpoint(base_run, tmp_path / kind, lambda params: {
+            "params": params, "opt_state": lion.init(params), "step": np.int32(12)})
+    return None
+
+
+@pytest.mark.parametrize("source,message", [
+    ("none", "--init-optimizer needs --init-from"),
+    ("hf", "is a Hugging Face folder, which holds no optimizer state"),
+    ("params_only", "holds no optimizer state (model parameters alone)"),
+    ("other", "another optimizer structure"),
+])
+def test_init_optimizer_refuses_what_it_cannot_use(corpus, base_run, tmp_path, capsys, source, message):
+    src = _init_optimizer_source(source, base_run, tmp_path)
+    run_dir, before = tmp_path / "new", _snapshot(base_run)
+    args = [*_cli_args(corpus, run_dir, *ZERO1), "--init-optimizer", *(["--init-from", str(src)] if src else [])]
+    assert _bad(corpus, tmp_path, capsys, args, message, run_dir).startswith("lcjax: error: --init-optimizer")
+    assert not run_dir.exists() and _snapshot(base_run) == before

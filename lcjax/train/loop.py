@@ -17,11 +17,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from lcjax import config as config_lib
 from lcjax import distributed
-from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_params
+from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_opt_state, restore_params
 from lcjax.config import Config
 from lcjax.data import Dataset, build_dataset
 from lcjax.data.curriculum import curriculum_loader, stage_index
@@ -144,6 +145,38 @@ def load_init_params(path: str | Path, cfg: Config, abstract_params, *, hf_param
     return restore_params(path / "checkpoints", abstract_params)
 
 
+def check_init_optimizer(init_from, init_optimizer: bool) -> None:
+    """Raise ValueError (one line) when ``--init-optimizer`` is asked for without ``--init-from`` or with a
+    Hugging Face folder (which holds no optimizer state)."""
+    if not init_optimizer:
+        return
+    if init_from is None:
+        raise ValueError("--init-optimizer needs --init-from RUN_DIR (the run whose optimizer state to take)")
+    if _is_hf_folder(Path(init_from)):
+        raise ValueError(f"--init-optimizer: --init-from {init_from} is a Hugging Face folder, which holds no "
+                         f"optimizer state (pass an lcjax run dir, or drop --init-optimizer)")
+
+
+def load_init_opt_state(path: str | Path, abstract_opt_state):
+    """The optimizer state of the newest checkpoint of the run dir ``path`` (``--init-optimizer``), placed like
+    ``abstract_opt_state`` (ShapeDtypeStructs with shardings: any mesh, ZeRO-1/2 or FSDP layout included).
+    Every optax state carries over (AdamW's moments and their count, which the bias correction needs) except
+    the learning-rate schedule's counts, which restart at 0: the new run follows its own schedule from
+    step 1, as its logged ``lr`` says.
+
+    Raises ValueError (one line naming ``--init-optimizer``) when the checkpoint holds no optimizer state
+    (parameters alone, e.g. an import) or one of another structure than this config's optimizer.
+    """
+    try:
+        opt_state = restore_opt_state(Path(path) / "checkpoints", abstract_opt_state)
+    except ValueError as e:
+        raise ValueError(f"--init-optimizer: {e}") from None
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    restart = lambda c: jax.device_put(np.zeros(c.shape, c.dtype), c.sharding)
+    return jax.tree.map(lambda x: x._replace(count=restart(x.count)) if is_schedule(x) else x, opt_state,
+                        is_leaf=is_schedule)
+
+
 def _zeros_batch(cfg: Config, step: int) -> dict:
     """A batch of the shape of 1-based ``step``'s batches (for compiling ahead of it; data.curriculum)."""
     stages = config_lib.stages(cfg)
@@ -257,14 +290,16 @@ def _eval_batches(cfg: Config, heldout: Dataset, put) -> list[dict]:
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
-          progress: bool = True, devices=None, hf_params=None, profile: tuple[int, int] | None = None) -> dict:
+          init_optimizer: bool = False, progress: bool = True, devices=None, hf_params=None,
+          profile: tuple[int, int] | None = None) -> dict:
     """Train ``cfg`` into ``run_dir``. Returns {"step", "loss", "checkpoint", "checkpoint_dir", "preempted"}
     of the last step.
 
     ``resume`` continues the newest checkpoint of ``run_dir`` (model, optimizer and data-iterator state,
     on any mesh); ``init_from`` starts a new run from the parameters of another run's newest checkpoint or a
     Hugging Face folder (fresh optimizer; mesh, seq_len and RoPE may differ, the model shape may not;
-    ``hf_params``: see :func:`load_init_params`).
+    ``hf_params``: see :func:`load_init_params`); with ``init_optimizer`` also the optimizer state of that
+    run's newest checkpoint (:func:`load_init_opt_state`; step 1 and a fresh data order all the same).
     ``devices`` defaults to every device (their number must equal the mesh product). SIGTERM or SIGINT
     (even during set-up) finishes the current step, saves and returns with ``preempted`` True. A step with
     a non-finite loss or gradient norm is not applied. ``eval.every`` > 0 evaluates the held-out split;
@@ -273,16 +308,18 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     Raises ValueError (one line naming the field and the rule) for unusable input before anything is
     written: an existing run dir without ``resume``, a tokenizer larger than model.vocab_size, a device count
     other than the mesh's, a corpus too small for one batch, an unreadable or foreign checkpoint, another
-    model shape. Raises NonFiniteError after ``train.max_bad_steps`` non-finite steps in a row (the newest
-    checkpoint is left as it was).
+    model shape, ``init_optimizer`` without ``init_from``, with a Hugging Face folder or with a checkpoint
+    whose optimizer state is missing or of another structure. Raises NonFiniteError after
+    ``train.max_bad_steps`` non-finite steps in a row (the newest checkpoint is left as it was).
     """
     with preemption_signals() as flag:  # a signal during set-up stops before the first step
-        return _train(cfg, Path(run_dir), resume, init_from, progress, devices, hf_params, flag, profile)
+        return _train(cfg, Path(run_dir), resume, init_from, init_optimizer, progress, devices, hf_params, flag,
+                      profile)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, devices, hf_params,
-           flag: dict, profile) -> dict:
-    saved = check_inputs(cfg, run_dir, resume, init_from)
+def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: bool, progress: bool, devices,
+           hf_params, flag: dict, profile) -> dict:
+    saved = check_inputs(cfg, run_dir, resume, init_from, init_optimizer)
     devices = check_devices(cfg, devices)
     d = cfg.data
     source = Path(init_from) if init_from else None
@@ -298,10 +335,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, progress: bool, 
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
     # the fresh arrays are dropped before reading, so memory holds one state at a time
     if init_from is not None:
-        abstract = abstract_like(state.params)
+        abstract, abstract_opt = abstract_like(state.params), abstract_like(state.opt_state)
         state = state._replace(params=None, opt_state=None)
         params = load_init_params(init_from, cfg, abstract, hf_params=hf_params)
-        state = state._replace(params=params, opt_state=init_opt_state(cfg, mesh, optimizer, params, specs))
+        opt_state = (load_init_opt_state(init_from, abstract_opt) if init_optimizer
+                     else init_opt_state(cfg, mesh, optimizer, params, specs))
+        state = state._replace(params=params, opt_state=opt_state)
     if saved:
         abstract, state = abstract_like(state), None
         state = Checkpointer.read(run_dir / "checkpoints", abstract)
@@ -353,14 +392,15 @@ def _evaluate(eval_loss, params, batches) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 
 
-def check_inputs(cfg: Config, run_dir: Path, resume: bool, init_from) -> list[int]:
-    """Check the run dir and what ``--resume`` or ``--init-from`` points at (ValueError, one line); return
-    the steps of the run dir's complete checkpoints (none for a new run)."""
+def check_inputs(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: bool = False) -> list[int]:
+    """Check the run dir and what ``--resume`` or ``--init-from`` (and ``--init-optimizer``) point at
+    (ValueError, one line); return the steps of the run dir's complete checkpoints (none for a new run)."""
     check_run_dir(run_dir, resume)
     if resume and init_from is not None:
         raise ValueError("--resume and --init-from exclude each other")
     if init_from is not None:
         check_init_from(Path(init_from), cfg)
+    check_init_optimizer(init_from, init_optimizer)
     if not resume:
         return []
     saved = check_directory(run_dir / "checkpoints")
