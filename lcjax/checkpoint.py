@@ -142,26 +142,6 @@ def _merge_into(tree: dict, part: dict) -> None:
             tree[key] = value
 
 
-def restore_params(directory: str | Path, abstract_params, step: int | None = None):
-    """The ``params`` of the checkpoint ``directory/<step>`` (default: newest), whether it holds a whole
-    TrainState or parameters alone (:meth:`Checkpointer.save_params`), without reading anything else.
-
-    ``abstract_params``: ShapeDtypeStruct leaves (with shardings: jax arrays placed there; without: numpy
-    arrays), the parameter tree or any part of it (as nested dicts of the saved structure, e.g.
-    ``{"layers": {"wq": {"value": ...}}}``), so one tensor can be read at a time. Writes nothing. Raises
-    FileNotFoundError when there is no checkpoint.
-    """
-    steps = saved_steps(directory)
-    step = (steps[-1] if steps else None) if step is None else step
-    path = Path(directory).absolute() / str(step) / "default"
-    if step is None or not path.is_dir():
-        raise FileNotFoundError(f"{directory}: no checkpoint{'' if step is None else f' {step}'}")
-    target = {"params": abstract_params}
-    args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
-    return ocp.PyTreeCheckpointer().restore(path, args=args)["params"]
-
-
 def abstract_like(tree):
     """ShapeDtypeStruct pytree (with shardings) of a pytree of arrays: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -171,6 +151,10 @@ def abstract_like(tree):
 def restore_params(directory: str | Path, abstract_params, step: int | None = None):
     """Only the model parameters (``params`` of a saved TrainState) of the checkpoint at ``step`` (default:
     newest) under ``directory``, placed like ``abstract_params`` (any mesh); the rest is not read.
+    ``abstract_params``: ShapeDtypeStruct leaves (with shardings: jax arrays placed there; without: numpy
+    arrays), the whole parameter tree or any part of it as nested dicts of the saved structure (e.g.
+    ``{"layers": {"wq": {"value": ...}}}``), so one tensor can be read at a time. Works on a whole
+    TrainState and on parameters saved alone (:meth:`Checkpointer.save_params`).
 
     Raises ValueError (one line naming the checkpoint) when there is none or it does not hold parameters of
     these shapes.

@@ -53,11 +53,7 @@ def load_run(run_dir: str | Path, mesh_shape=(1, 1, 1), *, step: int | None = No
     cfg = run_config(config_lib.load(run_dir / "config.yaml").model, mesh_shape, **attention)
     _, abstract = model_graph(cfg)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
-    try:
-        params = restore_params(run_dir / "checkpoints", target, step)
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
-    return CausalLM(cfg, params)
+    return CausalLM(cfg, restore_params(run_dir / "checkpoints", target, step))  # ValueError: one line
 
 
 def hf_tokenizer(hf_dir: str | Path):
