@@ -171,6 +171,23 @@ def test_generate_mode_is_greedy_decoding_of_the_full_forward(run_dir):
         np.testing.assert_array_equal(ids[row, n - 1:n - 1 + steps], new[row])
 
 
+def test_scoring_over_token_tiles_equals_the_whole_logits(run_dir):
+    """Logits in tiles of train.loss_tile tokens per shard (here 16 of 128) give the same argmax and the
+    same misses as one tile; token_tile picks the largest divisor not above the target."""
+    from lcjax.eval import model as model_lib
+    from lcjax.eval.passkey import Evaluator
+
+    whole = _evaluator(run_dir)
+    cfg = config_lib.load(run_dir / "config.yaml", ["train.loss_tile=16"])
+    tiled = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints"))
+    batch = teacher_batch(PROMPTS)
+    np.testing.assert_array_equal(_argmax(tiled, batch), _argmax(whole, batch))
+    np.testing.assert_array_equal(tiled.teacher(PROMPTS, 2), whole.teacher(PROMPTS, 2))
+    assert model_lib.token_tile(128, cfg) == 16 and model_lib.token_tile(96, cfg) == 16
+    assert model_lib.token_tile(3000, whole.cfg) == 1000 and model_lib.token_tile(96, whole.cfg) == 96
+    assert model_lib.token_tile(24, config_lib.load(None, ["train.loss_tile=16"])) == 12
+
+
 def test_teacher_scoring_counts_answer_tokens_that_are_not_the_argmax(run_dir):
     """Scoring on the model's own greedy tokens: answers made of them score 0 misses; k wrong tokens, k."""
     ev = _evaluator(run_dir)

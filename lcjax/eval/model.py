@@ -1,6 +1,10 @@
 """A trained model for evaluation: parameters restored onto any mesh, and jitted forward functions that run
 inside one ``shard_map`` exactly as training does (layout order, ring attention over ``sequence``,
-vocabulary-parallel head over ``model``), returning small per-token results instead of logits."""
+vocabulary-parallel head over ``model``), returning small per-token results instead of logits.
+
+The [B, T/sp, V/tp] float32 logits are never whole: the head and its reduction run over tiles of at most
+``train.loss_tile`` tokens per shard (``EVAL_TILE`` when that is 0), so an evaluation batch of long
+prompts holds one tile of logits at a time."""
 
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax.checkpoint import restore_params
 from lcjax.config import Config
-from lcjax.model.llama import AttentionSpec, Axes, Llama
+from lcjax.model.llama import AttentionSpec, Axes, Llama, tiled_over_tokens
 from lcjax.parallel import tensor
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES, make_mesh
 
 FIELDS = ("tokens", "positions", "segment_ids")
+EVAL_TILE = 1024  # tokens per shard whose logits are alive at once when train.loss_tile is 0
 
 
 def load_params(cfg: Config, checkpoints: str | Path, step: int | None = None):
@@ -54,18 +59,27 @@ def _attention(cfg: Config) -> AttentionSpec:
                          kernel=a.kernel, ulysses_size=a.ulysses_size)
 
 
-def _logits_fn(graphdef, cfg: Config):
-    """Per-shard (params, batch) -> float32 logits [B/dp, T/sp, V/tp] for a batch of any length."""
+def token_tile(tokens: int, cfg: Config) -> int:
+    """Tile for ``tokens`` tokens per shard: the largest divisor of ``tokens`` not above ``train.loss_tile``
+    (``EVAL_TILE`` when 0)."""
+    target = min(cfg.train.loss_tile or EVAL_TILE, tokens)
+    return next(d for d in range(target, 0, -1) if tokens % d == 0)
+
+
+def _tiled_fn(graphdef, cfg: Config, reduce):
+    """Per-shard (params, batch, *per_token) -> ``reduce(logits, *per_token)`` over token tiles, where logits
+    are float32 [B/dp, tile, V/tp] and per_token arrays are [B/dp, T/sp]; a batch of any length."""
     axes, attn, dtype = Axes(*AXES), _attention(cfg), jnp.dtype(cfg.train.dtype)
 
-    def logits(params, batch):
+    def run(params, batch, *per_token):
         model = nnx.merge(graphdef, params)
         length = batch["tokens"].shape[1] * lax.axis_size(axes.sequence)
         h = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"],
                          max_position=max(length, cfg.data.seq_len), attn=attn, axes=axes, dtype=dtype)
         head = model.embed[...].astype(dtype).T if cfg.model.tie_embeddings else model.lm_head[...].astype(dtype)
-        return jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
-    return logits
+        fn = lambda h, *xs: reduce(jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32), *xs)
+        return tiled_over_tokens(fn, h, *per_token, tile=token_tile(h.shape[1], cfg))
+    return run
 
 
 def make_answer_misses(graphdef, specs, mesh, cfg: Config):
@@ -73,11 +87,12 @@ def make_answer_misses(graphdef, specs, mesh, cfg: Config):
     logits (0: the whole answer is decoded greedily). batch: int32 [B, T] ``tokens``, ``labels``,
     ``positions``, ``segment_ids`` and ``loss_mask`` (the answer positions) in layout order, sharded
     P('data', 'sequence')."""
-    logits_of, v = _logits_fn(graphdef, cfg), cfg.model.vocab_size
+    v = cfg.model.vocab_size
+    hits = _tiled_fn(graphdef, cfg, lambda logits, labels: tensor.vocab_parallel_label_is_argmax(
+        logits, labels, vocab_size=v, axis="model"))
 
     def local(params, batch):
-        hit = tensor.vocab_parallel_label_is_argmax(logits_of(params, batch), batch["labels"], vocab_size=v,
-                                                    axis="model")
+        hit = hits(params, batch, batch["labels"])
         miss = jnp.sum(jnp.where(hit, 0, batch["loss_mask"]), axis=1)
         return lax.psum(miss, "sequence")
 
@@ -89,10 +104,7 @@ def make_answer_misses(graphdef, specs, mesh, cfg: Config):
 def make_argmax(graphdef, specs, mesh, cfg: Config):
     """Jitted (params, batch) -> int32 [B, T]: the greedy next token at every position (layout order).
     batch: ``tokens``, ``positions``, ``segment_ids`` int32 [B, T] in layout order."""
-    logits_of, v = _logits_fn(graphdef, cfg), cfg.model.vocab_size
-
-    def local(params, batch):
-        return tensor.vocab_parallel_argmax(logits_of(params, batch), vocab_size=v, axis="model")
-
+    v = cfg.model.vocab_size
+    local = _tiled_fn(graphdef, cfg, lambda logits: tensor.vocab_parallel_argmax(logits, vocab_size=v, axis="model"))
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in FIELDS}),
                                  out_specs=rules.BATCH, check_vma=cfg.attention.kernel != "pallas"))
