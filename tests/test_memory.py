@@ -95,6 +95,7 @@ def test_sharded_optimizer_steps_equal_the_unsharded_ones():
         assert max(jax.tree.leaves(jax.tree.map(relative_error, mu, ref_mu))) <= 1e-4
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_across_zero_layouts(tmp_path):
     """A checkpoint written under FSDP restores into a replicated run and back, values unchanged."""
     mesh = make_mesh(1, 4, 2)
@@ -127,6 +128,7 @@ def _temp_bytes(n_layers, remat, seq_len=1024):
     return fn.lower(state.params, batch).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_full_remat_keeps_only_layer_inputs_and_no_hoisted_ring_masks():
     """Each extra layer under remat=full costs about its float32 input [B, T/sp, D], far below what the
     ring's per-step masks would cost if XLA hoisted them out of the layer scan (sp · B · (T/sp)² bytes per layer)

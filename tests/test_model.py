@@ -124,6 +124,7 @@ def test_check_vma_off_matches(mesh_shape, oracle):
     _compare(loss, grads, *oracle)
 
 
+@pytest.mark.slow  # test_fsdp_with_tied_embeddings_and_check_vma_off covers tying in the default suite
 def test_tied_embeddings_match_dense():
     loss, grads, params, cfg = _sharded_loss_and_grads((1, 2, 4), "model.tie_embeddings=true")
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
