@@ -339,7 +339,7 @@ def _padded_batch(model: Model, prompts: Sequence[Sequence[int]]):
 
 def _max_position(model: Model, prompt_len: int, slots: int) -> int:
     """Positions the RoPE tables serve: the padded prompt plus the generated tokens, and at least the
-    training length (so that a ``dynamic`` RoPE scaling matches training for shorter prompts)."""
+    training length (so that a ``dynamic`` RoPE scaling is never scaled for less than training was)."""
     return max(prompt_len + slots, model.cfg.data.seq_len)
 
 
