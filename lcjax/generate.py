@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lcjax import config as config_lib
 from lcjax.checkpoint import check_step, restore_params
 from lcjax.config import Config
-from lcjax.model.llama import AttentionSpec, Axes, Llama, rms_norm, swiglu
+from lcjax.model.llama import Axes, Llama, attention_spec, rms_norm, swiglu
 from lcjax.ops import rope
 from lcjax.ops.layout import permute
 from lcjax.parallel import tensor
@@ -158,11 +158,6 @@ def _model(cfg: Config, mesh, graphdef, params, specs) -> Model:
 
 # ------------------------------------------------------------------------------------- per-shard math
 
-def _attention_spec(cfg: Config) -> AttentionSpec:
-    a = cfg.attention
-    return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
-                         kernel=a.kernel, ulysses_size=a.ulysses_size)
-
 
 def _cos_sin(m: config_lib.ModelConfig, positions, max_position: int):
     """RoPE angles for int32 positions [B, T], called exactly as ``Llama.hidden`` calls them."""
@@ -194,7 +189,7 @@ def _prefill_local(params, tokens, positions, lengths, *, graphdef, cfg: Config,
                    keep_cache: bool):
     """Per shard: tokens/positions [B/dp, T/sp] (layout order), lengths [B/dp] -> last-token logits float32
     [B/dp, V/tp] and (keep_cache) keys/values [L, B/dp, T/sp, K', H]."""
-    m, axes, attn, dtype = cfg.model, Axes(), _attention_spec(cfg), jnp.dtype(cfg.train.dtype)
+    m, axes, attn, dtype = cfg.model, Axes(), attention_spec(cfg), jnp.dtype(cfg.train.dtype)
     model = nnx.merge(graphdef, params)
     segment_ids = jnp.ones_like(tokens)  # padding sits after each prompt: causality already hides it
     x = tensor.vocab_parallel_embed(tokens, _weight(model.embed, dtype), axes.model)

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax.checkpoint import restore_params
 from lcjax.config import Config
-from lcjax.model.llama import AttentionSpec, Axes, Llama, tiled_over_tokens
+from lcjax.model.llama import Axes, Llama, attention_spec, tiled_over_tokens
 from lcjax.parallel import tensor
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES, make_mesh
@@ -53,11 +53,6 @@ def load_params(cfg: Config, checkpoints: str | Path, step: int | None = None):
     return graphdef, specs, jax.tree_util.tree_unflatten(treedef, values), mesh
 
 
-def _attention(cfg: Config) -> AttentionSpec:
-    a = cfg.attention
-    return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
-                         kernel=a.kernel, ulysses_size=a.ulysses_size)
-
 
 def token_tile(tokens: int, cfg: Config) -> int:
     """Tile for ``tokens`` tokens per shard: the largest divisor of ``tokens`` not above ``train.loss_tile``
@@ -69,7 +64,7 @@ def token_tile(tokens: int, cfg: Config) -> int:
 def _tiled_fn(graphdef, cfg: Config, reduce):
     """Per-shard (params, batch, *per_token) -> ``reduce(logits, *per_token)`` over token tiles, where logits
     are float32 [B/dp, tile, V/tp] and per_token arrays are [B/dp, T/sp]; a batch of any length."""
-    axes, attn, dtype = Axes(*AXES), _attention(cfg), jnp.dtype(cfg.train.dtype)
+    axes, attn, dtype = Axes(*AXES), attention_spec(cfg), jnp.dtype(cfg.train.dtype)
 
     def run(params, batch, *per_token):
         model = nnx.merge(graphdef, params)

@@ -31,7 +31,7 @@ from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from lcjax.config import ModelConfig, padded_vocab
+from lcjax.config import Config, ModelConfig, padded_vocab
 from lcjax.ops import rope
 from lcjax.parallel import fsdp, tensor
 from lcjax.parallel.sequence import sequence_parallel_attention
@@ -72,6 +72,14 @@ class AttentionSpec(NamedTuple):
     block_k: int = 512
     kernel: str = "xla"
     ulysses_size: int | None = None
+
+
+def attention_spec(cfg: Config) -> AttentionSpec:
+    """The static attention settings of a config (``cfg.attention``), as training, generation and the
+    evaluations pass them to :meth:`Llama.hidden`."""
+    a = cfg.attention
+    return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
+                         kernel=a.kernel, ulysses_size=a.ulysses_size)
 
 
 def _normal(rngs: nnx.Rngs, shape, std):

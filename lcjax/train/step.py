@@ -33,7 +33,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax.config import Config
-from lcjax.model.llama import AttentionSpec, Axes, MemorySpec
+from lcjax.model.llama import Axes, MemorySpec, attention_spec
 from lcjax.parallel import fsdp
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES
@@ -52,12 +52,6 @@ class TrainState(NamedTuple):
     step: Any
     data_state: Any
 
-
-def attention_spec(cfg: Config) -> AttentionSpec:
-    """The static attention settings of a config."""
-    a = cfg.attention
-    return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
-                         kernel=a.kernel, ulysses_size=a.ulysses_size)
 
 
 def memory_spec(cfg: Config) -> MemorySpec:
