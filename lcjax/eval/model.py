@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from lcjax.checkpoint import restore_params
 from lcjax.config import Config
-from lcjax.model.llama import Axes, Llama, attention_spec, tiled_over_tokens
+from lcjax.generate import abstract_params
+from lcjax.model.llama import Axes, attention_spec, tiled_over_tokens
 from lcjax.parallel import tensor
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES, make_mesh
@@ -29,29 +30,12 @@ EVAL_TILE = 1024  # tokens per shard whose logits are alive at once when train.l
 
 def load_params(cfg: Config, checkpoints: str | Path, step: int | None = None):
     """(graphdef, specs, params, mesh): the parameters of checkpoint ``step`` (default newest) under
-    ``checkpoints``, placed on the mesh of ``cfg.mesh`` (any mesh: Orbax reshards), stored dtype kept."""
+    ``checkpoints``, placed on the mesh of ``cfg.mesh`` (any mesh: Orbax reshards) as generation places them
+    (:func:`lcjax.generate.abstract_params`: ``train.param_dtype``, split over ``model`` only). Raises
+    ValueError (one line) for a missing or foreign checkpoint."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, nnx.Rngs(0))))
-    specs = rules.param_specs(abstract, n_kv_heads=cfg.model.n_kv_heads, tp=mesh.shape["model"])
-    dtype = jnp.dtype(cfg.train.param_dtype)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    target: dict = {}
-    for (path, leaf), spec in zip(leaves, spec_leaves):
-        node = target
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        for name in names[:-1]:
-            node = node.setdefault(name, {})
-        node[names[-1]] = jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=NamedSharding(mesh, spec))
-    restored = restore_params(checkpoints, target, step)
-    values = []
-    for path, _ in leaves:
-        node = restored
-        for k in path:
-            node = node[str(getattr(k, "key", getattr(k, "name", k)))]
-        values.append(node)
-    return graphdef, specs, jax.tree_util.tree_unflatten(treedef, values), mesh
-
+    graphdef, specs, abstract = abstract_params(cfg, mesh)
+    return graphdef, specs, restore_params(checkpoints, abstract, step), mesh
 
 
 def token_tile(tokens: int, cfg: Config) -> int:
