@@ -27,8 +27,9 @@ the padded length. Lengths that are not a multiple of the tile are padded (padde
 masked by index inside the kernels); a head dim that is not a power of two >= 16 is zero-padded.
 The padding costs one copy of the inputs, so prefer lengths that are multiples of 128.
 
-``interpret=None`` runs the kernels in the Pallas interpreter on a CPU backend and compiles them with
-Triton otherwise. Imports only JAX (the Triton backend ships with jaxlib); JAX 0.11 deprecates the Pallas
+``interpret=None`` compiles the kernels with Triton when the program is compiled for GPUs (decided from the
+program's devices, so a deviceless compile for a GPU target builds the real kernel) and runs them in the
+Pallas interpreter otherwise. Imports only JAX (the Triton backend ships with jaxlib); JAX 0.11 deprecates the Pallas
 Triton backend in favour of Mosaic GPU, which would live in its own module.
 """
 
@@ -42,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from lcjax.kernels.flash_attention.platform import resolve_interpret
 from lcjax.kernels.flash_attention.xla import block_may_be_visible
 
 NEG_INF = float("-inf")
@@ -80,10 +82,6 @@ def _head_dim(h: int) -> int:
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
-
-
-def _resolve_interpret(interpret):
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
 
 
 def _num_warps(hp: int) -> int:
@@ -211,7 +209,8 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
         visible to query i when seg_j = seg_i, (causal ⇒ pos_j ≤ pos_i), (window W ⇒ pos_i − pos_j < W).
       scale: score scale, default 1/√H.
       block_q, block_k: upper bounds on the tiles (see the module docstring: power of two, >= 16, capped).
-      interpret: run in the Pallas interpreter; None ⇒ True on a CPU backend.
+      interpret: run in the Pallas interpreter; None ⇒ True unless compiled for GPUs
+        (:func:`lcjax.kernels.flash_attention.platform.resolve_interpret`).
     Returns:
       (out float32 [B, T, N, H], lse float32 [B, T, N]); a query that sees no key gets out 0, lse −inf.
     Raises:
@@ -243,7 +242,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
         out_shape=[jax.ShapeDtypeStruct((b, tp, n, hp), jnp.float32),
                    jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
         compiler_params=_compiler_params(_num_warps(hp)),
-        interpret=_resolve_interpret(interpret),
+        interpret=resolve_interpret(interpret),
         name="lcjax_flash_fwd",
     )(q_, k_, v_, qp_, kp_, qs_, ks_)
     return out[:, :t, :, :h], jnp.transpose(lse[:, :, :t], (0, 2, 1))
@@ -355,7 +354,7 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
     args = (q_, k_, v_, do_, lse_, dl_, qp_, kp_, qs_, ks_)
     static = dict(causal=causal, window=window, scale=scale, t_len=t, s_len=s_len, q_padded=q_padded,
                   k_padded=k_padded, precision=_precision(q.dtype))
-    interpret = _resolve_interpret(interpret)
+    interpret = resolve_interpret(interpret)
 
     # dK, dV: grid (key tile, batch, kv head); each program reads all G query heads of its kv head.
     qg_spec = pl.BlockSpec((_SQ, tp, g, hp), lambda j, bi, hi: (bi, 0, hi, 0))
