@@ -70,14 +70,15 @@ def test_ring_without_check_vma():
 
 def test_backward_does_not_store_visiting_blocks():
     """The custom VJP keeps O(T/P) residuals: at a fixed T/P, temporaries do not grow with the ring size
-    (autodiff through the forward ring would keep all P visiting blocks)."""
+    (autodiff through the forward ring would keep all P visiting blocks: twice as many at P = 8 as at 4).
+    Both sizes run the double-buffered loop (P = 2 has no loop, so fewer buffers)."""
     def temp_bytes(sp):
         q, k, v, do, pos, seg = _data(False, t=64 * sp)
         ring = _ring_on_mesh(sp, "zigzag", None, check_vma=True)
         f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v, pos, seg) * do), (0, 1, 2)))
         return f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes(8) <= 1.25 * temp_bytes(2)
+    assert temp_bytes(8) <= 1.25 * temp_bytes(4)
 
 
 def test_merge_handles_empty_sides():

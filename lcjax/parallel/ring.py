@@ -27,10 +27,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from lcjax.kernels.flash_attention.api import get_kernel
 
 NEG_INF = -jnp.inf
+DKV_DTYPES = ("float32", "bfloat16")
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -60,6 +62,7 @@ class RingPlan(NamedTuple):
     block_k: int
     kernel: str = "xla"
     group: int = 1
+    dkv_dtype: str = "float32"
 
 
 def _perm(size: int, group: int, hops: int):
@@ -93,7 +96,8 @@ def step_halves(zigzag_half: bool, earlier: bool):
     """Which half of the local queries and of the visiting keys one ring step computes (None = all).
 
     Zigzag + causal, block from an earlier shard: every query, the first (early) key chunk; from a later
-    shard: the second (late) query chunk, every key. Otherwise the whole block.
+    shard: the second (late) query chunk, every key. Otherwise the whole block. (The traced ring computes
+    the same pairs branch-free as two quarter blocks, see :func:`_quarters`.)
     """
     if not zigzag_half:
         return None, None
@@ -108,43 +112,62 @@ def _sel(x, half):
     return x[:, :n] if half == 0 else x[:, n:]
 
 
-def _place(x, fill, half):
-    """Inverse of :func:`_sel`: a half-length result placed into a full-length array filled with ``fill``."""
-    if half is None:
-        return x
-    other = jnp.full_like(x, fill)
-    return jnp.concatenate([x, other] if half == 0 else [other, x], axis=1)
+def _half(x, h):
+    """The half ``h`` (traced int32 0 or 1) of ``x`` along the token axis 1: a dynamic slice, one shape."""
+    n = x.shape[1] // 2
+    return lax.dynamic_slice_in_dim(x, h * n, n, axis=1)
 
 
-def _forward_step(kernel, q, kv, q_pos, q_seg, *, zigzag_half, earlier, kw):
-    """Attention of local queries to one visiting block. Returns (out, lse) for all local queries."""
+def _zigzag_h(earlier):
+    """The two (query half, key half) quarter blocks a zigzag off-diagonal step computes, branch-free.
+
+    From an earlier shard the step needs (q0, k0) and (q1, k0); from a later one (q1, k0) and (q1, k1).
+    Both are "A = (q1, k0)" plus "B = (q_h, k_h)" with h = 0 (earlier) or 1 (later): the same shapes on
+    every step, the choice a computed slice offset instead of a ``lax.cond`` (whose predicate a GPU would
+    copy to the host once per step). Returns h as int32.
+    """
+    return jnp.where(earlier, 0, 1).astype(jnp.int32)
+
+
+def _add_half(x, part, h):
+    """``x`` with ``part`` added to its half ``h`` (traced) along the token axis 1."""
+    n = x.shape[1] // 2
+    return lax.dynamic_update_slice_in_dim(x, _half(x, h) + part, h * n, axis=1)
+
+
+def _forward_step(kernel, q, kv, acc, q_pos, q_seg, *, zigzag_half, earlier, kw):
+    """``acc`` = (out, lse) float32 of the local queries, merged with their attention to one visiting block."""
     k, v, k_pos, k_seg = kv
-
-    def branch(earlier_static):
-        qh, kh = step_halves(zigzag_half, earlier_static)
-        out, lse = kernel.flash_forward(_sel(q, qh), _sel(k, kh), _sel(v, kh), _sel(q_pos, qh), _sel(k_pos, kh),
-                                        _sel(q_seg, qh), _sel(k_seg, kh), **kw)
-        return _place(out, 0.0, qh), _place(lse, NEG_INF, qh)
-
     if not zigzag_half:
-        return branch(False)
-    return lax.cond(earlier, lambda _: branch(True), lambda _: branch(False), None)
+        return merge(*acc, *kernel.flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **kw))
+    h, n = _zigzag_h(earlier), q.shape[1] // 2
+    call = lambda qh, kh: kernel.flash_forward(qh(q), kh(k), kh(v), qh(q_pos), kh(k_pos), qh(q_seg), kh(k_seg),
+                                               **kw)
+    late = lambda x: _sel(x, 1)
+    out, lse = acc
+    o_b, l_b = merge(_half(out, h), _half(lse, h), *call(lambda x: _half(x, h), lambda x: _half(x, h)))  # (q_h, k_h)
+    out = lax.dynamic_update_slice_in_dim(out, o_b, h * n, axis=1)
+    lse = lax.dynamic_update_slice_in_dim(lse, l_b, h * n, axis=1)
+    o_a, l_a = merge(late(out), late(lse), *call(late, lambda x: _sel(x, 0)))  # (q1, k0)
+    return out.at[:, n:].set(o_a), lse.at[:, n:].set(l_a)
 
 
-def _backward_step(kernel, q, kv, out, lse, dout, q_pos, q_seg, *, zigzag_half, earlier, kw):
-    """Gradient contributions of one visiting block: (dq for local queries, dk, dv for the block)."""
+def _backward_step(kernel, q, kv, grads, out, lse, dout, q_pos, q_seg, *, zigzag_half, earlier, kw):
+    """``grads`` = (dq of the local queries, dk, dv of the visiting block), float32, plus this block's
+    contributions."""
     k, v, k_pos, k_seg = kv
-
-    def branch(earlier_static):
-        qh, kh = step_halves(zigzag_half, earlier_static)
-        dq, dk, dv = kernel.flash_backward(_sel(q, qh), _sel(k, kh), _sel(v, kh), _sel(out, qh), _sel(lse, qh),
-                                           _sel(dout, qh), _sel(q_pos, qh), _sel(k_pos, kh), _sel(q_seg, qh),
-                                           _sel(k_seg, kh), **kw)
-        return _place(dq, 0.0, qh), _place(dk, 0.0, kh), _place(dv, 0.0, kh)
-
     if not zigzag_half:
-        return branch(False)
-    return lax.cond(earlier, lambda _: branch(True), lambda _: branch(False), None)
+        parts = kernel.flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, **kw)
+        return tuple(g + p for g, p in zip(grads, parts))
+    h = _zigzag_h(earlier)
+    call = lambda qh, kh: kernel.flash_backward(qh(q), kh(k), kh(v), qh(out), qh(lse), qh(dout), qh(q_pos),
+                                                kh(k_pos), qh(q_seg), kh(k_seg), **kw)
+    dq, dk, dv = grads
+    dq_b, dk_b, dv_b = call(lambda x: _half(x, h), lambda x: _half(x, h))   # (q_h, k_h)
+    dq, dk, dv = _add_half(dq, dq_b, h), _add_half(dk, dk_b, h), _add_half(dv, dv_b, h)
+    dq_a, dk_a, dv_a = call(lambda x: _sel(x, 1), lambda x: _sel(x, 0))     # (q1, k0)
+    n = q.shape[1] // 2
+    return dq.at[:, n:].add(dq_a), dk.at[:, :n].add(dk_a), dv.at[:, :n].add(dv_a)
 
 
 def _ring_geometry(plan: RingPlan, q, q_pos, q_seg):
@@ -163,49 +186,71 @@ def _kw(plan: RingPlan):
                 block_k=plan.block_k)
 
 
-def _fwd(q, k, v, q_pos, q_seg, plan: RingPlan):
-    kernel, kw = get_kernel(plan.kernel), _kw(plan)
+def _setup(plan: RingPlan, q, q_pos, q_seg):
+    """Kernel module, its keyword arguments, and the ring geometry shared by the forward and backward."""
     idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
     zigzag_half = plan.layout == "zigzag" and plan.causal and ring > 1
     steps = ring_steps(ring, q.shape[1], layout=plan.layout, causal=plan.causal, window=plan.window)
+    return get_kernel(plan.kernel), _kw(plan), idx, ring, size, zigzag_half, steps, q, q_pos, q_seg
+
+
+def _fwd(q, k, v, q_pos, q_seg, plan: RingPlan):
+    """Forward ring: block s+1 is sent while block s is attended (every transfer hidden under a step).
+
+    Residuals: (q, k, v, positions, segments, out in q's dtype, lse float32); ``out`` and ``lse`` carry the
+    checkpoint names ``attention`` and ``attention_lse`` so a remat policy can keep them and the backward
+    never re-runs this ring (lcjax.model.llama.REMAT_POLICIES).
+    """
+    kernel, kw, idx, ring, size, zigzag_half, steps, q, q_pos, q_seg = _setup(plan, q, q_pos, q_seg)
     kv = (k, v, q_pos, q_seg)
-    out, lse = kernel.flash_forward(q, k, v, q_pos, q_pos, q_seg, q_seg, **kw)
     if steps == 1:
-        return out.astype(q.dtype), (q, k, v, q_pos, q_seg, out, lse)
+        out, lse = kernel.flash_forward(q, k, v, q_pos, q_pos, q_seg, q_seg, **kw)
+    else:
+        def attend(s, kv, acc):
+            return _forward_step(kernel, q, kv, acc, q_pos, q_seg, zigzag_half=zigzag_half,
+                                 earlier=src_before(idx, s, ring), kw=kw)
 
-    def attend(s, kv, acc):
-        o, l = _forward_step(kernel, q, kv, q_pos, q_seg, zigzag_half=zigzag_half,
-                             earlier=src_before(idx, s, ring), kw=kw)
-        return merge(*acc, o, l)
+        def body(s, carry):
+            acc, kv = carry
+            nxt = _shift(kv, plan, size)  # sent while this step computes
+            return attend(s, kv, acc), nxt
 
-    def body(s, carry):
-        acc, kv = carry
-        nxt = _shift(kv, plan, size)  # sent while this step computes
-        return attend(s, kv, acc), nxt
-
-    acc, kv = lax.fori_loop(1, steps - 1, body, ((out, lse), _shift(kv, plan, size)))
-    out, lse = attend(steps - 1, kv, acc)
-    return out.astype(q.dtype), (q, k, v, q_pos, q_seg, out, lse)
+        first = _shift(kv, plan, size)  # in flight during the local block
+        acc = kernel.flash_forward(q, k, v, q_pos, q_pos, q_seg, q_seg, **kw)
+        acc, kv = lax.fori_loop(1, steps - 1, body, (acc, first))
+        out, lse = attend(steps - 1, kv, acc)
+    out = checkpoint_name(out.astype(q.dtype), "attention")
+    lse = checkpoint_name(lse, "attention_lse")
+    return out, (q, k, v, q_pos, q_seg, out, lse)
 
 
 def _bwd(plan: RingPlan, res, dout):
+    """Backward ring, double-buffered: at the start of step s each shard sends on the K/V block it holds
+    (block s+1 of its successor) and the finished dK/dV accumulator of step s−1, computes step s's
+    gradients, then receives; every transfer is hidden under a step's kernels except the last hop that
+    brings each block's dK/dV home. dK/dV travel in ``plan.dkv_dtype`` (float32 unless lowered)."""
     q, k, v, q_pos, q_seg, out, lse = res
-    kernel, kw = get_kernel(plan.kernel), _kw(plan)
-    idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
-    zigzag_half = plan.layout == "zigzag" and plan.causal and ring > 1
-    steps = ring_steps(ring, q.shape[1], layout=plan.layout, causal=plan.causal, window=plan.window)
-    dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, q_pos, q_pos, q_seg, q_seg, **kw)
-    if steps > 1:
-        def step(s, carry):
-            dq, kv, (dk, dv) = carry
-            kv, (dk, dv) = _shift((kv, (dk, dv)), plan, size)
-            dq_s, dk_s, dv_s = _backward_step(kernel, q, kv, out, lse, dout, q_pos, q_seg,
-                                              zigzag_half=zigzag_half, earlier=src_before(idx, s, ring), kw=kw)
-            return dq + dq_s, kv, (dk + dk_s, dv + dv_s)
+    kernel, kw, idx, ring, size, zigzag_half, steps, q, q_pos, q_seg = _setup(plan, q, q_pos, q_seg)
+    wire = jnp.dtype(plan.dkv_dtype)
+    kv = (k, v, q_pos, q_seg)
+    if steps == 1:
+        dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, q_pos, q_pos, q_seg, q_seg, **kw)
+    else:
+        def step(s, carry, send_kv=True):
+            dq, kv, acc = carry  # kv: block s (received); acc: dK/dV of block s−1, this shard's part added
+            nxt = _shift(kv, plan, size) if send_kv else kv
+            dk, dv = _shift(jax.tree.map(lambda x: x.astype(wire), acc), plan, size)  # → the shard holding it
+            dq, dk, dv = _backward_step(kernel, q, kv, (dq, dk.astype(jnp.float32), dv.astype(jnp.float32)),
+                                        out, lse, dout, q_pos, q_seg, zigzag_half=zigzag_half,
+                                        earlier=src_before(idx, s, ring), kw=kw)
+            return dq, nxt, (dk, dv)
 
-        dq, _, (dk, dv) = lax.fori_loop(1, steps, step, (dq, (k, v, q_pos, q_seg), (dk, dv)))
+        first = _shift(kv, plan, size)  # in flight during the local block
+        dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, q_pos, q_pos, q_seg, q_seg, **kw)
+        carry = lax.fori_loop(1, steps - 1, step, (dq, first, (dk, dv)))
+        dq, _, (dk, dv) = step(steps - 1, carry, send_kv=False)
         # one last hop brings each block's dK/dV home from steps−1 positions ahead
-        dk, dv = _shift((dk, dv), plan, size, hops=1 - steps)
+        dk, dv = _shift((dk.astype(wire), dv.astype(wire)), plan, size, hops=1 - steps)
     zeros_int = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros_int(q_pos), zeros_int(q_seg))
 
@@ -219,7 +264,8 @@ _ring.defvjp(_fwd, _bwd)
 
 
 def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag", causal=True,
-                   window=None, scale=None, block_q=512, block_k=512, kernel="xla", group=1):
+                   window=None, scale=None, block_q=512, block_k=512, kernel="xla", group=1,
+                   dkv_dtype="float32"):
     """Attention of this shard's queries to the whole sequence held across ``axis_name``.
 
     Args:
@@ -233,16 +279,20 @@ def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag
       kernel: the per-device kernel, "xla" or "pallas" (lcjax.kernels.flash_attention.api).
       group: run one ring per position inside consecutive groups of this many shards (hybrid
         Ulysses × ring); 1 for a plain ring over the whole axis.
+      dkv_dtype: the dtype dK/dV accumulators travel in during the backward ring, "float32" (default) or
+        "bfloat16" (half the backward's bytes; rounds the partial sums once per hop, docs/parallelism.md).
     Returns:
       [B, T/P, N', H] in q's dtype.
     Raises:
-      ValueError for a window without causal masking.
+      ValueError for a window without causal masking or an unknown ``dkv_dtype``.
     """
     if window is not None and not causal:
         raise ValueError("window requires causal attention")
+    if dkv_dtype not in DKV_DTYPES:
+        raise ValueError(f"attention.dkv_dtype {dkv_dtype!r} must be one of {', '.join(DKV_DTYPES)}")
     if segment_ids is None:
         segment_ids = jnp.zeros_like(positions)
-    plan = RingPlan(axis_name, layout, causal, window, scale, block_q, block_k, kernel, group)
+    plan = RingPlan(axis_name, layout, causal, window, scale, block_q, block_k, kernel, group, dkv_dtype)
     return _ring(q, k, v, positions, segment_ids, plan)
 
 

@@ -1,0 +1,204 @@
+"""What a compiled program does while its collectives are in flight: a reader of XLA's scheduled HLO.
+
+``compiled.as_text()`` of a jitted function prints every computation with its instructions in execution
+order (the schedule). An asynchronous collective appears as ``<kind>-start`` … ``<kind>-done``; it is
+*overlapped* when heavy work (a kernel, a matmul, a loop) is scheduled between the two, *exposed* when
+only elementwise fusions or bookkeeping are. A ``conditional`` in a GPU program copies its predicate to the host, so one inside a loop
+costs a host round-trip per iteration. Kernel calls are ``custom-call``s: Triton (``__gpu$xla.gpu.triton``),
+Mosaic GPU (``mosaic_gpu``), cuBLAS/cuDNN.
+
+A start whose done is in another computation (XLA's collective pipelining carries it across loop
+iterations) counts the work after the start in its computation and before the done in the other.
+
+Pure Python (lcjax.plan imports no JAX): the input is the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+COLLECTIVES = ("collective-permute", "all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-broadcast")
+KERNEL_TARGETS = {"triton": "__gpu$xla.gpu.triton", "mosaic": "mosaic_gpu", "cublas": "__cublas$",
+                  "cudnn": "__cudnn$"}
+
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*)$")
+
+
+@dataclass
+class Instr:
+    name: str
+    op: str
+    args: str
+    line: str
+
+
+@dataclass
+class Transfer:
+    """One asynchronous collective: kind, where it starts, and the work scheduled while it is in flight."""
+
+    kind: str
+    computation: str
+    start: str
+    done: str
+    work: list = field(default_factory=list)  # names of the ops scheduled between start and done
+
+    @property
+    def overlapped(self) -> bool:
+        return bool(self.work)
+
+
+def parse(text: str) -> dict[str, list[Instr]]:
+    """Computation name -> its instructions in schedule order."""
+    comps: dict[str, list[Instr]] = {}
+    current = None
+    for line in text.splitlines():
+        if current is None:
+            m = _COMP.match(line)
+            if m and "=" not in line.split("(")[0]:
+                current = m.group(1)
+                comps[current] = []
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            comps[current].append(Instr(m.group(1), m.group(2), m.group(3), line))
+    return comps
+
+
+_HEAVY_OPS = {"custom-call", "while", "conditional", "call", "dot", "convolution"}
+
+
+def is_work(instr: Instr) -> bool:
+    """Heavy work a transfer can hide under: a kernel (custom call), a loop, a branch, a matmul, or a
+    fusion XLA emits as a matmul/kernel (``kind=kCustom``/``kOutput``) — not elementwise fusions,
+    bookkeeping or other collectives."""
+    if instr.op in _HEAVY_OPS:
+        return True
+    return instr.op == "fusion" and ("kind=kCustom" in instr.line or "kind=kOutput" in instr.line)
+
+
+def _kind(op: str) -> str | None:
+    for kind in COLLECTIVES:
+        if op in (f"{kind}-start", kind):
+            return kind
+    return None
+
+
+def transfers(comps: dict[str, list[Instr]]) -> list[Transfer]:
+    """Every asynchronous collective (``*-start`` with its ``*-done``) and the work scheduled between."""
+    starts = {}  # start name -> (computation, index)
+    for comp, instrs in comps.items():
+        for i, ins in enumerate(instrs):
+            if ins.op.endswith("-start") and _kind(ins.op):
+                starts[ins.name] = (comp, i)
+    found = []
+    seen = set()
+    for comp, instrs in comps.items():
+        for j, ins in enumerate(instrs):
+            if not (ins.op.endswith("-done") and _kind(ins.op[:-5] + "-start")):
+                continue
+            operand = re.match(r"\s*%?([\w.\-]+)", ins.args)
+            src = operand.group(1) if operand else ""
+            if src in starts and starts[src][0] == comp:
+                i = starts[src][1]
+                work = [x.name for x in instrs[i + 1:j] if is_work(x)]
+                seen.add(src)
+            else:  # carried across a loop iteration: work before the done here (the start is elsewhere)
+                work = [x.name for x in instrs[:j] if is_work(x)]
+                src = src or "?"
+            found.append(Transfer(_kind(ins.op[:-5] + "-start"), comp, src, ins.name, work))
+    for name, (comp, i) in starts.items():  # a start whose done is in another computation
+        if name not in seen and not any(t.start == name for t in found):
+            instrs = comps[comp]
+            work = [x.name for x in instrs[i + 1:] if is_work(x)]
+            found.append(Transfer(_kind(instrs[i].op), comp, name, "?", work))
+    return found
+
+
+def synchronous_collectives(comps: dict[str, list[Instr]]) -> list[tuple[str, str]]:
+    """(computation, op) of collectives XLA left synchronous (no start/done pair): always exposed."""
+    return [(c, ins.op) for c, instrs in comps.items() for ins in instrs if ins.op in COLLECTIVES]
+
+
+def loop_bodies(comps: dict[str, list[Instr]]) -> set[str]:
+    """Names of the computations that are bodies of ``while`` loops, and everything they call."""
+    bodies = set()
+    for instrs in comps.values():
+        for ins in instrs:
+            if ins.op == "while":
+                m = re.search(r"body=%?([\w.\-]+)", ins.line)
+                if m:
+                    bodies.add(m.group(1))
+    frontier = list(bodies)
+    while frontier:
+        comp = frontier.pop()
+        for ins in comps.get(comp, []):
+            for callee in re.findall(r"(?:calls|to_apply|body|condition|true_computation|false_computation|"
+                                     r"branch_computations)=\{?%?([\w.\-]+)", ins.line):
+                if callee not in bodies:
+                    bodies.add(callee)
+                    frontier.append(callee)
+    return bodies
+
+
+def kernel_calls(comps: dict[str, list[Instr]]) -> dict[str, int]:
+    """Custom-call kernels by library (triton, mosaic, cublas, cudnn), counted once per call site."""
+    counts = {name: 0 for name in KERNEL_TARGETS}
+    for instrs in comps.values():
+        for ins in instrs:
+            if ins.op == "custom-call":
+                for name, target in KERNEL_TARGETS.items():
+                    if f'custom_call_target="{target}' in ins.line:
+                        counts[name] += 1
+    return counts
+
+
+def report(text: str) -> dict:
+    """Summary of a scheduled HLO module (``compiled.as_text()``).
+
+    Returns a dict: ``collectives`` {kind: {"count", "overlapped", "exposed"}} for asynchronous
+    collectives plus ``synchronous`` ones; ``conditionals`` (total) and ``conditionals_in_loops``;
+    ``conditionals_beside_transfers`` (in a computation that also starts or finishes a collective);
+    ``kernels`` {library: call sites}; ``while_loops``; ``exposed`` [(kind, computation)].
+    """
+    comps = parse(text)
+    moves = transfers(comps)
+    kinds: dict[str, dict] = {}
+    for t in moves:
+        row = kinds.setdefault(t.kind, {"count": 0, "overlapped": 0, "exposed": 0, "synchronous": 0})
+        row["count"] += 1
+        row["overlapped" if t.overlapped else "exposed"] += 1
+    for _, op in synchronous_collectives(comps):
+        row = kinds.setdefault(op, {"count": 0, "overlapped": 0, "exposed": 0, "synchronous": 0})
+        row["count"] += 1
+        row["synchronous"] += 1
+    loops = loop_bodies(comps)
+    conds = [(c, ins) for c, instrs in comps.items() for ins in instrs if ins.op == "conditional"]
+    with_transfers = {t.computation for t in moves}
+    return {
+        "collectives": kinds,
+        "conditionals": len(conds),
+        "conditionals_in_loops": sum(c in loops for c, _ in conds),
+        "conditionals_beside_transfers": sum(c in with_transfers for c, _ in conds),
+        "kernels": kernel_calls(comps),
+        "while_loops": sum(ins.op == "while" for instrs in comps.values() for ins in instrs),
+        "exposed": [(t.kind, t.computation) for t in moves if not t.overlapped],
+    }
+
+
+def markdown(rep: dict) -> str:
+    """The report as a short markdown table (one row per collective kind) and a line of counts."""
+    rows = ["| collective | count | overlapped | exposed | synchronous |", "|---|---:|---:|---:|---:|"]
+    for kind, r in sorted(rep["collectives"].items()):
+        rows.append(f"| {kind} | {r['count']} | {r['overlapped']} | {r['exposed']} | {r['synchronous']} |")
+    k = rep["kernels"]
+    rows.append("")
+    rows.append(f"conditionals: {rep['conditionals']} ({rep['conditionals_in_loops']} in loops, "
+                f"{rep['conditionals_beside_transfers']} beside transfers); while loops: {rep['while_loops']}; "
+                f"kernel call sites: " + ", ".join(f"{n} {c}" for n, c in k.items()))
+    return "\n".join(rows)
