@@ -72,8 +72,8 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--device", default="h100", help="preset: a100, h100, h200, h800, cpu (default h100)")
     plan.add_argument("--attention", choices=("ring", "ulysses", "local"),
                       help="attention over sequence (default attention.impl)")
-    plan.add_argument("--remat", help="none or full (default: the config's train.remat; selective "
-                                      "policies count as full)")
+    plan.add_argument("--remat", help="none, layer or full (default: the config's train.remat; the "
+                                      "selective policies count as full)")
     plan.add_argument("--optimizer-sharding",
                       help="none, zero1, zero2 or fsdp over data x sequence (default: from the config's "
                            "train.fsdp and train.shard_optimizer)")

@@ -23,7 +23,7 @@ ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "attention")
+REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")
 TOKENIZERS = ("bpe", "bytes")
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")  # lcjax.ops.rope.ROPE_TYPES
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
@@ -121,9 +121,10 @@ class TrainConfig:
 
     Memory options (docs/memory.md): ``dtype`` is the compute dtype of activations and matmuls;
     ``param_dtype`` the stored parameters' (float32: float32 master weights; bfloat16: no master copy, the
-    optimizer state stays float32 either way); ``remat`` the per-layer rematerialisation policy (none,
-    full: save only each layer's input, dots: also save matmul outputs, attention: also save attention
-    outputs); ``fsdp`` shards parameters, gradients and optimizer state over data x sequence (ZeRO-3);
+    optimizer state stays float32 either way); ``remat`` the per-layer rematerialisation policy (none;
+    layer: save only each layer's input, the backward re-runs the ring forward too; full: the layer input
+    and the ring's (out, lse), so the ring never runs twice; attention: also q, k, v; dots: the ring's
+    residuals and every matmul output — table in docs/memory.md); ``fsdp`` shards parameters, gradients and optimizer state over data x sequence (ZeRO-3);
     ``shard_optimizer`` shards gradients and optimizer state only (ZeRO-1/2); ``loss_tile`` / ``mlp_tile``
     compute the cross-entropy / MLP over the sequence in tiles of that many tokens per shard (0: whole).
     ``grad_accum``: micro-batches per optimizer step (the global batch is split into that many, their

@@ -1,6 +1,7 @@
 """Compare the analytic planner's per-device memory with XLA's for the real lcjax train step.
 
     python scripts/validate_plan.py --config configs/demo.yaml --seq-len 4096 --mesh 1,4,2 [--json]
+    python scripts/validate_plan.py --config configs/demo.yaml --mesh 1,4,2 --target h100 --schedule
     python scripts/validate_plan.py --config configs/models/llama2_7b.yaml --seq-len 32768 --mesh 16,4,1 \
         --set data.global_batch=16 --set train.dtype=bfloat16
 
@@ -55,8 +56,8 @@ def load_config(path, seq_len, mesh, overrides=()) -> config_lib.Config:
     return config_lib.load(path, [*overrides, *extra])
 
 
-def xla_memory(cfg, target: str = "cpu") -> dict:
-    """Compile the train step of ``cfg`` for ``target``; XLA's per-device bytes and parts.
+def compile_step(cfg, target: str = "cpu"):
+    """(compiled train step of ``cfg`` for ``target``, compile seconds, backend platform).
 
     ``cpu``: on mesh.data·mesh.sequence·mesh.model simulated host devices (provisioned before JAX starts);
     a GPU target: on deviceless GPUs of that type (lcjax.sharding.mesh.deviceless_gpus).
@@ -65,7 +66,6 @@ def xla_memory(cfg, target: str = "cpu") -> dict:
     import jax.numpy as jnp
 
     from lcjax.sharding.mesh import deviceless_gpus, make_mesh
-    from lcjax.train.metrics import compiled_bytes
     from lcjax.train.state import abstract_state
     from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_train_step
 
@@ -77,10 +77,23 @@ def xla_memory(cfg, target: str = "cpu") -> dict:
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh)) for k in BATCH_FIELDS}
     t0 = time.perf_counter()
     compiled = make_train_step(graphdef, specs, mesh, cfg, optimizer).lower(state, batch).compile()
+    return compiled, time.perf_counter() - t0, mesh.devices.flat[0].platform
+
+
+def xla_memory(cfg, target: str = "cpu", schedule: bool = False) -> dict:
+    """Compile the train step of ``cfg`` for ``target`` (:func:`compile_step`); XLA's per-device bytes and
+    parts, and with ``schedule`` the scheduled program's report (lcjax.plan.schedule.report)."""
+    from lcjax.plan.schedule import report
+    from lcjax.train.metrics import compiled_bytes
+
+    compiled, seconds, backend = compile_step(cfg, target)
     parts = compiled_bytes(compiled.memory_analysis())
     total = parts.pop("total")
-    return {"xla_bytes_per_device": total, "xla_parts": parts, "compile_s": time.perf_counter() - t0,
-            "backend": mesh.devices.flat[0].platform, "target": target}
+    out = {"xla_bytes_per_device": total, "xla_parts": parts, "compile_s": seconds, "backend": backend,
+           "target": target}
+    if schedule:
+        out["schedule"] = report(compiled.as_text())
+    return out
 
 
 def plan_memory(cfg, gpu: bool = False) -> dict:
@@ -98,9 +111,9 @@ def plan_memory(cfg, gpu: bool = False) -> dict:
     return {"plan_bytes_per_device": chosen["total"], "plan_parts": chosen, "plan_variants": out}
 
 
-def compare(cfg, target: str = "cpu") -> dict:
+def compare(cfg, target: str = "cpu", schedule: bool = False) -> dict:
     """Plan and XLA side by side, with the relative gap (plan − xla) / xla."""
-    out = {**plan_memory(cfg, gpu=target != "cpu"), **xla_memory(cfg, target)}
+    out = {**plan_memory(cfg, gpu=target != "cpu"), **xla_memory(cfg, target, schedule)}
     out["relative_gap"] = (out["plan_bytes_per_device"] - out["xla_bytes_per_device"]) / out["xla_bytes_per_device"]
     if target == "cpu":
         out["label"] = ("CPU backend: XLA's figure and plan_bytes_per_device (plan_variants lcjax_cpu) both keep "
@@ -122,6 +135,9 @@ def main(argv=None) -> int:
                         help="compile target: cpu (simulated host devices) or a GPU without one: a100, h100, h200 "
                              "(needs the aot extra)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--schedule", action="store_true",
+                        help="also read the scheduled program: collectives overlapped or exposed, conditionals, "
+                             "kernel calls (lcjax.plan.schedule; meaningful for GPU targets)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -137,7 +153,7 @@ def main(argv=None) -> int:
     else:
         os.environ["JAX_PLATFORMS"] = "cpu"  # compile for the GPU target; run nothing
     try:
-        result = compare(cfg, args.target)
+        result = compare(cfg, args.target, args.schedule)
     except RuntimeError as e:
         print(f"validate_plan: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -154,6 +170,9 @@ def main(argv=None) -> int:
         print(f"gap (plan - xla) / xla = {result['relative_gap']:+.1%}")
         for name, parts in result["plan_variants"].items():
             print(f"  plan variant {name}: total {gb(parts['total'])}, activations {gb(parts['activations'])}")
+        if args.schedule:
+            from lcjax.plan.schedule import markdown
+            print(markdown(result["schedule"]))
     return 0
 
 

@@ -153,7 +153,9 @@ def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, mistake):
 @pytest.mark.parametrize("mesh_shape,extra", [
     ((1, 4, 2), ("train.fsdp=true",)),
     pytest.param((2, 2, 2), ("train.fsdp=true", "train.remat=full"), marks=pytest.mark.slow),
-    ((1, 4, 2), ("train.shard_optimizer=true", "train.remat=dots")),
+    ((1, 4, 2), ("train.shard_optimizer=true", "train.remat=full")),
+    pytest.param((1, 4, 2), ("train.remat=dots",), marks=pytest.mark.slow),
+    pytest.param((1, 4, 2), ("train.remat=layer", "attention.kernel=pallas"), marks=pytest.mark.slow),
     pytest.param((2, 2, 2), ("train.shard_optimizer=true", "train.loss_tile=8"), marks=pytest.mark.slow),
     ((1, 4, 2), ("train.remat=attention", "train.mlp_tile=4", "train.loss_tile=4")),
     pytest.param((1, 8, 1), ("train.fsdp=true", "train.remat=full", "train.mlp_tile=4", "attention.impl=hybrid",

@@ -55,10 +55,18 @@ class MemorySpec(NamedTuple):
     loss_tile: int = 0
 
 
+_RING_RESIDUALS = ("attention", "attention_lse")  # the ring's (out, lse), named in lcjax.parallel.ring
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # save only the layer input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # + projection/MLP matmul outputs
-    "attention": jax.checkpoint_policies.save_only_these_names("attention"),  # + attention outputs
+    # save only the layer input: the backward re-runs the whole layer, the ring forward included
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    # the layer input and the ring's (out, lse): the backward recomputes projections and MLP, never the ring
+    "full": jax.checkpoint_policies.save_only_these_names(*_RING_RESIDUALS),
+    # + q, k, v after RoPE: the attention backward needs nothing recomputed
+    "attention": jax.checkpoint_policies.save_only_these_names(*_RING_RESIDUALS, "qkv"),
+    # + every projection/MLP matmul output
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*_RING_RESIDUALS)),
 }
 
 
@@ -142,11 +150,12 @@ class Block(nnx.Module):
         k = (h @ kv(self.wk)).reshape(b, t, -1, hd)
         v = (h @ kv(self.wv)).reshape(b, t, -1, hd)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q, k, v = (checkpoint_name(x, "qkv") for x in (q, k, v))
         o = sequence_parallel_attention(q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence,
                                         layout=attn.layout, causal=True, window=attn.window,
                                         block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
                                         ulysses_size=attn.ulysses_size)
-        o = checkpoint_name(o, "attention")
+        o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
         x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo, 1), axes.model)
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)

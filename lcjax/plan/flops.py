@@ -4,14 +4,15 @@ Sources: PaLM (Chowdhery et al. 2022, arXiv:2204.02311, App. B): 6N + 12·L·n_h
 discount (torchtitan's ``get_num_flop_per_token``); causal-honest: 6N + 6·L·n_h·d_h·T, keys per query
 averaged as T/2 (formulas §3.3). N = non-embedding parameters (head kept). Hardware FLOPs add what is
 computed twice: flash attention's backward recomputes the scores QKᵀ (FlashAttention-2, arXiv:2307.08691
-§4: backward ≈ 2.5× forward), and full rematerialisation runs each layer's forward again.
+§4: backward ≈ 2.5× forward), and rematerialisation runs each layer's forward again: all of it under
+``layer`` remat, all but the attention (whose ring output and lse are saved) under ``full``.
 """
 
 from __future__ import annotations
 
 from lcjax.plan.shapes import Shape, non_embedding_params
 
-REMAT_POLICIES = ("none", "full")
+REMAT_POLICIES = ("none", "layer", "full")
 
 
 def attention_flops(s: Shape, T: int) -> int:
@@ -28,12 +29,15 @@ def flops_per_token(s: Shape, T: int, *, causal: bool) -> int:
 
 def hardware_flops_per_token(s: Shape, T: int, remat: str = "none") -> int:
     """FLOPs a device actually executes per token (causal): model FLOPs + the flash backward's recomputed
-    QKᵀ (L·n_h·d_h·T) + one more forward (2N + 2·L·n_h·d_h·T) under full remat."""
+    QKᵀ (L·n_h·d_h·T) + one more forward of the matmuls (2N) under ``full`` remat, and of the attention too
+    (2·L·n_h·d_h·T) under ``layer`` remat."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} must be one of {', '.join(REMAT_POLICIES)}")
     extra = s.L * s.N * s.H * T
-    if remat == "full":
-        extra += 2 * non_embedding_params(s) + 2 * s.L * s.N * s.H * T
+    if remat in ("layer", "full"):
+        extra += 2 * non_embedding_params(s)
+    if remat == "layer":
+        extra += 2 * s.L * s.N * s.H * T
     return flops_per_token(s, T, causal=True) + extra
 
 

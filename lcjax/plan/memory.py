@@ -127,8 +127,9 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
                      mlp_tokens: int | None = None, loss_tokens: int | None = None) -> int:
     """All activation bytes of one device for ``tokens`` local tokens (estimate; module doc).
 
-    remat ``none``: every layer keeps its residuals; ``full``: each layer keeps only its input (Korthikanti
-    Table 2, 2sbh) and one layer is rematerialised whole at a time during the backward. ``model``:
+    remat ``none``: every layer keeps its residuals; ``layer``: each layer keeps only its input (Korthikanti
+    Table 2, 2sbh) and one layer is rematerialised whole at a time during the backward; ``full``: the input
+    and the attention's output and float32 lse (the ring's residuals, so the ring never runs twice). ``model``:
     ``lcjax`` or ``formulas``. Plus the head's activations (and, for ``lcjax``, the working set).
     ``mlp_tokens`` / ``loss_tokens``: tokens per tile of a tiled MLP / loss (None: untiled); a tiled MLP
     keeps only its input per layer, its F-wide tensors exist for one tile of one layer at a time.
@@ -144,7 +145,13 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
         working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, mlp_tokens)
         kept = working if mlp_tokens is None else lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, 0)
         layer = kept + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
-    layers = s.L * tokens * s.D * stored + layer if remat == "full" else s.L * layer
+    if remat == "none":
+        layers = s.L * layer
+    else:
+        kept = tokens * s.D * stored
+        if remat == "full":
+            kept += tokens * (s.N * s.H // tp * stored + s.N // tp * 4)
+        layers = s.L * kept + layer
     return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored, loss_tokens)
 
 

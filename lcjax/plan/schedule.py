@@ -158,13 +158,25 @@ def kernel_calls(comps: dict[str, list[Instr]]) -> dict[str, int]:
     return counts
 
 
+def named_kernels(comps: dict[str, list[Instr]]) -> dict[str, int]:
+    """Pallas kernel call sites by kernel name (the ``name=`` of ``pallas_call``, read from op_name)."""
+    counts: dict[str, int] = {}
+    for instrs in comps.values():
+        for ins in instrs:
+            if ins.op == "custom-call":
+                m = re.search(r'op_name="[^"]*/([\w.\-]+)/pallas_call"', ins.line)
+                if m:
+                    counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
 def report(text: str) -> dict:
     """Summary of a scheduled HLO module (``compiled.as_text()``).
 
     Returns a dict: ``collectives`` {kind: {"count", "overlapped", "exposed"}} for asynchronous
     collectives plus ``synchronous`` ones; ``conditionals`` (total) and ``conditionals_in_loops``;
     ``conditionals_beside_transfers`` (in a computation that also starts or finishes a collective);
-    ``kernels`` {library: call sites}; ``while_loops``; ``exposed`` [(kind, computation)].
+    ``kernels`` {library: call sites}; ``pallas_kernels`` {kernel name: call sites}; ``while_loops``; ``exposed`` [(kind, computation)].
     """
     comps = parse(text)
     moves = transfers(comps)
@@ -186,6 +198,7 @@ def report(text: str) -> dict:
         "conditionals_in_loops": sum(c in loops for c, _ in conds),
         "conditionals_beside_transfers": sum(c in with_transfers for c, _ in conds),
         "kernels": kernel_calls(comps),
+        "pallas_kernels": named_kernels(comps),
         "while_loops": sum(ins.op == "while" for instrs in comps.values() for ins in instrs),
         "exposed": [(t.kind, t.computation) for t in moves if not t.overlapped],
     }
@@ -201,4 +214,6 @@ def markdown(rep: dict) -> str:
     rows.append(f"conditionals: {rep['conditionals']} ({rep['conditionals_in_loops']} in loops, "
                 f"{rep['conditionals_beside_transfers']} beside transfers); while loops: {rep['while_loops']}; "
                 f"kernel call sites: " + ", ".join(f"{n} {c}" for n, c in k.items()))
+    if rep.get("pallas_kernels"):
+        rows.append("Pallas kernels: " + ", ".join(f"{n} {c}" for n, c in sorted(rep["pallas_kernels"].items())))
     return "\n".join(rows)

@@ -23,7 +23,7 @@ from lcjax.plan.shapes import Shape, param_elements_per_device
 @dataclass(frozen=True)
 class StepInputs:
     """What a step's cost depends on. Mesh sizes (data, sequence, model); ``compute_bytes`` 2 (bfloat16)
-    or 4 (float32); ``attention`` ring, ulysses or local; ``remat`` none or full; ``optimizer_sharding``
+    or 4 (float32); ``attention`` ring, ulysses or local; ``remat`` none, layer or full; ``optimizer_sharding``
     none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
     backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory);
     ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled)."""
@@ -63,7 +63,7 @@ class StepInputs:
         counted as ``full``, a lower bound — and ``train.fsdp`` / ``train.shard_optimizer``)."""
         t = cfg.train
         if remat is None:
-            remat = "none" if t.remat == "none" else "full"
+            remat = t.remat if t.remat in ("none", "layer") else "full"
         if optimizer_sharding is None:
             optimizer_sharding = "fsdp" if t.fsdp else "zero2" if t.shard_optimizer else "none"
         return cls(shape=Shape.from_model_config(cfg.model), seq_len=cfg.data.seq_len,
@@ -153,8 +153,8 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
                                activation_model=i.activation_model, stored_bytes=i.stored_bytes,
                                mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile))
     lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
-    if i.remat == "full":  # the recomputed forward communicates again
-        lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=2 * lc.seq_fwd)
+    if i.remat != "none":  # the recomputed forward communicates again (the ring only under ``layer``)
+        lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=(2 if i.remat == "layer" else 1) * lc.seq_fwd)
     rate = dev.peak(cb) * dev.efficiency
     compute_s = flops.hardware_flops_per_token(s, i.seq_len, i.remat) * tokens / i.model / rate
     grads = comm.gradient_sync_bytes(param_elements_per_device(s, i.model) * 4, group, i.optimizer_sharding)

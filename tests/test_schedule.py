@@ -1,0 +1,164 @@
+"""The GPU program's schedule, read without a GPU: ring transfers hidden under kernels, no conditionals
+beside them, the real Triton kernels compiled, remat that keeps the ring's results (lcjax.plan.schedule).
+
+Deviceless compiles for 8 H100 targets need the ``aot`` extra (jax-cuda13-plugin) and skip without it.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lcjax.plan import schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HLO = textwrap.dedent("""\
+    %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+      %p = (s32[], f32[8]) parameter(0)
+      %x = f32[8] get-tuple-element(%p), index=1
+      %cp-start = (f32[8], f32[8]) collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}
+      %k = f32[8] custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/lcjax_flash_fwd/pallas_call"}
+      %cp-done = f32[8] collective-permute-done(%cp-start)
+      %ar-start = f32[8] all-reduce-start(%k), to_apply=%add
+      %ar-done = f32[8] all-reduce-done(%ar-start)
+      %c = (f32[8]) conditional(%pred, %t, %t), true_computation=%tc, false_computation=%fc
+      ROOT %t = (s32[], f32[8]) tuple(%i, %cp-done)
+    }
+
+    ENTRY %main (a: f32[8]) -> f32[8] {
+      %a = f32[8] parameter(0)
+      %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+      ROOT %r = f32[8] get-tuple-element(%w), index=1
+    }
+    """)
+
+
+def test_report_reads_overlap_conditionals_and_kernels():
+    rep = schedule.report(HLO)
+    assert rep["collectives"]["collective-permute"] == {"count": 1, "overlapped": 1, "exposed": 0, "synchronous": 0}
+    assert rep["collectives"]["all-reduce"]["exposed"] == 1
+    assert rep["conditionals"] == 1 and rep["conditionals_in_loops"] == 1 and rep["conditionals_beside_transfers"] == 1
+    assert rep["kernels"]["triton"] == 1 and rep["pallas_kernels"] == {"lcjax_flash_fwd": 1}
+    assert rep["while_loops"] == 1 and rep["exposed"] == [("all-reduce", "body")]
+    assert "| collective-permute | 1 | 1 | 0 | 0 |" in schedule.markdown(rep)
+
+
+def test_report_counts_an_elementwise_fusion_as_no_cover():
+    text = HLO.replace('custom-call(%x), custom_call_target="__gpu$xla.gpu.triton"', "fusion(%x), kind=kLoop")
+    assert schedule.report(text)["collectives"]["collective-permute"]["exposed"] == 1
+
+
+def _aot_available() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+needs_aot = pytest.mark.skipif(not _aot_available(), reason="deviceless GPU compile needs the `aot` extra")
+
+# Compiled in a subprocess: a deviceless GPU compile needs JAX_PLATFORMS=cpu from the start, and the test
+# process already runs on 8 simulated CPU devices.
+_ATTENTION = textwrap.dedent("""\
+    import json, sys
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from lcjax.attention import attention
+    from lcjax.plan.schedule import report
+    from lcjax.sharding.mesh import deviceless_gpus, make_mesh
+    layout, kernel, t = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mesh = make_mesh(1, 8, 1, devices=deviceless_gpus("h100", 8))
+    heads = NamedSharding(mesh, P("data", "sequence", "model", None))
+    q = jax.ShapeDtypeStruct((1, t, 32, 128), jnp.bfloat16, sharding=heads)
+    kv = jax.ShapeDtypeStruct((1, t, 8, 128), jnp.bfloat16, sharding=heads)
+    pos = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=NamedSharding(mesh, P("data", "sequence")))
+    def loss(q, k, v, pos):
+        o = attention(q, k, v, positions=pos, mesh=mesh, impl="ring", layout=layout, kernel=kernel)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, pos).compile()
+    text = compiled.as_text()
+    rep = report(text)
+    from lcjax.plan.schedule import loop_bodies, parse, transfers
+    comps = parse(text)
+    loops = loop_bodies(comps)
+    rep["ring_loop_transfers"] = [[t.kind, t.overlapped] for t in transfers(comps) if t.computation in loops]
+    print(json.dumps(rep))
+    """)
+
+
+def _compile_attention(layout, kernel="pallas", t=8192):
+    import json
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", _ATTENTION, layout, kernel, str(t)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_aot
+@pytest.mark.parametrize("layout", ["zigzag", pytest.param("striped", marks=pytest.mark.slow)])
+def test_ring_transfers_hide_under_kernels_on_h100(layout):
+    """8 H100 targets, ring + Pallas (Triton) kernels, bf16, forward + backward: every K/V and dK/dV
+    transfer in the ring loops has a kernel scheduled between its start and done; at most one transfer in
+    the whole program is exposed (the backward's last dK/dV hop home); no conditional anywhere; the real
+    Triton kernels are compiled (not the Pallas interpreter)."""
+    rep = _compile_attention(layout)
+    loop = rep["ring_loop_transfers"]
+    assert len(loop) >= 2 and all(kind == "collective-permute" and ok for kind, ok in loop), rep
+    permutes = rep["collectives"]["collective-permute"]
+    assert permutes["exposed"] <= 1 and permutes["synchronous"] == 0, rep
+    assert rep["conditionals"] == 0, rep
+    assert rep["kernels"]["triton"] > 0 and {"lcjax_flash_fwd", "lcjax_flash_bwd_dq"} <= set(rep["pallas_kernels"]), rep
+
+
+_STEP = textwrap.dedent("""\
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("vp", sys.argv[1])
+    vp = importlib.util.module_from_spec(spec); spec.loader.exec_module(vp)
+    cfg = vp.load_config(sys.argv[2], 1024, (1, 4, 2), ["attention.kernel=pallas", "train.dtype=bfloat16",
+                         "model.n_layers=2", "attention.block_q=128", "attention.block_k=128",
+                         f"train.remat={sys.argv[3]}"])
+    print(json.dumps(vp.xla_memory(cfg, "h100", schedule=True)["schedule"]))
+    """)
+
+
+@needs_aot
+@pytest.mark.parametrize("remat", ["full", pytest.param("attention", marks=pytest.mark.slow),
+                                   pytest.param("dots", marks=pytest.mark.slow),
+                                   pytest.param("none", marks=pytest.mark.slow)])
+def test_remat_never_reruns_the_ring_forward(remat):
+    """The demo's train step on 1x4x2 H100 targets: each forward kernel call site has exactly one dQ call
+    site — the backward never re-runs the ring forward — under every policy but ``layer``."""
+    import json
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", _STEP, str(ROOT / "scripts/validate_plan.py"),
+                          str(ROOT / "configs/demo.yaml"), remat], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels = json.loads(out.stdout.strip().splitlines()[-1])["pallas_kernels"]
+    assert kernels["lcjax_flash_fwd"] == kernels["lcjax_flash_bwd_dq"] > 0, kernels
+
+
+@needs_aot
+@pytest.mark.slow
+def test_layer_remat_reruns_the_ring_forward():
+    """The counter-case that makes the check above meaningful: ``layer`` saves only the layer input."""
+    import json
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", _STEP, str(ROOT / "scripts/validate_plan.py"),
+                          str(ROOT / "configs/demo.yaml"), "layer"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels = json.loads(out.stdout.strip().splitlines()[-1])["pallas_kernels"]
+    assert kernels["lcjax_flash_fwd"] == 2 * kernels["lcjax_flash_bwd_dq"], kernels
