@@ -260,6 +260,8 @@ def test_tile_table_lookup_and_overrides():
     assert all(c[:2] == (32, 128) for c in over.values())  # power of two below 48; capped at 128
     assert pallas.pass_configs(jnp.float32, 24, 40, 24, 16, 16, device=h100)["fwd"][:2] == (16, 16)
     assert pallas.pass_configs(jnp.bfloat16, 128, 40, 40, device=h100)["fwd"][:2] == (64, 64)  # short
+    explicit = pallas.pass_configs(jnp.bfloat16, 128, 4096, 4096, 16, 16, device=h100, configs={"dq": [64, 32, 4, 3]})
+    assert explicit["dq"] == (64, 32, 4, 3) and explicit["fwd"][:2] == (16, 16)  # autotuning's explicit configs
     assert triton_tiles.clamp_tile(8, 4096) == 16 and pallas._head_dim(24) == 32 and pallas._head_dim(8) == 16
     with pytest.raises(ValueError, match="block size"):
         triton_tiles.clamp_tile(0, 64)

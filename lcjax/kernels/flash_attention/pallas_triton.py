@@ -84,18 +84,26 @@ def _check(q, k, v):
         raise ValueError(f"query heads {q.shape[2]} must be divisible by kv heads {k.shape[2]}")
 
 
-def pass_configs(dtype, h: int, t_len: int, s_len: int, block_q=None, block_k=None, device=None) -> dict:
+def pass_configs(dtype, h: int, t_len: int, s_len: int, block_q=None, block_k=None, device=None,
+                 configs=None) -> dict:
     """{"fwd" | "dkv" | "dq": PassConfig} for these inputs on the target devices (see triton_tiles).
 
     ``device``: (platform, device_kind); default the devices of the current trace
-    (:func:`lcjax.kernels.flash_attention.platform.target_device`). Raises ValueError for a block < 1.
+    (:func:`lcjax.kernels.flash_attention.platform.target_device`). ``configs``: {pass: PassConfig or
+    [block_q, block_k, num_warps, num_stages]} used instead of the table and the blocks for those passes
+    (for autotuning; tiles still clamped to the lengths). Raises ValueError for a block < 1.
     """
     family = triton_tiles.gpu_family(*(target_device() if device is None else device))
     hp, dtype = _head_dim(h), jnp.dtype(dtype)
     tuned = triton_tiles.tuned(family, hp, dtype.name)
-    return {name: triton_tiles.resolve(name, tuned[name], block_q=block_q, block_k=block_k, t_len=t_len,
-                                       s_len=s_len, head_dim=hp, itemsize=dtype.itemsize, family=family)
-            for name in triton_tiles.PASSES}
+    out = {}
+    for name in triton_tiles.PASSES:
+        explicit = (configs or {}).get(name)
+        base = tuned[name] if explicit is None else triton_tiles.PassConfig(*map(int, explicit))
+        blocks = (block_q, block_k) if explicit is None else (None, None)
+        out[name] = triton_tiles.resolve(name, base, block_q=blocks[0], block_k=blocks[1], t_len=t_len,
+                                         s_len=s_len, head_dim=hp, itemsize=dtype.itemsize, family=family)
+    return out
 
 
 def _pad_to(x, axis: int, size: int, mode: str = "constant", value=0):
@@ -219,7 +227,7 @@ def _fwd_kernel(bnd_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, o_
 
 
 def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None, scale=None,
-                  block_q=None, block_k=None, interpret=None):
+                  block_q=None, block_k=None, interpret=None, configs=None):
     """Flash attention forward (FlashAttention-2, arXiv:2307.08691, Alg. 1) as a Pallas Triton kernel.
 
     Args:
@@ -231,6 +239,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
       block_q, block_k: None = the tuned tiles for the target GPU; integers override them (module docstring).
       interpret: run in the Pallas interpreter; None ⇒ True unless compiled for GPUs
         (:func:`lcjax.kernels.flash_attention.platform.resolve_interpret`).
+      configs: explicit launch configurations per pass (:func:`pass_configs`; for autotuning).
     Returns:
       (out float32 [B, T, N, H], lse float32 [B, T, N]); a query that sees no key gets out 0, lse −inf.
     Raises:
@@ -241,7 +250,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
     s_len, kh = k.shape[1], k.shape[2]
     g = n // kh
     scale = h ** -0.5 if scale is None else float(scale)
-    cfg = pass_configs(q.dtype, h, t, s_len, block_q, block_k)["fwd"]
+    cfg = pass_configs(q.dtype, h, t, s_len, block_q, block_k, configs=configs)["fwd"]
     bq, bk = cfg.block_q, cfg.block_k
     hp, tp, sp = _head_dim(h), _round_up(t, bq), _round_up(s_len, bk)
 
@@ -343,7 +352,7 @@ def _lse2(lse):
 
 
 def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None,
-                   scale=None, block_q=None, block_k=None, interpret=None):
+                   scale=None, block_q=None, block_k=None, interpret=None, configs=None):
     """Gradients of flash attention (FlashAttention-2, arXiv:2307.08691, Alg. 2) as Pallas Triton kernels.
 
     ``out`` and ``lse`` are the final output and log-sum-exp, which may already include other key blocks
@@ -362,7 +371,7 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
     g = n // kh
     scale = h ** -0.5 if scale is None else float(scale)
     hp = _head_dim(h)
-    cfgs = pass_configs(q.dtype, h, t, s_len, block_q, block_k)
+    cfgs = pass_configs(q.dtype, h, t, s_len, block_q, block_k, configs=configs)
     kv_cfg, dq_cfg = cfgs["dkv"], cfgs["dq"]
     # Pad both lengths to a multiple of every tile of the two kernels (all powers of two).
     tp = _round_up(t, max(kv_cfg.block_q, dq_cfg.block_q))
