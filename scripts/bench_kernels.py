@@ -48,7 +48,7 @@ PEERS = ("cudnn", "dense", "jax_pallas", "jax_mgpu")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-lens", default="4096,16384,32768")
-    p.add_argument("--kernels", default="pallas_triton,cudnn,dense,jax_pallas,jax_mgpu,xla",
+    p.add_argument("--kernels", default="pallas_triton,cudnn,jax_pallas,jax_mgpu,dense,xla",
                    help=f"comma-separated, from {', '.join(OURS + PEERS)}")
     p.add_argument("--masks", default="causal,segments")
     p.add_argument("--heads", type=int, default=32)

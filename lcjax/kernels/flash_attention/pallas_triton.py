@@ -178,6 +178,7 @@ def _three_loops(bnd_ref, step, carry, expand=None):
     def loop(a, b, masked, carry):
         if expand is None:
             return lax.fori_loop(a, b, lambda j, c: step(j, c, masked), carry)
+
         def body(it, c):  # it >= 0: lax.div/rem are floor division and modulo
             if expand == 1:
                 return step((a + it, jnp.int32(0)), c, masked)
