@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from lcjax.kernels.flash_attention.api import KERNELS
+from lcjax.kernels.flash_attention.api import KERNELS, is_pallas
 from lcjax.ops.layout import check_divisible
 from lcjax.parallel.sequence import IMPLS, sequence_parallel_attention
 from lcjax.parallel.ulysses import check_heads
@@ -41,7 +41,7 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
 
 
 def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None, scale=None, mesh=None,
-              impl="ring", layout="zigzag", kernel="xla", ulysses_size=None, block_q=512, block_k=512):
+              impl="ring", layout="zigzag", kernel="xla", ulysses_size=None, block_q=None, block_k=None):
     """Attention of q to k, v over a device mesh; arrays in ``layout`` token order.
 
     Args:
@@ -54,7 +54,10 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
       impl: "ring" (K/V travel around the ``sequence`` axis), "ulysses" (all-to-all: heads ⇄ sequence),
         "hybrid" (Ulysses inside groups of ``ulysses_size`` shards, ring across groups) or "local".
       layout: "zigzag", "striped" or "contiguous": how the T tokens are spread over ``sequence``.
-      kernel: "xla" (blockwise jnp) or "pallas" (Triton; interpret mode on CPU).
+      kernel: "xla" (blockwise jnp), "pallas_triton" (Pallas Triton-backend kernels; interpret mode when not
+        compiled for GPUs) or "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton").
+      block_q, block_k: None (default) = the kernel's own tiles (512 for xla, the tuned table for the Triton
+        kernels, lcjax.kernels.flash_attention.triton_tiles); integers override them for every kernel.
     Returns:
       [B, T, N, H] in q's dtype and the same token order.
     Raises:
@@ -79,5 +82,5 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
                                            block_k=block_k, kernel=kernel, ulysses_size=ulysses_size)
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads,
-                       check_vma=kernel != "pallas")  # Pallas in interpret mode needs check_vma off
+                       check_vma=not is_pallas(kernel))  # Pallas in interpret mode needs check_vma off
     return fn(q, k, v, positions, segment_ids)

@@ -21,7 +21,7 @@ from typing import List, Optional
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
 ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
 LAYOUTS = ("contiguous", "zigzag", "striped")
-KERNELS = ("xla", "pallas")
+KERNELS = ("xla", "pallas", "pallas_triton")  # lcjax.kernels.flash_attention.api.KERNELS
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")
 TOKENIZERS = ("bpe", "bytes")
@@ -82,8 +82,8 @@ class AttentionConfig:
     kernel: str = "xla"
     window: Optional[int] = None
     ulysses_size: Optional[int] = None
-    block_q: int = 512
-    block_k: int = 512
+    block_q: Optional[int] = None  # None: the kernel's own (tuned) tiles
+    block_k: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -280,8 +280,8 @@ def _positive(cfg: Config) -> str | None:
         "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
         "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep, "train.max_bad_steps": cfg.train.max_bad_steps,
-        "attention.block_q": cfg.attention.block_q,
-        "attention.block_k": cfg.attention.block_k,
+        **{f"attention.{k}": getattr(cfg.attention, k) for k in ("block_q", "block_k")
+           if getattr(cfg.attention, k) is not None},  # None: the kernel's own tiles
     }
     for key, value in checks.items():
         if value < 1:

@@ -48,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lcjax import config as config_lib
 from lcjax.checkpoint import check_step, restore_params
 from lcjax.config import Config
+from lcjax.kernels.flash_attention.api import is_pallas
 from lcjax.model.llama import Axes, Llama, attention_spec, rms_norm, swiglu
 from lcjax.ops import rope
 from lcjax.ops.layout import permute
@@ -149,7 +150,7 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def _model(cfg: Config, mesh, graphdef, params, specs) -> Model:
-    check_vma = cfg.attention.kernel != "pallas"  # Pallas in interpret mode needs it off (train/step.py)
+    check_vma = not is_pallas(cfg.attention.kernel)  # Pallas in interpret mode needs it off (train/step.py)
     common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg, check_vma=check_vma)
     fns = {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
            "decode": _decode_fn(**common)}

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--impls", default="ring,ulysses,hybrid")
     p.add_argument("--layouts", default="zigzag,striped,contiguous")
     p.add_argument("--ulysses-size", type=int, default=2, help="group size for impl hybrid")
-    p.add_argument("--kernel", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--kernel", default="xla", choices=["xla", "pallas", "pallas_triton"])
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=3)
@@ -106,6 +106,7 @@ def sharded(impl, layout, args):
     import jax
     from jax.sharding import PartitionSpec as P
 
+    from lcjax.kernels.flash_attention.api import is_pallas
     from lcjax.parallel.sequence import sequence_parallel_attention
     from lcjax.sharding.mesh import make_mesh
 
@@ -114,7 +115,7 @@ def sharded(impl, layout, args):
         q, k, v, p, s, impl=impl, axis_name="sequence", layout=layout, block_q=args.block, block_k=args.block,
         kernel=args.kernel, ulysses_size=args.ulysses_size if impl == "hybrid" else None)
     return jax.shard_map(attend, mesh=make_mesh(1, args.shards, 1), in_specs=(spec,) * 5, out_specs=spec,
-                         check_vma=args.kernel != "pallas")
+                         check_vma=not is_pallas(args.kernel))
 
 
 def emulated_shard(layout, shard, args):

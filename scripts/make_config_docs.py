@@ -93,16 +93,19 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "attention.layout": ("Order of the tokens across sequence shards: `zigzag` (2·SP chunks, shard i holds "
                          "chunks i and 2·SP−1−i: balanced causal work), `striped` (token t on shard t mod "
                          "SP), `contiguous`.", f"{choices('LAYOUTS')}."),
-    "attention.kernel": ("The per-device blockwise attention kernel: `xla` (portable) or `pallas` (GPU; "
-                         "interpret mode on CPU).", f"{choices('KERNELS')}."),
+    "attention.kernel": ("The per-device blockwise attention kernel: `xla` (portable), `pallas_triton` (Pallas "
+                         "Triton-backend flash kernels for GPUs; interpret mode elsewhere) or `pallas` (the best "
+                         "verified Pallas kernel for the GPUs: today `pallas_triton`).", f"{choices('KERNELS')}."),
     "attention.window": ("Sliding window W: a query at position p sees keys p−W+1 … p; null: no window.",
                          "null or >= 1."),
     "attention.ulysses_size": ("Shards per all-to-all group of `attention.impl: hybrid`.",
                                "Set only for `hybrid`, where it must divide `mesh.sequence`."),
-    "attention.block_q": ("Query tile of the blockwise kernel (clipped to a divisor of the local length).",
-                          ">= 1."),
-    "attention.block_k": ("Key tile of the blockwise kernel (clipped to a divisor of the local length).",
-                          ">= 1."),
+    "attention.block_q": ("Query tile of the kernel; null: the kernel's own tiles (512 for `xla`, the tuned "
+                          "table lcjax/kernels/flash_attention/triton_tiles.json for the Triton kernels). An "
+                          "integer overrides them (clipped to a divisor of the local length for `xla`, to a "
+                          "power of two in [16, 128] for the Triton kernels).", "null or >= 1."),
+    "attention.block_k": ("Key tile of the kernel; null: the kernel's own tiles (as `attention.block_q`).",
+                          "null or >= 1."),
     "data.source": ("The corpus: `stdlib` (the Python standard library's source), `files:PATH[,PATH...]` "
                     "(text files and folders) or `tfds:NAME[/CONFIG]` (a prepared TFDS dataset, "
                     "docs/data.md).", "One of those three forms."),

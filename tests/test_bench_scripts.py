@@ -96,3 +96,35 @@ def test_scripts_do_not_need_data_dependencies():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["llama_1b_32k", "4096"]
+
+
+def test_kernel_bench_layouts_and_flops():
+    """bench_kernels' packed documents fill T exactly; FLOPs count visible pairs (causal-honest)."""
+    bk = _script("bench_kernels")
+    lengths = bk.document_lengths(16384)
+    assert sum(lengths) == 16384 and all(1 <= n <= 4096 for n in lengths) and len(lengths) > 4
+    pos, seg, pairs = bk.layout(8, "causal")
+    assert pos.tolist() == list(range(8)) and set(seg.tolist()) == {0} and pairs == 36
+    pos, seg, pairs = bk.layout(16384, "segments")
+    assert pairs == sum(n * (n + 1) // 2 for n in lengths) and pos[lengths[0]] == 0 and seg[lengths[0]] == 1
+    assert bk.forward_flops(32, 128, 36) == 4 * 32 * 128 * 36
+    row = bk.markdown_row({"mask": "causal", "seq_len": 8, "kernel": "cudnn", "pass": "fwd", "error": "E: x"})
+    assert row == "| causal | 8 | cudnn | fwd | — | E: x |"
+
+
+def test_autotune_candidates_fit_and_table_merge(tmp_path):
+    at = _script("autotune_triton")
+    from lcjax.kernels.flash_attention import triton_tiles as tt
+
+    for name in tt.PASSES:
+        cands = list(at.candidates(name, 128, 2, "h100"))
+        assert cands and all(tt.shared_memory_bytes(name, *c[:2], 128, 2, c.num_stages)
+                             <= tt.SHARED_MEMORY["h100"] for c in cands)
+    table = tmp_path / "tiles.json"
+    table.write_text(tt.TABLE_PATH.read_text())
+    entry = {"gpu": "h100", "head_dim": 128, "dtype": "bfloat16", "fwd": [64, 64, 4, 2], "dkv": [32, 64, 4, 2],
+             "dq": [64, 32, 4, 2], "source": "test"}
+    at.write_table([entry], table)
+    loaded = tt.load_table(str(table))
+    assert loaded[("h100", 128, "bfloat16")]["fwd"] == tt.PassConfig(64, 64, 4, 2)
+    assert len(loaded) == len(tt.load_table())  # replaced, not added

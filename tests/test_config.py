@@ -32,6 +32,13 @@ def test_yaml_round_trip(tmp_path):
     assert config_lib.load(tmp_path / "c.yaml") == cfg
 
 
+def test_attention_blocks_default_to_the_kernels_own_tiles():
+    cfg = config_lib.load(ROOT / "configs/demo.yaml", ["attention.block_q=null", "attention.block_k=null",
+                                                       "attention.kernel=pallas_triton"])
+    assert (cfg.attention.block_q, cfg.attention.block_k, cfg.attention.kernel) == (None, None, "pallas_triton")
+    assert config_lib.AttentionConfig().block_q is None and config_lib.AttentionConfig().block_k is None
+
+
 def test_padded_vocab():
     assert config_lib.padded_vocab(300) == 384 and config_lib.padded_vocab(4096) == 4096
 
@@ -58,6 +65,7 @@ def test_padded_vocab():
       "model.d_model=256"], "model.n_heads / mesh.model must be divisible by 8"),
     (["attention.kernel=cuda"], "attention.kernel 'cuda' must be one of xla, pallas"),
     (["attention.window=0"], "attention.window 0 must be >= 1"),
+    (["attention.block_q=0"], "attention.block_q 0 must be >= 1"),
     (["nokeyvalue"], "must have the form key=value"),
     (["=5"], "must have the form key=value"),
     (["train.lr=nan"], "train.lr nan must be a finite number > 0"),

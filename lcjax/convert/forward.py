@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from lcjax import config as config_lib
 from lcjax.config import AttentionConfig, Config, MeshConfig, ModelConfig
+from lcjax.kernels.flash_attention.api import is_pallas
 from lcjax.model.llama import Axes
 from lcjax.ops.layout import permute, unpermute
 from lcjax.sharding import rules
@@ -73,7 +74,7 @@ class CausalLM:
             return jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
 
         fn = jax.shard_map(local, mesh=self.mesh, in_specs=(self.specs, rules.BATCH, rules.BATCH, rules.BATCH),
-                           out_specs=P(*AXES), check_vma=cfg.attention.kernel != "pallas")
+                           out_specs=P(*AXES), check_vma=not is_pallas(cfg.attention.kernel))
         return jax.jit(fn)
 
 

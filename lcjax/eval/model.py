@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from lcjax.checkpoint import restore_params
 from lcjax.config import Config
 from lcjax.generate import abstract_params
+from lcjax.kernels.flash_attention.api import is_pallas
 from lcjax.model.llama import Axes, attention_spec, tiled_over_tokens
 from lcjax.parallel import tensor
 from lcjax.sharding import rules
@@ -77,7 +78,7 @@ def make_answer_misses(graphdef, specs, mesh, cfg: Config):
 
     names = (*FIELDS, "labels", "loss_mask")
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in names}),
-                                 out_specs=P("data"), check_vma=cfg.attention.kernel != "pallas"))
+                                 out_specs=P("data"), check_vma=not is_pallas(cfg.attention.kernel)))
 
 
 def make_argmax(graphdef, specs, mesh, cfg: Config):
@@ -86,4 +87,4 @@ def make_argmax(graphdef, specs, mesh, cfg: Config):
     v = cfg.model.vocab_size
     local = _tiled_fn(graphdef, cfg, lambda logits: tensor.vocab_parallel_argmax(logits, vocab_size=v, axis="model"))
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in FIELDS}),
-                                 out_specs=rules.BATCH, check_vma=cfg.attention.kernel != "pallas"))
+                                 out_specs=rules.BATCH, check_vma=not is_pallas(cfg.attention.kernel)))

@@ -76,8 +76,8 @@ class AttentionSpec(NamedTuple):
     impl: str = "ring"
     layout: str = "zigzag"
     window: int | None = None
-    block_q: int = 512
-    block_k: int = 512
+    block_q: int | None = None  # None: the kernel's own (tuned) tiles
+    block_k: int | None = None
     kernel: str = "xla"
     ulysses_size: int | None = None
 

@@ -264,7 +264,7 @@ _ring.defvjp(_fwd, _bwd)
 
 
 def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag", causal=True,
-                   window=None, scale=None, block_q=512, block_k=512, kernel="xla", group=1,
+                   window=None, scale=None, block_q=None, block_k=None, kernel="xla", group=1,
                    dkv_dtype="float32"):
     """Attention of this shard's queries to the whole sequence held across ``axis_name``.
 

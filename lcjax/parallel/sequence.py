@@ -9,7 +9,7 @@ IMPLS = ("local", "ring", "ulysses", "hybrid")
 
 
 def sequence_parallel_attention(q, k, v, positions, segment_ids, *, impl, axis_name, layout="zigzag",
-                                causal=True, window=None, scale=None, block_q=512, block_k=512,
+                                causal=True, window=None, scale=None, block_q=None, block_k=None,
                                 kernel="xla", ulysses_size=None):
     """Attention of this shard's queries to the whole sequence sharded over ``axis_name``.
 

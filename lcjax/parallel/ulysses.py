@@ -58,7 +58,7 @@ def zigzag_group_order(local_len: int, group: int) -> np.ndarray:
 
 
 def ulysses_attention(q, k, v, positions, segment_ids, *, axis_name, group=None, layout="zigzag",
-                      causal=True, window=None, scale=None, block_q=512, block_k=512, kernel="xla"):
+                      causal=True, window=None, scale=None, block_q=None, block_k=None, kernel="xla"):
     """Sequence-parallel attention by all-to-all over groups of ``group`` shards of ``axis_name``
     (default: the whole axis, pure Ulysses), with a ring across the groups when there are several.
 

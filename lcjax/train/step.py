@@ -33,6 +33,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax.config import Config
+from lcjax.kernels.flash_attention.api import is_pallas
 from lcjax.model.llama import Axes, MemorySpec, attention_spec
 from lcjax.parallel import fsdp
 from lcjax.sharding import rules
@@ -67,7 +68,7 @@ def zero_grads(cfg: Config) -> bool:
 
 def needs_check_vma(cfg: Config) -> bool:
     """check_vma for the training shard_map: on, except around Pallas kernels (interpret mode needs it off)."""
-    return cfg.attention.kernel != "pallas"
+    return not is_pallas(cfg.attention.kernel)
 
 
 def compute_dtype(cfg: Config):

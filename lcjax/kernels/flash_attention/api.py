@@ -4,6 +4,8 @@
 -> (out float32 [B, T, N, H], lse float32 [B, T, N]) and
 ``flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causal, window, scale, block_q,
 block_k)`` -> (dq, dk, dv) float32; see :mod:`lcjax.kernels.flash_attention.xla` for the contract.
+``block_q = block_k = None`` means the kernel's own tiles (512 for xla, the tuned table for the Triton
+kernels); integers override them.
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from __future__ import annotations
 import importlib
 
 KERNELS = {"xla": "lcjax.kernels.flash_attention.xla",
-           "pallas": "lcjax.kernels.flash_attention.pallas_triton"}
+           # "pallas": the best verified Pallas kernel for GPUs; today the Triton-backend kernels
+           "pallas": "lcjax.kernels.flash_attention.pallas_triton",
+           "pallas_triton": "lcjax.kernels.flash_attention.pallas_triton"}
+PALLAS_KERNELS = frozenset(name for name, module in KERNELS.items() if ".pallas" in module)
+
+
+def is_pallas(name: str) -> bool:
+    """Whether kernel ``name`` is a Pallas kernel (a ``shard_map`` around it needs ``check_vma=False``:
+    Pallas in interpret mode does not track varying manual axes)."""
+    return name in PALLAS_KERNELS
 
 
 def get_kernel(name: str):
-    """The module implementing kernel ``name`` ("xla" or "pallas"); raises ValueError for another name."""
+    """The module implementing kernel ``name`` (a key of KERNELS); raises ValueError for another name."""
     if name not in KERNELS:
         raise ValueError(f"attention.kernel {name!r} must be one of {', '.join(KERNELS)}")
     return importlib.import_module(KERNELS[name])

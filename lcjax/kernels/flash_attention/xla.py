@@ -21,6 +21,15 @@ from jax import lax
 from lcjax.ops.vma import vary_tree_like
 
 NEG_INF = -jnp.inf
+DEFAULT_BLOCK = 512  # the tile of block_q/block_k = None
+
+
+def _blocks(block_q, block_k):
+    """(block_q, block_k) with None replaced by DEFAULT_BLOCK; ValueError for a block < 1."""
+    blocks = tuple(DEFAULT_BLOCK if b is None else int(b) for b in (block_q, block_k))
+    if min(blocks) < 1:
+        raise ValueError(f"block sizes {blocks} must be >= 1")
+    return blocks
 
 
 def fit_block(length: int, block: int) -> int:
@@ -70,8 +79,12 @@ def _scores(qb, kb, scale):
 
 
 def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None, scale=None,
-                  block_q=512, block_k=512):
-    """Blockwise attention forward. Returns (out float32 [B, T, N, H], lse float32 [B, T, N])."""
+                  block_q=None, block_k=None):
+    """Blockwise attention forward. Returns (out float32 [B, T, N, H], lse float32 [B, T, N]).
+
+    block_q, block_k: tiles (None: DEFAULT_BLOCK), clipped to divisors of the lengths (:func:`fit_block`).
+    """
+    block_q, block_k = _blocks(block_q, block_k)
     b, t, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
@@ -120,13 +133,14 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
 
 
 def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None,
-                   scale=None, block_q=512, block_k=512):
+                   scale=None, block_q=None, block_k=None):
     """Gradients of blockwise attention given the final ``out`` and ``lse`` (which may already include
     other key blocks, as in ring attention: the softmax is normalised by the global lse).
 
     Args: as :func:`flash_forward`, plus out [B, T, N, H], lse [B, T, N], dout [B, T, N, H].
     Returns: (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, H]), float32.
     """
+    block_q, block_k = _blocks(block_q, block_k)
     b, t, n, h = q.shape
     s_len, kh = k.shape[1], k.shape[2]
     g = n // kh
