@@ -13,6 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lcjax import checkpoints_cli
 from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set model.n_layers=2 (repeatable)")
     train.add_argument("--run-dir", help="run directory (default runs/<config name>-<UTC time>)")
     train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
+    train.add_argument("--step", type=int, metavar="N",
+                       help="with --resume: continue checkpoint N instead of the newest (later ones are set aside)")
     train.add_argument("--init-from", metavar="DIR",
                        help="start a new run from the weights of another run dir or a Hugging Face folder")
     train.add_argument("--init-optimizer", action="store_true",
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_generate_parser(sub)
     _add_eval_parser(sub)
+    checkpoints_cli.add_parser(sub)
     return parser
 
 
@@ -235,6 +239,10 @@ def _train(args) -> int:
         raise ValueError("--init-optimizer needs --init-from RUN_DIR (the run whose optimizer state to take)")
     if args.config is None and not args.resume:
         raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
+    if args.resume and args.config is None:
+        from lcjax.train.loop import check_run_dir  # names the run dir, not a --config never passed
+
+        check_run_dir(Path(args.run_dir), resume=True)
     cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
     from lcjax.train.metrics import parse_profile  # imports no JAX
 
@@ -252,12 +260,12 @@ def _train(args) -> int:
     try:
         result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from,
                        init_optimizer=args.init_optimizer, progress=not args.no_progress, hf_params=_hf_params,
-                       profile=profile)
+                       profile=profile, step=args.step)
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
     where = (f"{result['checkpoint_dir']}/{result['checkpoint']}" if result["checkpoint"] is not None
-             else "nowhere (no step was completed)")
+             else "nowhere (no step was completed, nothing written)")
     if result["preempted"]:
         print(f"lcjax: preempted at step {result['step']}, saved checkpoint to {where}", flush=True)
         return 0
@@ -308,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "plan": _plan, "data": _data, "convert": _convert,
-                "generate": _generate, "eval": _eval}[args.command](args)
+        checkpoints_cli.quiet_libraries()
+        return {"train": _train, "plan": _plan, "data": _data, "convert": _convert, "generate": _generate,
+                "eval": _eval, "checkpoints": checkpoints_cli.run}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
