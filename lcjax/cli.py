@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lcjax import checkpoints_cli
+from lcjax import checkpoints_cli, rundir
 from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
 
@@ -114,6 +114,9 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key of the run's config, e.g. --set mesh.sequence=1 (not model.*)")
+    gen.add_argument("--step", type=int, metavar="N", help="checkpoint step (default the newest)")
+    gen.add_argument("--out", metavar="FILE", help="also write the text to FILE (must not exist)")
+    gen.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
 
 
 def _generate(args) -> int:
@@ -134,19 +137,33 @@ def _generate(args) -> int:
         raise ValueError(f"--run-dir {run_dir} {what}")
     if not saved_steps(run_dir / "checkpoints"):
         raise ValueError(f"--run-dir {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    out = rundir.check_new_file(args.out, overwrite=args.overwrite) if args.out else None
     cfg = config_lib.load(run_dir / "config.yaml", args.set)
     provision_host_devices(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
-    from lcjax import generate  # imports JAX: after the devices are provisioned
+    from lcjax import generate, memcheck  # import JAX: after the devices are provisioned
 
-    model, tokenizer = generate.load(run_dir, args.set)
-    prompt = tokenizer.encode_batch([args.prompt])[0]
-    if not prompt:
-        raise ValueError("--prompt encodes to no tokens")
-    new = generate.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            seed=args.seed, eos_id=tokenizer.eos_id)[0]
-    if new and new[-1] == tokenizer.eos_id:
-        new = new[:-1]
-    print(args.prompt + tokenizer.decode(new), flush=True)
+    prompt = []
+
+    def fits(cfg, mesh, graphdef, specs, abstract, tokenizer):  # before the parameters are read
+        prompt.extend(tokenizer.encode_batch([args.prompt])[0])
+        if not prompt:
+            raise ValueError("--prompt encodes to no tokens")
+        needed = generate.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=1, prompt_len=len(prompt),
+                                        max_new_tokens=args.max_new_tokens)
+        memcheck.check_fits(needed, mesh.devices.flat, what=f"generating {args.max_new_tokens:,} tokens after a "
+                            f"{len(prompt):,}-token prompt", kind="generate", enabled=cfg.train.check_memory)
+
+    inside = out is not None and rundir.is_inside(out, run_dir)  # writes into the run dir: hold its lock
+    with rundir.locked(run_dir, command="lcjax generate", enabled=inside):
+        model, tokenizer = generate.load(run_dir, args.set, step=args.step, fits=fits)
+        new = generate.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                seed=args.seed, eos_id=tokenizer.eos_id)[0]
+        if new and new[-1] == tokenizer.eos_id:
+            new = new[:-1]
+        text = args.prompt + tokenizer.decode(new)
+        print(text, flush=True)
+        if out is not None:
+            rundir.write_new(out, (text + "\n").encode(), overwrite=args.overwrite)
     return 0
 
 
@@ -201,6 +218,9 @@ def _add_eval_parser(sub) -> None:
     pk.add_argument("--step", type=int, help="checkpoint step (default the newest)")
     pk.add_argument("--batch-size", type=int, help="prompts per forward pass (default 16, a multiple of mesh.data)")
     pk.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated in --mode generate")
+    pk.add_argument("--out", metavar="FILE.json", help="write the results here (and the heatmap beside it as .png; "
+                                                        "default: new passkey[-N].json/.png in the run dir)")
+    pk.add_argument("--overwrite", action="store_true", help="let --out replace existing files")
 
 
 def _eval(args) -> int:
@@ -217,9 +237,12 @@ def _eval(args) -> int:
     provision(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
     from lcjax.eval import passkey  # imports JAX: after the devices are provisioned
 
-    passkey.run(run_dir, lengths=lengths, depths=args.depths, samples=args.samples, overrides=args.set,
-                seed=args.seed, filler=args.filler, mode=args.mode, batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens, step=args.step, log=print)
+    inside = args.out is None or rundir.is_inside(args.out, run_dir)  # writes into the run dir: hold its lock
+    with rundir.locked(run_dir, command="lcjax eval passkey", enabled=inside):
+        passkey.run(run_dir, lengths=lengths, depths=args.depths, samples=args.samples, overrides=args.set,
+                    seed=args.seed, filler=args.filler, mode=args.mode, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, step=args.step, log=print, out=args.out,
+                    overwrite=args.overwrite)
     return 0
 
 

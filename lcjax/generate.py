@@ -111,11 +111,13 @@ def from_params(cfg: Config, params, mesh=None) -> Model:
     return _model(cfg, mesh, graphdef, params, specs)
 
 
-def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None = None):
+def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None = None, fits=None):
     """(:class:`Model`, tokenizer) of a run dir: its ``config.yaml`` with ``overrides`` (``key=value``;
     e.g. ``mesh.*``, ``attention.*``, ``train.dtype``; never ``model.*``), the newest checkpoint's (or
-    ``step``'s) parameters on the config's mesh, and ``<run dir>/tokenizer``. Reads only; raises
-    ValueError (one line) for a missing run dir, config, checkpoint or tokenizer, or a changed model."""
+    ``step``'s) parameters on the config's mesh, and ``<run dir>/tokenizer``. ``fits(cfg, mesh, graphdef,
+    specs, abstract_params, tokenizer)`` runs before the parameters are read (e.g. :func:`check_fits`).
+    Reads only; raises ValueError (one line) for a missing run dir, config, checkpoint or tokenizer, or a
+    changed model, and whatever ``fits`` raises."""
     from lcjax.data.tokenizer import Tokenizer
 
     run_dir = Path(run_dir)
@@ -124,17 +126,19 @@ def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None
     tokenizer = Tokenizer.load(run_dir / "tokenizer", field="--run-dir tokenizer")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
     graphdef, specs, abstract = abstract_params(cfg, mesh)
+    if fits is not None:
+        fits(cfg, mesh, graphdef, specs, abstract, tokenizer)
     try:
         params = restore_params(run_dir / "checkpoints", abstract, step)
-    except (OSError, ValueError, KeyError) as e:  # a damaged or foreign checkpoint: one line
+    except (OSError, KeyError) as e:  # a foreign checkpoint: one line (ValueErrors are one line already)
         raise ValueError(f"--run-dir {run_dir}: cannot read checkpoint {step or steps[-1]} "
                          f"({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
     return _model(cfg, mesh, graphdef, params, specs), tokenizer
 
 
-def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+def run_config(run_dir: str | Path, overrides: Sequence[str] = (), what: str = "generation") -> Config:
     """The run's ``config.yaml`` with ``overrides``; ValueError when there is none or a ``model.*`` key
-    changes (the checkpoint fixes the model)."""
+    changes (the checkpoint fixes the model; ``what`` names the command in the message)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
@@ -144,16 +148,57 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
     before, after = config_lib.to_dict(saved)["model"], config_lib.to_dict(cfg)["model"]
     for key in before:
         if before[key] != after[key]:
-            raise ValueError(f"model.{key}: generation cannot change it (the checkpoint's model is fixed)")
+            raise ValueError(f"model.{key}: {what} cannot change it (the checkpoint's model is fixed)")
     return cfg
 
 
 def _model(cfg: Config, mesh, graphdef, params, specs) -> Model:
+    return Model(cfg, mesh, graphdef, params, specs, _fns(cfg, mesh, graphdef, specs))
+
+
+def _fns(cfg: Config, mesh, graphdef, specs) -> dict:
     check_vma = cfg.attention.kernel != "pallas"  # Pallas in interpret mode needs it off (train/step.py)
     common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg, check_vma=check_vma)
-    fns = {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
-           "decode": _decode_fn(**common)}
-    return Model(cfg, mesh, graphdef, params, specs, fns)
+    return {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
+            "decode": _decode_fn(**common)}
+
+
+MAX_POSITIONS = 2**31 - 1  # positions are int32
+
+
+def padded_length(cfg: Config, prompt_len: int) -> int:
+    """The prompt length T that :func:`prefill` pads ``prompt_len`` tokens to (a multiple of 16 tokens per
+    sequence shard and of the layout's unit)."""
+    unit = 16 * cfg.mesh.sequence * (2 if cfg.attention.layout == "zigzag" else 1)
+    return -(-prompt_len // unit) * unit
+
+
+def memory_needed(cfg: Config, mesh, graphdef, specs, abstract, *, batch: int, prompt_len: int,
+                  max_new_tokens: int) -> int | None:
+    """XLA's per-device bytes of generating ``max_new_tokens`` tokens after ``batch`` prompts of
+    ``prompt_len`` tokens: the larger of the compiled prefill and decode step (parameters ``abstract``,
+    the KV cache and its tail included), compiled for abstract arrays: nothing is allocated. None when the
+    backend has no memory analysis. Raises ValueError when the positions exceed int32."""
+    from lcjax import memcheck
+
+    t = padded_length(cfg, prompt_len)
+    slots = max(max_new_tokens, 1)
+    if t + slots > MAX_POSITIONS:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: prompt + new tokens = {t + slots:,} positions, more "
+                         f"than the {MAX_POSITIONS:,} int32 positions hold")
+    b = -(-batch // cfg.mesh.data) * cfg.mesh.data
+    fns = _fns(cfg, mesh, graphdef, specs)
+    sds = lambda shape, spec, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+    tokens, lengths = sds((b, t), P(DATA, SEQUENCE)), sds((b,), P(DATA))
+    max_position = max(t + slots, cfg.data.seq_len)
+    prefill = fns["prefill"].lower(abstract, tokens, tokens, lengths, max_position)
+    k = prefill.out_info[1]
+    tail = sds((k.shape[0], b, slots, *k.shape[3:]), TAIL_SPEC, k.dtype)
+    cache = Cache(sds(k.shape, CACHE_SPEC, k.dtype), sds(k.shape, CACHE_SPEC, k.dtype), tokens, lengths, tail, tail,
+                  sds((), P()))
+    decode = fns["decode"].lower(abstract, cache, sds((b,), P(DATA)), max_position)
+    totals = [memcheck.compiled_total(x.compile()) for x in (prefill, decode)]
+    return None if None in totals else max(totals)
 
 
 # ------------------------------------------------------------------------------------- per-shard math

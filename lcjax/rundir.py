@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,10 @@ def check_writable(directory: Path, field: str = "--run-dir") -> None:
         where = where.parent
     if not where.is_dir():
         raise ValueError(f"{field} {directory}: {where} is not a directory")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise ValueError(f"{field} {directory}: {where} is not writable (permission denied)")
+    try:  # a real probe: permissions, read-only mounts and quotas all show here
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        raise ValueError(f"{field} {directory}: cannot write in {where} ({e.strerror or e})") from None
 
 
 class RunLock:
@@ -213,8 +216,6 @@ def check_new_file(path: str | Path, *, overwrite: bool, field: str = "--out") -
         why = "is a directory" if path.is_dir() else "already exists (pass --overwrite to replace it)"
         raise ValueError(f"{field} {path} {why}")
     check_writable(path.parent, field)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{field} {path} is not writable (permission denied)")
     return path
 
 
@@ -227,3 +228,28 @@ def new_name(path: str | Path) -> Path:
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
         n += 1
     return candidate
+
+
+def is_inside(path: str | Path, directory: str | Path) -> bool:
+    """True when ``path`` lies in ``directory`` (after resolving both)."""
+    return Path(directory).resolve() in Path(path).resolve().parents
+
+
+def write_new(path: str | Path, data: bytes, *, overwrite: bool = False, field: str = "--out") -> Path:
+    """Write ``data`` to ``path`` whole (a temporary file beside it, then one rename or link): with
+    ``overwrite`` replacing what is there, else never replacing a file, even one that appeared since it
+    was checked (ValueError naming ``field``). Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails when path exists: never replaces
+    except FileExistsError:
+        raise ValueError(f"{field} {path} already exists (pass --overwrite to replace it)") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
