@@ -148,10 +148,14 @@ def _generate(args) -> int:
         prompt.extend(tokenizer.encode_batch([args.prompt])[0])
         if not prompt:
             raise ValueError("--prompt encodes to no tokens")
-        needed = generate.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=1, prompt_len=len(prompt),
-                                        max_new_tokens=args.max_new_tokens)
+        generate.check_positions(cfg, len(prompt), args.max_new_tokens)
+        if not cfg.train.check_memory:
+            return None
+        needed, compiled = generate.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=1,
+                                                  prompt_len=len(prompt), max_new_tokens=args.max_new_tokens)
         memcheck.check_fits(needed, mesh.devices.flat, what=f"generating {args.max_new_tokens:,} tokens after a "
-                            f"{len(prompt):,}-token prompt", kind="generate", enabled=cfg.train.check_memory)
+                            f"{len(prompt):,}-token prompt", kind="generate")
+        return compiled  # generation reuses them
 
     inside = out is not None and rundir.is_inside(out, run_dir)  # writes into the run dir: hold its lock
     with rundir.locked(run_dir, command="lcjax generate", enabled=inside):
@@ -256,6 +260,8 @@ def _train(args) -> int:
 
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir")
+    if args.step is not None and not args.resume:
+        raise ValueError("--step needs --resume (the checkpoint of --run-dir to continue)")
     if args.resume and args.init_from:
         raise ValueError("--resume and --init-from exclude each other")
     if args.init_optimizer and not args.init_from:
@@ -289,6 +295,10 @@ def _train(args) -> int:
         return EXIT_NON_FINITE
     where = (f"{result['checkpoint_dir']}/{result['checkpoint']}" if result["checkpoint"] is not None
              else "nowhere (no step was completed, nothing written)")
+    if result.get("set_up_only"):  # a signal before the first step: nothing was written
+        kept = f", checkpoint {where} unchanged" if result["checkpoint"] is not None else ""
+        print(f"lcjax: preempted before step {result['step'] + 1}: nothing written{kept}", flush=True)
+        return 0
     if result["preempted"]:
         print(f"lcjax: preempted at step {result['step']}, saved checkpoint to {where}", flush=True)
         return 0

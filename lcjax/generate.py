@@ -115,7 +115,8 @@ def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None
     """(:class:`Model`, tokenizer) of a run dir: its ``config.yaml`` with ``overrides`` (``key=value``;
     e.g. ``mesh.*``, ``attention.*``, ``train.dtype``; never ``model.*``), the newest checkpoint's (or
     ``step``'s) parameters on the config's mesh, and ``<run dir>/tokenizer``. ``fits(cfg, mesh, graphdef,
-    specs, abstract_params, tokenizer)`` runs before the parameters are read (e.g. :func:`check_fits`).
+    specs, abstract_params, tokenizer)`` runs before the parameters are read (e.g. a memory check); what it
+    returns, compiled functions of :func:`memory_needed`, the model uses for calls of their shapes.
     Reads only; raises ValueError (one line) for a missing run dir, config, checkpoint or tokenizer, or a
     changed model, and whatever ``fits`` raises."""
     from lcjax.data.tokenizer import Tokenizer
@@ -126,14 +127,13 @@ def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None
     tokenizer = Tokenizer.load(run_dir / "tokenizer", field="--run-dir tokenizer")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
     graphdef, specs, abstract = abstract_params(cfg, mesh)
-    if fits is not None:
-        fits(cfg, mesh, graphdef, specs, abstract, tokenizer)
+    compiled = fits(cfg, mesh, graphdef, specs, abstract, tokenizer) if fits is not None else None
     try:
         params = restore_params(run_dir / "checkpoints", abstract, step)
     except (OSError, KeyError) as e:  # a foreign checkpoint: one line (ValueErrors are one line already)
         raise ValueError(f"--run-dir {run_dir}: cannot read checkpoint {step or steps[-1]} "
                          f"({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
-    return _model(cfg, mesh, graphdef, params, specs), tokenizer
+    return _model(cfg, mesh, graphdef, params, specs, compiled), tokenizer
 
 
 def run_config(run_dir: str | Path, overrides: Sequence[str] = (), what: str = "generation") -> Config:
@@ -152,8 +152,13 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = (), what: str = "
     return cfg
 
 
-def _model(cfg: Config, mesh, graphdef, params, specs) -> Model:
-    return Model(cfg, mesh, graphdef, params, specs, _fns(cfg, mesh, graphdef, specs))
+def _model(cfg: Config, mesh, graphdef, params, specs, compiled: dict | None = None) -> Model:
+    from lcjax.memcheck import reusing
+
+    fns = _fns(cfg, mesh, graphdef, specs)
+    for name, (max_position, executable) in (compiled or {}).items():
+        fns[name] = reusing(fns[name], executable, static=max_position)
+    return Model(cfg, mesh, graphdef, params, specs, fns)
 
 
 def _fns(cfg: Config, mesh, graphdef, specs) -> dict:
@@ -173,19 +178,26 @@ def padded_length(cfg: Config, prompt_len: int) -> int:
     return -(-prompt_len // unit) * unit
 
 
+def check_positions(cfg: Config, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise ValueError (one line naming --max-new-tokens) when the padded prompt and the new tokens need
+    more positions than int32 holds."""
+    total = padded_length(cfg, prompt_len) + max(max_new_tokens, 1)
+    if total > MAX_POSITIONS:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: prompt + new tokens = {total:,} positions, more "
+                         f"than the {MAX_POSITIONS:,} int32 positions hold")
+
+
 def memory_needed(cfg: Config, mesh, graphdef, specs, abstract, *, batch: int, prompt_len: int,
-                  max_new_tokens: int) -> int | None:
+                  max_new_tokens: int) -> tuple[int | None, dict]:
     """XLA's per-device bytes of generating ``max_new_tokens`` tokens after ``batch`` prompts of
     ``prompt_len`` tokens: the larger of the compiled prefill and decode step (parameters ``abstract``,
-    the KV cache and its tail included), compiled for abstract arrays: nothing is allocated. None when the
-    backend has no memory analysis. Raises ValueError when the positions exceed int32."""
+    the KV cache and its tail included; None when the backend has no memory analysis), compiled for
+    abstract arrays: nothing is allocated. Also returns {"prefill"|"decode": (max_position, executable)}
+    for :func:`load` to reuse. Raises ValueError when the positions exceed int32."""
     from lcjax import memcheck
 
-    t = padded_length(cfg, prompt_len)
-    slots = max(max_new_tokens, 1)
-    if t + slots > MAX_POSITIONS:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: prompt + new tokens = {t + slots:,} positions, more "
-                         f"than the {MAX_POSITIONS:,} int32 positions hold")
+    check_positions(cfg, prompt_len, max_new_tokens)
+    t, slots = padded_length(cfg, prompt_len), max(max_new_tokens, 1)
     b = -(-batch // cfg.mesh.data) * cfg.mesh.data
     fns = _fns(cfg, mesh, graphdef, specs)
     sds = lambda shape, spec, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
@@ -197,8 +209,9 @@ def memory_needed(cfg: Config, mesh, graphdef, specs, abstract, *, batch: int, p
     cache = Cache(sds(k.shape, CACHE_SPEC, k.dtype), sds(k.shape, CACHE_SPEC, k.dtype), tokens, lengths, tail, tail,
                   sds((), P()))
     decode = fns["decode"].lower(abstract, cache, sds((b,), P(DATA)), max_position)
-    totals = [memcheck.compiled_total(x.compile()) for x in (prefill, decode)]
-    return None if None in totals else max(totals)
+    compiled = {"prefill": (max_position, prefill.compile()), "decode": (max_position, decode.compile())}
+    totals = [memcheck.compiled_total(c) for _, c in compiled.values()]
+    return (None if None in totals else max(totals)), compiled
 
 
 # ------------------------------------------------------------------------------------- per-shard math
@@ -364,8 +377,7 @@ def _padded_batch(model: Model, prompts: Sequence[Sequence[int]]):
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"prompt {i}: token ids must be in [0, model.vocab_size = {vocab})")
     sp, dp = cfg.mesh.sequence, cfg.mesh.data
-    unit = 16 * sp * (2 if cfg.attention.layout == "zigzag" else 1)
-    t = -(-max(len(p) for p in prompts) // unit) * unit
+    t = padded_length(cfg, max(len(p) for p in prompts))
     rows = list(prompts) + [prompts[0]] * (-len(prompts) % dp)
     tokens = np.zeros((len(rows), t), np.int32)
     for i, p in enumerate(rows):

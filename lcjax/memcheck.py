@@ -104,3 +104,17 @@ def check_fits(needed: int | None, devices, *, what: str, kind: str, enabled: bo
     raise DoesNotFit(f"{what} needs {gb(needed)} per device (XLA, compiled), more than the "
                      f"{gb(max(have.per_device, 0))} available per device ({have.source}); "
                      f"{HINTS[kind]}; {BYPASS}")
+
+
+def reusing(jitted, executable, *, static=None):
+    """``jitted``, calling the ahead-of-time ``executable`` (compiled for the memory check, so the program is
+    not compiled twice) when the arguments' types are those it was compiled for; with ``static``, the last
+    argument is a static one that must equal it (and is not passed to ``executable``)."""
+    def call(*args):
+        if static is None or args[-1] == static:
+            try:
+                return executable(*(args if static is None else args[:-1]))
+            except TypeError:  # other shapes, dtypes or shardings than compiled for
+                pass
+        return jitted(*args)
+    return call

@@ -68,19 +68,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def check_writable(directory: Path, field: str = "--run-dir") -> None:
-    """Raise ValueError (one line naming ``field``) unless files can be created in ``directory`` or, when it
-    does not exist yet, in its nearest existing ancestor (which must be a folder)."""
+def check_writable(directory: Path, field: str = "--run-dir", shown: Path | None = None) -> None:
+    """Raise ValueError (one line naming ``field`` and ``shown``, default ``directory``) unless files can be
+    created in ``directory`` or, when it does not exist yet, in its nearest existing ancestor (which must
+    be a folder)."""
     directory = Path(directory)
     where = directory.absolute()
     while not where.exists():
         where = where.parent
     if not where.is_dir():
-        raise ValueError(f"{field} {directory}: {where} is not a directory")
+        raise ValueError(f"{field} {shown or directory}: {where} is not a directory")
     try:  # a real probe: permissions, read-only mounts and quotas all show here
         tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
-        raise ValueError(f"{field} {directory}: cannot write in {where} ({e.strerror or e})") from None
+        raise ValueError(f"{field} {shown or directory}: cannot write in {where} ({e.strerror or e})") from None
 
 
 class RunLock:
@@ -215,7 +216,7 @@ def check_new_file(path: str | Path, *, overwrite: bool, field: str = "--out") -
     if path.exists() and (path.is_dir() or not overwrite):
         why = "is a directory" if path.is_dir() else "already exists (pass --overwrite to replace it)"
         raise ValueError(f"{field} {path} {why}")
-    check_writable(path.parent, field)
+    check_writable(path.parent, field, shown=path)
     return path
 
 

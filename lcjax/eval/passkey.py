@@ -108,11 +108,14 @@ class Evaluator:
     model's nnx.State placed by :func:`lcjax.eval.model.load_params`.
     """
 
-    def __init__(self, cfg: Config, graphdef, specs, params, mesh):
+    def __init__(self, cfg: Config, graphdef, specs, params, mesh, compiled_score=None):
+        from lcjax import memcheck
         from lcjax.eval import model as model_lib
 
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self._score = model_lib.make_answer_misses(graphdef, specs, mesh, cfg)
+        if compiled_score is not None:  # compiled for the memory check (check_memory): used for its shape
+            self._score = memcheck.reusing(self._score, compiled_score)
         self._argmax = model_lib.make_argmax(graphdef, specs, mesh, cfg)
         self._generator = None  # an lcjax.generate.Model, built on the first generate()
 
@@ -254,13 +257,14 @@ def write_results(records: list[dict], paths: tuple[Path, Path], title: str, ove
 
 
 def check_memory(cfg: Config, *, lengths: list[int], batch_size: int, samples: int, depths: int, mode: str,
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int):
     """Refuse (lcjax.memcheck.DoesNotFit, one line) an evaluation whose largest forward pass (the longest
     length x ``batch_size``; in generate mode prefill and decode) does not fit the devices, with the host
     memory of that length's prompts; compiled for abstract arrays before anything is loaded
-    (``train.check_memory`` false: skipped)."""
+    (``train.check_memory`` false: skipped). Returns the compiled scoring function in teacher mode (for
+    :class:`Evaluator` to reuse), else None."""
     if not cfg.train.check_memory:
-        return
+        return None
     import jax
     from jax.sharding import NamedSharding
 
@@ -277,14 +281,16 @@ def check_memory(cfg: Config, *, lengths: list[int], batch_size: int, samples: i
         sds = jax.ShapeDtypeStruct((batch_size, length), np.int32, sharding=NamedSharding(mesh, rules.BATCH))
         batch = {k: sds for k in ("tokens", "labels", "positions", "segment_ids", "loss_mask")}
         fn = model_lib.make_answer_misses(graphdef, specs, mesh, cfg)
-        needed = memcheck.compiled_total(fn.lower(abstract, batch).compile())
+        compiled = fn.lower(abstract, batch).compile()
+        needed = memcheck.compiled_total(compiled)
     else:
-        needed = gen.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=batch_size, prompt_len=length,
-                                   max_new_tokens=max_new_tokens)
+        compiled, needed = None, gen.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=batch_size,
+                                                   prompt_len=length, max_new_tokens=max_new_tokens)[0]
     host = 2 * samples * depths * (length + 1) * 4  # the prompts of one length (int32), and their batches
     what = f"PassKey at {length:,} tokens x --batch-size {batch_size}" + (
         f" with --max-new-tokens {max_new_tokens:,}" if mode == "generate" else "")
     memcheck.check_fits(needed, mesh.devices.flat, what=what, kind="eval", host_bytes=host)
+    return compiled
 
 
 def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 11, samples: int = 20,
@@ -324,13 +330,13 @@ def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 
     encode = lambda s: tokenizer.encode_batch([s])[0]
     lengths = list(lengths) if lengths else [cfg.data.seq_len]
     check_lengths(lengths, cfg, encode)
-    check_memory(cfg, lengths=lengths, batch_size=batch_size, samples=samples, depths=depths, mode=mode,
-                 max_new_tokens=max_new_tokens)
+    compiled = check_memory(cfg, lengths=lengths, batch_size=batch_size, samples=samples, depths=depths, mode=mode,
+                            max_new_tokens=max_new_tokens)
     corpus = _corpus(cfg, run_dir) if filler == "corpus" else None
 
     from lcjax.eval import model as model_lib
 
-    evaluator = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints", step))
+    evaluator = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints", step), compiled)
     records = evaluate(evaluator, tokenizer, lengths=lengths, depths=grid_depths, samples=samples, seed=seed,
                        corpus=corpus, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)
     title = f"PassKey: {cfg.name}, step {step or steps[-1]}\n{mode} scoring, {filler} filler, {samples} keys per cell"

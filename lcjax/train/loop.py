@@ -360,7 +360,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: 
         if distributed.any_process(flag["signal"] is not None):  # stopped during set-up: nothing written
             loader.close()
             return {"step": start, "loss": None, "checkpoint": start or None,
-                    "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": True}
+                    "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": True, "set_up_only": True}
         distributed.barrier("lcjax-checks")  # every process has checked its input before the first write
         if distributed.is_primary():  # the first write: everything above only read
             set_aside(run_dir, start)
