@@ -249,7 +249,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, capsy
     assert cli.main(args) == cli.EXIT_NON_FINITE == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lcjax: stopped: train.max_bad_steps 3: 3 steps in a row after "
-                                               "step 1 had a non-finite loss or gradient norm"), err
+                                               "step 1 had a non-finite loss or gradient norm (loss nan"), err
     records = _records(run_dir)
     assert [(r["step"], r["skipped"]) for r in records] == [(1, False), (1, True), (1, True), (1, True)]
     assert records[0]["loss"] is not None and None in (records[-1]["loss"], records[-1]["grad_norm"])

@@ -282,3 +282,23 @@ def test_sigterm_during_set_up_writes_nothing(corpus, tmp_path, capsys, monkeypa
     assert cli.main(_train_args(corpus, run, "train.steps=1")) == 0
     assert "lcjax: preempted before step 1: nothing written\n" in capsys.readouterr().out
     assert not run.exists()
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_then_resume_from_an_intact_one(corpus, tmp_path, capsys):
+    """Truncated data in the newest checkpoint: --resume names it and the intact ones (exit 2, nothing
+    touched); --resume --step 2 continues from step 2, the damaged one and the old metrics set aside."""
+    run = tmp_path / "run"
+    assert cli.main(_train_args(corpus, run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=5")) == 0
+    _damage(run / "checkpoints" / "4", "truncated")
+    capsys.readouterr()
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--no-progress", "--set", "train.steps=6"]) == 2
+    _one_error_line(capsys, f"checkpoint {run / 'checkpoints' / '4'} (step 4) is damaged: default/: data of ",
+                    "intact: 2 (pick one with --step 2)")
+    args = ["train", "--run-dir", str(run), "--resume", "--step", "2", "--no-progress", "--set", "train.steps=4"]
+    assert cli.main(args) == 0
+    assert "set aside the later checkpoints 4" in capsys.readouterr().err
+    aside = run / "set-aside" / "after-2"
+    assert sorted(os.listdir(aside / "checkpoints")) == ["4"] and (aside / "metrics.jsonl").is_file()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [p is None for _, p in checkpoint.survey(run / "checkpoints")] == [True, True]
