@@ -8,6 +8,7 @@ the next run opens the directory, so the previous good checkpoint always stays v
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import jax
@@ -41,6 +42,7 @@ class Checkpointer:
         step = steps[-1] if step is None and steps else step
         if step is None:
             raise ValueError(f"{directory}: holds no checkpoint")
+        precheck(directory, step, abstract_state)
         manager = ocp.CheckpointManager(Path(directory).absolute())
         try:
             with _one_line_errors(Path(directory) / str(step)):
@@ -80,6 +82,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError("no checkpoint to restore")
+        precheck(self.directory, step, abstract_state)
         with _one_line_errors(self._manager.directory / str(step)):
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
@@ -214,6 +217,7 @@ def _restore_part(directory: str | Path, key: str, abstract, step: int, into: st
     """``tree[key]`` of the checkpoint at ``step`` read by partial restore into ``abstract``; leaves the
     checkpoint lacks stay ShapeDtypeStructs. Raises ValueError (one line) when Orbax cannot read it."""
     target = {key: abstract}
+    precheck(directory, step, target, into)
     manager = ocp.CheckpointManager(Path(directory).absolute())
     try:
         with _one_line_errors(Path(directory) / str(step), into):
@@ -238,9 +242,151 @@ def check_directory(directory: str | Path) -> list[int]:
 
 @contextlib.contextmanager
 def _one_line_errors(path: Path, into: str = "this model"):
-    """Turn whatever Orbax raises while reading ``path`` into one ValueError line naming it."""
+    """Turn whatever Orbax raises while reading ``path`` (``<checkpoints>/<step>``) into one line naming it:
+    DamagedCheckpoint when the folder fails :func:`verify` (with the intact ones), else ValueError (the
+    checkpoint is whole but does not fit ``into``)."""
     try:
         yield
     except Exception as e:  # Orbax raises ValueError, FileNotFoundError, KeyError, TypeError, ...
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: cannot be restored into {into} ({detail[:300]})") from None
+        problem = verify(path) if path.name.isdigit() else None
+        if problem is not None:
+            raise damaged(path.parent, int(path.name), problem) from None
+        raise ValueError(f"checkpoint {path}: cannot be restored into {into} ({_first_line(e)[:300]})") from None
+
+
+# ------------------------------------------------------------------------------------------ verification
+
+ITEM = "default"  # the folder of the saved item inside a step's folder (Orbax's default item name)
+ARRAY_TYPES = ("jax.Array", "np.ndarray")
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint folder fails :func:`verify` (CLI exit 2, one line: which step, file and check, and the
+    intact checkpoints)."""
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; raises DamagedCheckpoint naming the file and the check."""
+    name = path.name if path.parent.name != ITEM else f"{ITEM}/{path.name}"
+    if not path.is_file():
+        raise DamagedCheckpoint(f"{name}: missing ({what})")
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{name}: not valid JSON ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(data, dict):
+        raise DamagedCheckpoint(f"{name}: not a JSON object")
+    return data
+
+
+def _array_keys(tree_metadata: dict) -> list[str]:
+    """The store keys (``a.b.c``) of the arrays a checkpoint's ``_METADATA`` lists."""
+    keys = []
+    for entry in tree_metadata.values():
+        if entry.get("value_metadata", {}).get("value_type") in ARRAY_TYPES:
+            keys.append(".".join(str(k["key"]) for k in entry["key_metadata"]))
+    return keys
+
+
+def verify(step_dir: str | Path, *, data: bool = True) -> str | None:
+    """None when the checkpoint folder ``step_dir`` (``checkpoints/<step>``) is intact, else one line
+    "FILE: CHECK" naming the first problem: the folder, ``_CHECKPOINT_METADATA`` (present, a JSON
+    object), the item folder ``default/``, its ``_METADATA`` (the saved tree), every array listed there
+    (its ``.zarray`` present and valid JSON) and, with ``data``, every stored byte read back (a
+    truncated or missing data file fails here). Reads only; memory: one chunk at a time."""
+    import tensorstore as ts
+
+    step_dir = Path(step_dir)
+    try:
+        if not step_dir.is_dir():
+            raise DamagedCheckpoint(f"{step_dir.name}: not a folder")
+        _read_json(step_dir / "_CHECKPOINT_METADATA", "written when a save completes")
+        item = step_dir / ITEM
+        if not item.is_dir():
+            raise DamagedCheckpoint(f"{ITEM}/: missing (the saved state)")
+        meta = _read_json(item / "_METADATA", "the saved tree")
+        tree = meta.get("tree_metadata")
+        if not isinstance(tree, dict) or not tree:
+            raise DamagedCheckpoint(f"{ITEM}/_METADATA: lists no saved arrays")
+        base = {"driver": "file", "path": str(item.absolute()) + "/"}
+        spec = {"driver": "ocdbt", "base": base} if meta.get("use_ocdbt", True) else base
+        try:
+            store = ts.KvStore.open(spec).result()
+            stored = {k.decode() for k in store.list().result()}
+        except Exception as e:  # tensorstore raises ValueError with a status text
+            raise DamagedCheckpoint(f"{ITEM}/manifest.ocdbt: cannot be read ({_first_line(e)})") from None
+        for key in _array_keys(tree):
+            header = f"{key}/.zarray" if f"{key}/.zarray" in stored else f"{key}/zarr.json"
+            if header not in stored:
+                raise DamagedCheckpoint(f"{ITEM}/: array {key} is missing")
+            try:
+                json.loads(store.read(header).result().value)
+            except Exception as e:
+                raise DamagedCheckpoint(f"{ITEM}/: array {key}: header unreadable ({_first_line(e)})") from None
+        if data:
+            for key in sorted(stored):
+                try:
+                    store.read(key).result()
+                except Exception as e:
+                    raise DamagedCheckpoint(f"{ITEM}/: data of {key} unreadable ({_first_line(e)})") from None
+    except DamagedCheckpoint as e:
+        return str(e)
+    except OSError as e:
+        return f"{step_dir.name}: cannot be read ({e.strerror or e})"
+    return None
+
+
+def precheck(directory: str | Path, step: int, abstract, into: str = "this model") -> None:
+    """Before restoring checkpoint ``step`` under ``directory`` into ``abstract`` (a pytree of
+    ShapeDtypeStructs, or any part of the saved tree): its structure passes :func:`verify` (without reading
+    the data) and every array both hold has the same shape in both (read from the saved metadata, so
+    Orbax never starts a restore that would fail half-way). Raises DamagedCheckpoint or ValueError (one
+    line naming the first mismatching array)."""
+    path = Path(directory) / str(step)
+    problem = verify(path, data=False)
+    if problem is not None:
+        raise damaged(directory, step, problem)
+    manager = ocp.CheckpointManager(Path(directory).absolute(), item_handlers=ocp.StandardCheckpointHandler())
+    try:
+        with _one_line_errors(path, into):
+            saved = manager.item_metadata(step)
+    finally:
+        manager.close()
+    saved = getattr(saved, "tree", saved) or {}
+    shapes = {_names(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]
+              if getattr(x, "shape", None) is not None}
+    for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        have = shapes.get(_names(p))
+        if have is not None and have != tuple(leaf.shape):
+            raise ValueError(f"checkpoint {path}: cannot be restored into {into}: {'.'.join(_names(p))} is "
+                             f"{have} there, {tuple(leaf.shape)} here (another model shape)")
+
+
+def _names(path) -> tuple[str, ...]:
+    """A pytree key path as plain names (dict keys, attribute names, sequence indices)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _first_line(e: Exception) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:160]
+
+
+def survey(directory: str | Path, *, data: bool = True) -> list[tuple[int, str | None]]:
+    """(step, problem or None) of every checkpoint folder under ``directory``, oldest first
+    (:func:`verify`)."""
+    return [(step, verify(Path(directory) / str(step), data=data)) for step in saved_steps(directory)]
+
+
+def intact_steps(directory: str | Path, but: int | None = None) -> list[int]:
+    """Steps of the checkpoints under ``directory`` that pass :func:`verify` (``but``: one not to read)."""
+    return [step for step in saved_steps(directory) if step != but and verify(Path(directory) / str(step)) is None]
+
+
+def damaged(directory: str | Path, step: int, problem: str) -> DamagedCheckpoint:
+    """The error for checkpoint ``step`` under ``directory`` failing ``problem``: says it is damaged, which
+    file and check, and lists the intact ones (to pick with ``--step N``)."""
+    intact = intact_steps(directory, but=step)
+    where = Path(directory) / str(step)
+    rest = (f"intact: {', '.join(map(str, intact))} (pick one with --step {intact[-1]})" if intact
+            else "no other checkpoint is intact")
+    return DamagedCheckpoint(f"checkpoint {where} (step {step}) is damaged: {problem}; {rest}")

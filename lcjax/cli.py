@@ -13,6 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lcjax import checkpoints_cli, rundir
 from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set model.n_layers=2 (repeatable)")
     train.add_argument("--run-dir", help="run directory (default runs/<config name>-<UTC time>)")
     train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
+    train.add_argument("--step", type=int, metavar="N",
+                       help="with --resume: continue checkpoint N instead of the newest (later ones are set aside)")
     train.add_argument("--init-from", metavar="DIR",
                        help="start a new run from the weights of another run dir or a Hugging Face folder")
     train.add_argument("--init-optimizer", action="store_true",
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_generate_parser(sub)
     _add_eval_parser(sub)
+    checkpoints_cli.add_parser(sub)
     return parser
 
 
@@ -110,6 +114,9 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key of the run's config, e.g. --set mesh.sequence=1 (not model.*)")
+    gen.add_argument("--step", type=int, metavar="N", help="checkpoint step (default the newest)")
+    gen.add_argument("--out", metavar="FILE", help="also write the text to FILE (must not exist)")
+    gen.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
 
 
 def _generate(args) -> int:
@@ -130,19 +137,37 @@ def _generate(args) -> int:
         raise ValueError(f"--run-dir {run_dir} {what}")
     if not saved_steps(run_dir / "checkpoints"):
         raise ValueError(f"--run-dir {run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    out = rundir.check_new_file(args.out, overwrite=args.overwrite) if args.out else None
     cfg = config_lib.load(run_dir / "config.yaml", args.set)
     provision_host_devices(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
-    from lcjax import generate  # imports JAX: after the devices are provisioned
+    from lcjax import generate, memcheck  # import JAX: after the devices are provisioned
 
-    model, tokenizer = generate.load(run_dir, args.set)
-    prompt = tokenizer.encode_batch([args.prompt])[0]
-    if not prompt:
-        raise ValueError("--prompt encodes to no tokens")
-    new = generate.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            seed=args.seed, eos_id=tokenizer.eos_id)[0]
-    if new and new[-1] == tokenizer.eos_id:
-        new = new[:-1]
-    print(args.prompt + tokenizer.decode(new), flush=True)
+    prompt = []
+
+    def fits(cfg, mesh, graphdef, specs, abstract, tokenizer):  # before the parameters are read
+        prompt.extend(tokenizer.encode_batch([args.prompt])[0])
+        if not prompt:
+            raise ValueError("--prompt encodes to no tokens")
+        generate.check_positions(cfg, len(prompt), args.max_new_tokens)
+        if not cfg.train.check_memory:
+            return None
+        needed, compiled = generate.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=1,
+                                                  prompt_len=len(prompt), max_new_tokens=args.max_new_tokens)
+        memcheck.check_fits(needed, mesh.devices.flat, what=f"generating {args.max_new_tokens:,} tokens after a "
+                            f"{len(prompt):,}-token prompt", kind="generate")
+        return compiled  # generation reuses them
+
+    inside = out is not None and rundir.is_inside(out, run_dir)  # writes into the run dir: hold its lock
+    with rundir.locked(run_dir, command="lcjax generate", enabled=inside):
+        model, tokenizer = generate.load(run_dir, args.set, step=args.step, fits=fits)
+        new = generate.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                seed=args.seed, eos_id=tokenizer.eos_id)[0]
+        if new and new[-1] == tokenizer.eos_id:
+            new = new[:-1]
+        text = args.prompt + tokenizer.decode(new)
+        print(text, flush=True)
+        if out is not None:
+            rundir.write_new(out, (text + "\n").encode(), overwrite=args.overwrite)
     return 0
 
 
@@ -197,6 +222,9 @@ def _add_eval_parser(sub) -> None:
     pk.add_argument("--step", type=int, help="checkpoint step (default the newest)")
     pk.add_argument("--batch-size", type=int, help="prompts per forward pass (default 16, a multiple of mesh.data)")
     pk.add_argument("--max-new-tokens", type=int, default=10, help="tokens generated in --mode generate")
+    pk.add_argument("--out", metavar="FILE.json", help="write the results here (and the heatmap beside it as .png; "
+                                                        "default: new passkey[-N].json/.png in the run dir)")
+    pk.add_argument("--overwrite", action="store_true", help="let --out replace existing files")
 
 
 def _eval(args) -> int:
@@ -213,9 +241,12 @@ def _eval(args) -> int:
     provision(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
     from lcjax.eval import passkey  # imports JAX: after the devices are provisioned
 
-    passkey.run(run_dir, lengths=lengths, depths=args.depths, samples=args.samples, overrides=args.set,
-                seed=args.seed, filler=args.filler, mode=args.mode, batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens, step=args.step, log=print)
+    inside = args.out is None or rundir.is_inside(args.out, run_dir)  # writes into the run dir: hold its lock
+    with rundir.locked(run_dir, command="lcjax eval passkey", enabled=inside):
+        passkey.run(run_dir, lengths=lengths, depths=args.depths, samples=args.samples, overrides=args.set,
+                    seed=args.seed, filler=args.filler, mode=args.mode, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, step=args.step, log=print, out=args.out,
+                    overwrite=args.overwrite)
     return 0
 
 
@@ -229,12 +260,18 @@ def _train(args) -> int:
 
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir")
+    if args.step is not None and not args.resume:
+        raise ValueError("--step needs --resume (the checkpoint of --run-dir to continue)")
     if args.resume and args.init_from:
         raise ValueError("--resume and --init-from exclude each other")
     if args.init_optimizer and not args.init_from:
         raise ValueError("--init-optimizer needs --init-from RUN_DIR (the run whose optimizer state to take)")
     if args.config is None and not args.resume:
         raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
+    if args.resume and args.config is None:
+        from lcjax.train.loop import check_run_dir  # names the run dir, not a --config never passed
+
+        check_run_dir(Path(args.run_dir), resume=True)
     cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
     from lcjax.train.metrics import parse_profile  # imports no JAX
 
@@ -252,12 +289,16 @@ def _train(args) -> int:
     try:
         result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from,
                        init_optimizer=args.init_optimizer, progress=not args.no_progress, hf_params=_hf_params,
-                       profile=profile)
+                       profile=profile, step=args.step)
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
     where = (f"{result['checkpoint_dir']}/{result['checkpoint']}" if result["checkpoint"] is not None
-             else "nowhere (no step was completed)")
+             else "nowhere (no step was completed, nothing written)")
+    if result.get("set_up_only"):  # a signal before the first step: nothing was written
+        kept = f", checkpoint {where} unchanged" if result["checkpoint"] is not None else ""
+        print(f"lcjax: preempted before step {result['step'] + 1}: nothing written{kept}", flush=True)
+        return 0
     if result["preempted"]:
         print(f"lcjax: preempted at step {result['step']}, saved checkpoint to {where}", flush=True)
         return 0
@@ -308,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "plan": _plan, "data": _data, "convert": _convert,
-                "generate": _generate, "eval": _eval}[args.command](args)
+        checkpoints_cli.quiet_libraries()
+        return {"train": _train, "plan": _plan, "data": _data, "convert": _convert, "generate": _generate,
+                "eval": _eval, "checkpoints": checkpoints_cli.run}[args.command](args)
     except ValueError as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

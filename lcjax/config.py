@@ -149,6 +149,7 @@ class TrainConfig:
     mlp_tile: int = 0
     grad_accum: int = 1
     max_bad_steps: int = 5  # a run stops after this many non-finite (skipped) steps in a row
+    check_memory: bool = True  # refuse a step whose compiled memory exceeds the devices' (lcjax.memcheck)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ def _read_yaml(path: Path, seen: tuple = ()):
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and OmegaConf's own; reported as one line
-        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"--config {path}: not valid YAML ({yaml_problem(e)})") from None
     if not OmegaConf.is_dict(raw):
         raise ValueError(f"--config {path}: must be a mapping of config sections (mesh:, model:, ...)")
     defaults = raw.pop("defaults", [])
@@ -227,6 +228,15 @@ def _read_yaml(path: Path, seen: tuple = ()):
     for rel in defaults:
         base = _merge(base, _read_yaml(path.parent / rel, seen + (path.resolve(),)), str(path.parent / rel))
     return _merge(base, raw, str(path))
+
+
+def yaml_problem(error: Exception) -> str:
+    """One line for a YAML parse error: "line L, column C: problem" (1-based, from the error's marks)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    context = getattr(error, "context", None)
+    what = f"{problem} {context}" if context else problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 def _merge(base, other, origin: str):

@@ -112,11 +112,14 @@ def from_params(cfg: Config, params, mesh=None) -> Model:
     return _model(cfg, mesh, graphdef, params, specs)
 
 
-def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None = None):
+def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None = None, fits=None):
     """(:class:`Model`, tokenizer) of a run dir: its ``config.yaml`` with ``overrides`` (``key=value``;
     e.g. ``mesh.*``, ``attention.*``, ``train.dtype``; never ``model.*``), the newest checkpoint's (or
-    ``step``'s) parameters on the config's mesh, and ``<run dir>/tokenizer``. Reads only; raises
-    ValueError (one line) for a missing run dir, config, checkpoint or tokenizer, or a changed model."""
+    ``step``'s) parameters on the config's mesh, and ``<run dir>/tokenizer``. ``fits(cfg, mesh, graphdef,
+    specs, abstract_params, tokenizer)`` runs before the parameters are read (e.g. a memory check); what it
+    returns, compiled functions of :func:`memory_needed`, the model uses for calls of their shapes.
+    Reads only; raises ValueError (one line) for a missing run dir, config, checkpoint or tokenizer, or a
+    changed model, and whatever ``fits`` raises."""
     from lcjax.data.tokenizer import Tokenizer
 
     run_dir = Path(run_dir)
@@ -125,17 +128,18 @@ def load(run_dir: str | Path, overrides: Sequence[str] = (), *, step: int | None
     tokenizer = Tokenizer.load(run_dir / "tokenizer", field="--run-dir tokenizer")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
     graphdef, specs, abstract = abstract_params(cfg, mesh)
+    compiled = fits(cfg, mesh, graphdef, specs, abstract, tokenizer) if fits is not None else None
     try:
         params = restore_params(run_dir / "checkpoints", abstract, step)
-    except (OSError, ValueError, KeyError) as e:  # a damaged or foreign checkpoint: one line
+    except (OSError, KeyError) as e:  # a foreign checkpoint: one line (ValueErrors are one line already)
         raise ValueError(f"--run-dir {run_dir}: cannot read checkpoint {step or steps[-1]} "
                          f"({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
-    return _model(cfg, mesh, graphdef, params, specs), tokenizer
+    return _model(cfg, mesh, graphdef, params, specs, compiled), tokenizer
 
 
-def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+def run_config(run_dir: str | Path, overrides: Sequence[str] = (), what: str = "generation") -> Config:
     """The run's ``config.yaml`` with ``overrides``; ValueError when there is none or a ``model.*`` key
-    changes (the checkpoint fixes the model)."""
+    changes (the checkpoint fixes the model; ``what`` names the command in the message)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
@@ -145,16 +149,70 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
     before, after = config_lib.to_dict(saved)["model"], config_lib.to_dict(cfg)["model"]
     for key in before:
         if before[key] != after[key]:
-            raise ValueError(f"model.{key}: generation cannot change it (the checkpoint's model is fixed)")
+            raise ValueError(f"model.{key}: {what} cannot change it (the checkpoint's model is fixed)")
     return cfg
 
 
-def _model(cfg: Config, mesh, graphdef, params, specs) -> Model:
+def _model(cfg: Config, mesh, graphdef, params, specs, compiled: dict | None = None) -> Model:
+    from lcjax.memcheck import reusing
+
+    fns = _fns(cfg, mesh, graphdef, specs)
+    for name, (max_position, executable) in (compiled or {}).items():
+        fns[name] = reusing(fns[name], executable, static=max_position)
+    return Model(cfg, mesh, graphdef, params, specs, fns)
+
+
+def _fns(cfg: Config, mesh, graphdef, specs) -> dict:
     check_vma = not is_pallas(cfg.attention.kernel)  # Pallas in interpret mode needs it off (train/step.py)
     common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg, check_vma=check_vma)
-    fns = {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
-           "decode": _decode_fn(**common)}
-    return Model(cfg, mesh, graphdef, params, specs, fns)
+    return {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
+            "decode": _decode_fn(**common)}
+
+
+MAX_POSITIONS = 2**31 - 1  # positions are int32
+
+
+def padded_length(cfg: Config, prompt_len: int) -> int:
+    """The prompt length T that :func:`prefill` pads ``prompt_len`` tokens to (a multiple of 16 tokens per
+    sequence shard and of the layout's unit)."""
+    unit = 16 * cfg.mesh.sequence * (2 if cfg.attention.layout == "zigzag" else 1)
+    return -(-prompt_len // unit) * unit
+
+
+def check_positions(cfg: Config, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise ValueError (one line naming --max-new-tokens) when the padded prompt and the new tokens need
+    more positions than int32 holds."""
+    total = padded_length(cfg, prompt_len) + max(max_new_tokens, 1)
+    if total > MAX_POSITIONS:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: prompt + new tokens = {total:,} positions, more "
+                         f"than the {MAX_POSITIONS:,} int32 positions hold")
+
+
+def memory_needed(cfg: Config, mesh, graphdef, specs, abstract, *, batch: int, prompt_len: int,
+                  max_new_tokens: int) -> tuple[int | None, dict]:
+    """XLA's per-device bytes of generating ``max_new_tokens`` tokens after ``batch`` prompts of
+    ``prompt_len`` tokens: the larger of the compiled prefill and decode step (parameters ``abstract``,
+    the KV cache and its tail included; None when the backend has no memory analysis), compiled for
+    abstract arrays: nothing is allocated. Also returns {"prefill"|"decode": (max_position, executable)}
+    for :func:`load` to reuse. Raises ValueError when the positions exceed int32."""
+    from lcjax import memcheck
+
+    check_positions(cfg, prompt_len, max_new_tokens)
+    t, slots = padded_length(cfg, prompt_len), max(max_new_tokens, 1)
+    b = -(-batch // cfg.mesh.data) * cfg.mesh.data
+    fns = _fns(cfg, mesh, graphdef, specs)
+    sds = lambda shape, spec, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+    tokens, lengths = sds((b, t), P(DATA, SEQUENCE)), sds((b,), P(DATA))
+    max_position = max(t + slots, cfg.data.seq_len)
+    prefill = fns["prefill"].lower(abstract, tokens, tokens, lengths, max_position)
+    k = prefill.out_info[1]
+    tail = sds((k.shape[0], b, slots, *k.shape[3:]), TAIL_SPEC, k.dtype)
+    cache = Cache(sds(k.shape, CACHE_SPEC, k.dtype), sds(k.shape, CACHE_SPEC, k.dtype), tokens, lengths, tail, tail,
+                  sds((), P()))
+    decode = fns["decode"].lower(abstract, cache, sds((b,), P(DATA)), max_position)
+    compiled = {"prefill": (max_position, prefill.compile()), "decode": (max_position, decode.compile())}
+    totals = [memcheck.compiled_total(c) for _, c in compiled.values()]
+    return (None if None in totals else max(totals)), compiled
 
 
 # ------------------------------------------------------------------------------------- per-shard math
@@ -320,8 +378,7 @@ def _padded_batch(model: Model, prompts: Sequence[Sequence[int]]):
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"prompt {i}: token ids must be in [0, model.vocab_size = {vocab})")
     sp, dp = cfg.mesh.sequence, cfg.mesh.data
-    unit = 16 * sp * (2 if cfg.attention.layout == "zigzag" else 1)
-    t = -(-max(len(p) for p in prompts) // unit) * unit
+    t = padded_length(cfg, max(len(p) for p in prompts))
     rows = list(prompts) + [prompts[0]] * (-len(prompts) % dp)
     tokens = np.zeros((len(rows), t), np.int32)
     for i, p in enumerate(rows):

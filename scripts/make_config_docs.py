@@ -161,6 +161,10 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                      "trained on).", "In (0, 0.5)."),
     "train.max_bad_steps": ("The run stops (exit code 3) after this many non-finite, skipped steps in a row "
                             "(branch rel; listed ahead of the merge).", ">= 1."),
+    "train.check_memory": ("Before anything is allocated or written, refuse (exit 2) a train step, PassKey "
+                           "evaluation or generation whose XLA-compiled per-device memory exceeds what the "
+                           "devices have (GPU: memory_stats; CPU: the host's MemAvailable shared by the "
+                           "simulated devices); false skips the check.", "true or false."),
     "checkpoint.every": ("Save a checkpoint every this many steps (and always after the last step).", ">= 1."),
     "checkpoint.keep": ("Keep the newest this many checkpoints.", ">= 1."),
 }

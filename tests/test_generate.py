@@ -143,16 +143,32 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def test_cli_generates_text(run_dir, capsys):
+def test_cli_generates_text(run_dir, tmp_path, capsys):
     args = ["generate", "--run-dir", str(run_dir), "--prompt", "def ", "--max-new-tokens", "7"]
     listing = lambda: sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     before = listing()
     assert cli.main(args) == 0
     greedy = capsys.readouterr().out
     assert greedy.startswith("def ") and len(greedy.encode("utf-8", "replace")) >= 4
-    assert cli.main([*args, "--set", "mesh.sequence=1", "--set", "mesh.model=1"]) == 0
-    assert capsys.readouterr().out == greedy  # the same text on another mesh
+    out = tmp_path / "gen.txt"
+    assert cli.main([*args, "--set", "mesh.sequence=1", "--set", "mesh.model=1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == greedy == out.read_text()  # the same text on another mesh, also in --out
     assert listing() == before  # generation reads the run dir only
+    out.write_text("mine")  # --out never replaces a file unless asked (refused before anything is loaded)
+    assert cli.main([*args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"lcjax: error: --out {out} already exists (pass --overwrite to replace it)\n"
+    assert out.read_text() == "mine"
+
+
+def test_cli_refuses_what_cannot_fit_before_reading_the_checkpoint(run_dir, capsys, monkeypatch):
+    from lcjax import checkpoint, memcheck
+
+    monkeypatch.setattr(memcheck, "host_available_bytes", lambda: 1000)
+    monkeypatch.setattr(checkpoint, "restore_params", None)  # never reached
+    assert cli.main(["generate", "--run-dir", str(run_dir), "--prompt", "x", "--max-new-tokens", "100000000"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("lcjax: error: generating 100,000,000 tokens after a 1-token prompt "
+                                               "needs ") and "--set train.check_memory=false" in err[0], err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -163,6 +179,8 @@ def test_cli_generates_text(run_dir, capsys):
     (["--run-dir", "{run}", "--prompt", "x", "--max-new-tokens", "-2"], "--max-new-tokens -2 must be >= 0"),
     (["--run-dir", "{run}", "--prompt", "x", "--temperature", "-1"], "--temperature -1.0 must be"),
     (["--run-dir", "{run}", "--prompt", "x", "--set", "model.n_layers=3"], "model.n_layers: generation cannot"),
+    (["--run-dir", "{run}", "--prompt", "x", "--max-new-tokens", "3000000000"], "more than the 2,147,483,647 int32"),
+    (["--run-dir", "{run}", "--prompt", "x", "--step", "9"], "no checkpoint at step 9 (saved: [3])"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()

@@ -211,9 +211,22 @@ def test_cli_writes_json_and_png_and_refuses_bad_input(run_dir, capsys):
     assert all(set(r) == {"length", "depth", "accuracy", "samples"} and r["samples"] == 2 for r in records)
     assert (run_dir / "passkey.png").read_bytes()[:4] == b"\x89PNG"
     assert re.search(r"depth % \\ length\s+256\s+320", out)
-    for f in ("passkey.json", "passkey.png"):
+    first = (run_dir / "passkey.json").read_bytes()
+    args = ["eval", "passkey", "--run-dir", str(run_dir), "--depths", "1", "--samples", "1", "--lengths", "256"]
+    assert cli.main(args) == 0  # never replaces earlier results: a new pair of files
+    assert "wrote " + str(run_dir / "passkey-2.json") in capsys.readouterr().out
+    assert (run_dir / "passkey.json").read_bytes() == first and (run_dir / "passkey-2.png").is_file()
+    assert cli.main([*args, "--out", str(run_dir / "passkey.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"lcjax: error: --out {run_dir / 'passkey.json'} already exists")
+    assert cli.main([*args, "--out", str(run_dir / "passkey.json"), "--overwrite"]) == 0
+    assert json.loads((run_dir / "passkey.json").read_text())[0]["length"] == 256
+    for f in ("passkey.json", "passkey.png", "passkey-2.json", "passkey-2.png"):
         (run_dir / f).unlink()
     for args, message in [(["--lengths", "250"], "--lengths 250"), (["--lengths", "128"], "at least"),
+                          (["--batch-size", "0"], "--batch-size 0 must be a positive multiple"),
+                          (["--lengths", "-4"], "--lengths -4 must be >= 1"),
+                          (["--set", "model.n_layers=3"], "model.n_layers: evaluation cannot change it"),
+                          (["--out", "/sys/kernel/pk.json"], "--out /sys/kernel/pk.json: cannot write in"),
                           (["--lengths", "a,b"], "comma-separated"), (["--depths", "0"], "--depths 0"),
                           (["--filler", "noise"], "--filler"), (["--set", "model.d_model=abc"], "model.d_model"),
                           (["--samples", "0"], "--samples 0"), (["--step", "7"], "no checkpoint at step 7")]:
@@ -221,6 +234,20 @@ def test_cli_writes_json_and_png_and_refuses_bad_input(run_dir, capsys):
         err = capsys.readouterr().err
         assert code == 2 and len(err.splitlines()) == 1 and err.startswith("lcjax: error: ") and message in err, err
         assert not (run_dir / "passkey.json").exists() and not (run_dir / "passkey.png").exists()
+
+
+def test_cli_refuses_an_evaluation_that_cannot_fit(run_dir, capsys, monkeypatch):
+    """Compiled for the longest length before the checkpoint is read; one line, nothing written."""
+    from lcjax import memcheck
+    from lcjax.eval import model as model_lib
+
+    monkeypatch.setattr(memcheck, "host_available_bytes", lambda: int(1e6))
+    monkeypatch.setattr(model_lib, "load_params", None)  # never reached
+    code = cli.main(["eval", "passkey", "--run-dir", str(run_dir), "--lengths", "256,4096", "--batch-size", "4"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("lcjax: error: PassKey at 4,096 tokens x --batch-size 4 "
+                                                             "needs "), err
+    assert "shorter --lengths, a smaller --batch-size" in err[0] and not (run_dir / "passkey.json").exists()
 
 
 # --- the training mixture and the curriculum ----------------------------------------------------------------

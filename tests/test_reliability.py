@@ -249,7 +249,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, capsy
     assert cli.main(args) == cli.EXIT_NON_FINITE == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lcjax: stopped: train.max_bad_steps 3: 3 steps in a row after "
-                                               "step 1 had a non-finite loss or gradient norm"), err
+                                               "step 1 had a non-finite loss or gradient norm (loss nan"), err
     records = _records(run_dir)
     assert [(r["step"], r["skipped"]) for r in records] == [(1, False), (1, True), (1, True), (1, True)]
     assert records[0]["loss"] is not None and None in (records[-1]["loss"], records[-1]["grad_norm"])
@@ -395,9 +395,11 @@ def _corpus_sets(run_dir):
 
 
 @pytest.mark.parametrize("how,message", [("file", "is not a folder of checkpoints"),
-                                         ("garbage", "cannot be restored into this model"),
-                                         ("empty-step", "cannot be restored into this model"),
-                                         ("other-shape", "cannot be restored into this model")])
+                                         ("garbage", "(step 10) is damaged: _CHECKPOINT_METADATA: missing"),
+                                         ("empty-step", "(step 12) is damaged: _CHECKPOINT_METADATA: missing (written "
+                                                        "when a save completes); intact: 2, 4, 6, 8, 10 (pick one "
+                                                        "with --step 10)"),
+                                         ("other-shape", "cannot be restored into this model: params.embed.value")])
 def test_resume_from_broken_or_foreign_checkpoints(base_run, tmp_path, capsys, how, message):
     run_dir = _broken_checkpoints(base_run, tmp_path, how)
     args = ["train", "--run-dir", str(run_dir), "--resume", "--no-progress", "--set", "train.steps=20"]

@@ -178,7 +178,13 @@ def _new_output_dir(out_dir: Path, what: str) -> Path:
 
 
 def _finish(tmp: Path, out_dir: Path) -> None:
-    tmp.rename(out_dir)
+    """Rename the finished ``tmp`` to ``out_dir`` (one step); ValueError when another process created a
+    non-empty ``out_dir`` meanwhile (its files are left as they are)."""
+    try:
+        tmp.rename(out_dir)
+    except OSError as e:
+        raise ValueError(f"output dir {out_dir} was created by another process while converting "
+                         f"({e.strerror}); it is left as it is, nothing written") from None
 
 
 def hf_to_lcjax(hf_dir: str | Path, out_dir: str | Path) -> Path:

@@ -47,6 +47,8 @@ def check_lengths(lengths: list[int], cfg: Config, encode) -> None:
     """Raise ValueError unless every length can be laid out on the mesh and holds a whole prompt."""
     if not lengths:
         raise ValueError("--lengths must name at least one length")
+    if min(lengths) < 1:
+        raise ValueError(f"--lengths {min(lengths)} must be >= 1")
     need = pk.overhead(encode, task=True) + 1
     for length in lengths:
         if length < need:
@@ -106,11 +108,14 @@ class Evaluator:
     model's nnx.State placed by :func:`lcjax.eval.model.load_params`.
     """
 
-    def __init__(self, cfg: Config, graphdef, specs, params, mesh):
+    def __init__(self, cfg: Config, graphdef, specs, params, mesh, compiled_score=None):
+        from lcjax import memcheck
         from lcjax.eval import model as model_lib
 
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self._score = model_lib.make_answer_misses(graphdef, specs, mesh, cfg)
+        if compiled_score is not None:  # compiled for the memory check (check_memory): used for its shape
+            self._score = memcheck.reusing(self._score, compiled_score)
         self._argmax = model_lib.make_argmax(graphdef, specs, mesh, cfg)
         self._generator = None  # an lcjax.generate.Model, built on the first generate()
 
@@ -216,29 +221,98 @@ def plot_heatmap(records: list[dict], path: str | Path, title: str = "PassKey re
     plt.close(fig)
 
 
-def write_results(records: list[dict], out_dir: str | Path, title: str) -> tuple[Path, Path]:
-    """Write ``passkey.json`` and ``passkey.png`` into ``out_dir``; return their paths."""
-    out_dir = Path(out_dir)
-    json_path, png_path = out_dir / "passkey.json", out_dir / "passkey.png"
-    plot_heatmap(records, png_path, title)
-    json_path.write_text(json.dumps(records, indent=1) + "\n")
+def result_paths(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+    """Where the results go: ``out`` (a .json path) and the same name with .png, which must not exist
+    unless ``overwrite``; without ``out``, ``passkey.json``/``.png`` in ``run_dir`` or, when either exists,
+    the first free ``passkey-N.json``/``.png`` (earlier results are never replaced). Raises ValueError
+    (one line naming --out) for an existing or unwritable ``out``."""
+    from lcjax import rundir
+
+    if out is not None:
+        json_path = rundir.check_new_file(Path(out), overwrite=overwrite)
+        return json_path, rundir.check_new_file(json_path.with_suffix(".png"), overwrite=overwrite)
+    base = Path(run_dir) / "passkey"
+    n = 1
+    while True:
+        stem = base if n == 1 else base.with_name(f"passkey-{n}")
+        pair = stem.with_suffix(".json"), stem.with_suffix(".png")
+        if not any(p.exists() for p in pair):
+            return pair
+        n += 1
+
+
+def write_results(records: list[dict], paths: tuple[Path, Path], title: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write the records as JSON and the heatmap as PNG to ``paths`` (:func:`result_paths`), each whole
+    (never replacing a file unless ``overwrite``); return the paths."""
+    import io
+
+    from lcjax import rundir
+
+    json_path, png_path = paths
+    png = io.BytesIO()
+    plot_heatmap(records, png, title)
+    rundir.write_new(png_path, png.getvalue(), overwrite=overwrite)
+    rundir.write_new(json_path, (json.dumps(records, indent=1) + "\n").encode(), overwrite=overwrite)
     return json_path, png_path
+
+
+def check_memory(cfg: Config, *, lengths: list[int], batch_size: int, samples: int, depths: int, mode: str,
+                 max_new_tokens: int):
+    """Refuse (lcjax.memcheck.DoesNotFit, one line) an evaluation whose largest forward pass (the longest
+    length x ``batch_size``; in generate mode prefill and decode) does not fit the devices, with the host
+    memory of that length's prompts; compiled for abstract arrays before anything is loaded
+    (``train.check_memory`` false: skipped). Returns the compiled scoring function in teacher mode (for
+    :class:`Evaluator` to reuse), else None."""
+    if not cfg.train.check_memory:
+        return None
+    import jax
+    from jax.sharding import NamedSharding
+
+    from lcjax import generate as gen
+    from lcjax import memcheck
+    from lcjax.eval import model as model_lib
+    from lcjax.sharding import rules
+    from lcjax.sharding.mesh import make_mesh
+
+    length = max(lengths)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
+    graphdef, specs, abstract = gen.abstract_params(cfg, mesh)
+    if mode == "teacher":
+        sds = jax.ShapeDtypeStruct((batch_size, length), np.int32, sharding=NamedSharding(mesh, rules.BATCH))
+        batch = {k: sds for k in ("tokens", "labels", "positions", "segment_ids", "loss_mask")}
+        fn = model_lib.make_answer_misses(graphdef, specs, mesh, cfg)
+        compiled = fn.lower(abstract, batch).compile()
+        needed = memcheck.compiled_total(compiled)
+    else:
+        compiled, needed = None, gen.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=batch_size,
+                                                   prompt_len=length, max_new_tokens=max_new_tokens)[0]
+    host = 2 * samples * depths * (length + 1) * 4  # the prompts of one length (int32), and their batches
+    what = f"PassKey at {length:,} tokens x --batch-size {batch_size}" + (
+        f" with --max-new-tokens {max_new_tokens:,}" if mode == "generate" else "")
+    memcheck.check_fits(needed, mesh.devices.flat, what=what, kind="eval", host_bytes=host)
+    return compiled
 
 
 def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 11, samples: int = 20,
         overrides: list[str] = (), seed: int = 0, filler: str = "synthetic", mode: str = "teacher",
-        batch_size: int | None = None, max_new_tokens: int = 10, step: int | None = None, log=print) -> list[dict]:
+        batch_size: int | None = None, max_new_tokens: int = 10, step: int | None = None, log=print,
+        out: str | Path | None = None, overwrite: bool = False) -> list[dict]:
     """``lcjax eval passkey``: evaluate the newest checkpoint (or ``step``) of ``run_dir`` on the grid and
-    write ``passkey.json`` and ``passkey.png`` there. ``lengths`` default to the run's ``data.seq_len``.
-    Raises ValueError (one line, nothing written) for unusable input."""
+    write the results as JSON and a PNG heatmap (:func:`result_paths`: ``out``, else new files in the run
+    dir; nothing is replaced unless ``overwrite``). ``lengths`` default to the run's ``data.seq_len``.
+    Raises ValueError (one line, nothing written) for unusable input: a changed ``model.*`` key, bad
+    lengths, depths, samples or batch size, an existing ``out``, an evaluation that does not fit the
+    devices (:func:`check_memory`), a missing or damaged checkpoint."""
     from lcjax.checkpoint import check_step
     from lcjax.data.tokenizer import Tokenizer
+    from lcjax.generate import run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"--run-dir {run_dir}: not an lcjax run dir (no config.yaml)")
-    cfg = config_lib.load(run_dir / "config.yaml", list(overrides))
+    cfg = run_config(run_dir, list(overrides), "evaluation")
     steps = check_step(run_dir, step)
+    paths = result_paths(run_dir, out, overwrite)
     if filler not in FILLERS:
         raise ValueError(f"--filler {filler!r} must be one of {', '.join(FILLERS)}")
     if mode not in MODES:
@@ -249,22 +323,24 @@ def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 
         raise ValueError(f"--samples {samples} and --max-new-tokens {max_new_tokens} must be >= 1")
     grid_depths = depths_grid(depths)
     dp = cfg.mesh.data
-    batch_size = batch_size or math.ceil(min(samples * depths, 16) / dp) * dp
+    batch_size = math.ceil(min(samples * depths, 16) / dp) * dp if batch_size is None else batch_size
     if batch_size < 1 or batch_size % dp:
         raise ValueError(f"--batch-size {batch_size} must be a positive multiple of mesh.data = {dp}")
     tokenizer = Tokenizer.load(run_dir / "tokenizer", "--run-dir tokenizer")
     encode = lambda s: tokenizer.encode_batch([s])[0]
     lengths = list(lengths) if lengths else [cfg.data.seq_len]
     check_lengths(lengths, cfg, encode)
+    compiled = check_memory(cfg, lengths=lengths, batch_size=batch_size, samples=samples, depths=depths, mode=mode,
+                            max_new_tokens=max_new_tokens)
     corpus = _corpus(cfg, run_dir) if filler == "corpus" else None
 
     from lcjax.eval import model as model_lib
 
-    evaluator = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints", step))
+    evaluator = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints", step), compiled)
     records = evaluate(evaluator, tokenizer, lengths=lengths, depths=grid_depths, samples=samples, seed=seed,
                        corpus=corpus, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)
     title = f"PassKey: {cfg.name}, step {step or steps[-1]}\n{mode} scoring, {filler} filler, {samples} keys per cell"
-    json_path, png_path = write_results(records, run_dir, title)
+    json_path, png_path = write_results(records, paths, title, overwrite)
     log(grid_text(records))
     log(f"lcjax: wrote {json_path} and {png_path}")
     return records

@@ -21,7 +21,7 @@ import optax
 from tqdm import tqdm
 
 from lcjax import config as config_lib
-from lcjax import distributed
+from lcjax import distributed, memcheck, rundir
 from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_opt_state, restore_params
 from lcjax.config import Config
 from lcjax.data import Dataset, build_dataset
@@ -29,21 +29,19 @@ from lcjax.data.curriculum import curriculum_loader, stage_index
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
 from lcjax.train.metrics import MetricsWriter, Profiler, clean, startup_summary
-from lcjax.train.state import data_state_arrays, data_state_dict, init_opt_state, init_state
+from lcjax.train.state import abstract_state, data_state_arrays, data_state_dict, init_opt_state, init_state
 from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_eval_loss, make_train_step
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Raise ValueError unless ``run_dir`` is new and creatable (fresh run) or holds a run (``--resume``)."""
+    """Raise ValueError unless ``run_dir`` is new (missing or empty) and creatable (fresh run) or holds a
+    run (``--resume``), and is writable."""
     if resume and not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"--resume: run dir {run_dir} holds no run (no config.yaml)")
-    if not resume and run_dir.exists():
+        what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
+        raise ValueError(f"--resume: run dir {run_dir} {what}")
+    if not resume and (rundir.holds_run(run_dir) or (run_dir.exists() and not run_dir.is_dir())):
         raise ValueError(f"--run-dir {run_dir} already exists; pass --resume to continue it")
-    ancestor = run_dir.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"--run-dir {run_dir}: {ancestor} is not a directory")
+    rundir.check_writable(run_dir)
 
 
 def check_resume_compatible(saved: Config, cfg: Config) -> None:
@@ -291,7 +289,7 @@ def _eval_batches(cfg: Config, heldout: Dataset, put) -> list[dict]:
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
           init_optimizer: bool = False, progress: bool = True, devices=None, hf_params=None,
-          profile: tuple[int, int] | None = None) -> dict:
+          profile: tuple[int, int] | None = None, step: int | None = None) -> dict:
     """Train ``cfg`` into ``run_dir``. Returns {"step", "loss", "checkpoint", "checkpoint_dir", "preempted"}
     of the last step.
 
@@ -303,23 +301,32 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
     ``devices`` defaults to every device (their number must equal the mesh product). SIGTERM or SIGINT
     (even during set-up) finishes the current step, saves and returns with ``preempted`` True. A step with
     a non-finite loss or gradient norm is not applied. ``eval.every`` > 0 evaluates the held-out split;
-    ``profile`` (START, END) traces those optimizer steps into ``run_dir/profile``.
+    ``profile`` (START, END) traces those optimizer steps into ``run_dir/profile``. ``step`` (with ``resume``)
+    continues checkpoint ``step`` instead of the newest; later checkpoints and their metrics are set aside
+    (:func:`set_aside`). The run dir's lock (:mod:`lcjax.rundir`) is held throughout (process 0); the step
+    is compiled, and refused when it does not fit the devices (``train.check_memory``), before anything
+    is allocated or written: a refused fresh run leaves no run dir. A signal before the first write stops
+    there, writing nothing.
 
     Raises ValueError (one line naming the field and the rule) for unusable input before anything is
-    written: an existing run dir without ``resume``, a tokenizer larger than model.vocab_size, a device count
+    written: a run dir in use by another process (RunDirBusy), not writable, existing without ``resume``,
+    without a checkpoint with ``resume``, a damaged checkpoint (DamagedCheckpoint, naming the intact ones),
+    a step that does not fit the devices (DoesNotFit), a tokenizer larger than model.vocab_size, a device count
     other than the mesh's, a corpus too small for one batch, an unreadable or foreign checkpoint, another
     model shape, ``init_optimizer`` without ``init_from``, with a Hugging Face folder or with a checkpoint
     whose optimizer state is missing or of another structure. Raises NonFiniteError after
     ``train.max_bad_steps`` non-finite steps in a row (the newest checkpoint is left as it was).
     """
-    with preemption_signals() as flag:  # a signal during set-up stops before the first step
-        return _train(cfg, Path(run_dir), resume, init_from, init_optimizer, progress, devices, hf_params, flag,
-                      profile)
+    run_dir = Path(run_dir)
+    with preemption_signals() as flag, rundir.locked(run_dir, command="lcjax train", create=not resume,
+                                                      enabled=distributed.is_primary()) as lock:
+        return _train(cfg, run_dir, resume, init_from, init_optimizer, progress, devices, hf_params, flag,
+                      profile, step, lock)
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: bool, progress: bool, devices,
-           hf_params, flag: dict, profile) -> dict:
-    saved = check_inputs(cfg, run_dir, resume, init_from, init_optimizer)
+           hf_params, flag: dict, profile, step: int | None, lock) -> dict:
+    saved = check_inputs(cfg, run_dir, resume, init_from, init_optimizer, step)
     devices = check_devices(cfg, devices)
     d = cfg.data
     source = Path(init_from) if init_from else None
@@ -332,39 +339,41 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: 
                                layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
                                cross_document_attention=d.cross_document_attention, workers=d.workers,
                                passkey_fraction=d.passkey_fraction, passkey_synthetic=d.passkey_synthetic)
-    graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
-    # the fresh arrays are dropped before reading, so memory holds one state at a time
-    if init_from is not None:
-        abstract, abstract_opt = abstract_like(state.params), abstract_like(state.opt_state)
-        state = state._replace(params=None, opt_state=None)
-        params = load_init_params(init_from, cfg, abstract, hf_params=hf_params)
-        opt_state = (load_init_opt_state(init_from, abstract_opt) if init_optimizer
-                     else init_opt_state(cfg, mesh, optimizer, params, specs))
-        state = state._replace(params=params, opt_state=opt_state)
-    if saved:
-        abstract, state = abstract_like(state), None
-        state = Checkpointer.read(run_dir / "checkpoints", abstract)
-        loader.set_state(data_state_dict(state.data_state))
-    start = int(state.step)
-    distributed.barrier("lcjax-checks")  # every process has checked its input before the first write
-    if distributed.is_primary():  # the first write: everything above only read
-        _write_run_files(run_dir, cfg, tokenizer, start)
-    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-
-    step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
+    start = saved[-1] if saved else 0
     put = placer(batch_sharding(mesh))
-    compiled = step_fn.compile(state, put(_zeros_batch(cfg, start + 1)))  # data.curriculum: the first stage
-    try:
-        memory = compiled.memory_analysis()
-    except Exception:  # a backend without the analysis
-        memory = None
-    summary = startup_summary(cfg, memory, platform=devices[0].platform, device_kind=devices[0].device_kind,
-                              n_params=count_params(cfg.model))
-    summary.append(f"{jax.process_count()} process(es), steps {start + 1}..{cfg.train.steps}")
-    print("\n".join(f"lcjax: {line}" for line in summary), flush=True)
+    try:  # until the loop's own cleanup takes over: close the loader on any error
+        step_fn, summary = _compile_and_check(cfg, mesh, devices, start)
+        eval_batches = _eval_batches(cfg, heldout, put) if heldout is not None else None
+        graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
+        # the fresh arrays are dropped before reading, so memory holds one state at a time
+        if init_from is not None:
+            abstract, abstract_opt = abstract_like(state.params), abstract_like(state.opt_state)
+            state = state._replace(params=None, opt_state=None)
+            params = load_init_params(init_from, cfg, abstract, hf_params=hf_params)
+            opt_state = (load_init_opt_state(init_from, abstract_opt) if init_optimizer
+                         else init_opt_state(cfg, mesh, optimizer, params, specs))
+            state = state._replace(params=params, opt_state=opt_state)
+        if saved:
+            abstract, state = abstract_like(state), None
+            state = Checkpointer.read(run_dir / "checkpoints", abstract, start)
+            loader.set_state(data_state_dict(state.data_state))
+        if distributed.any_process(flag["signal"] is not None):  # stopped during set-up: nothing written
+            loader.close()
+            return {"step": start, "loss": None, "checkpoint": start or None,
+                    "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": True, "set_up_only": True}
+        distributed.barrier("lcjax-checks")  # every process has checked its input before the first write
+        if distributed.is_primary():  # the first write: everything above only read
+            set_aside(run_dir, start)
+            _write_run_files(run_dir, cfg, tokenizer, start)
+            if lock is not None:
+                lock.keep()
+    except BaseException:
+        loader.close()
+        raise
+    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
     evaluate = None
-    if heldout is not None:
-        eval_loss, eval_batches = make_eval_loss(graphdef, specs, mesh, cfg), _eval_batches(cfg, heldout, put)
+    if eval_batches is not None:
+        eval_loss = make_eval_loss(graphdef, specs, mesh, cfg)
         evaluate = lambda params: _evaluate(eval_loss, params, eval_batches)
     batches = _batches(loader, put)
     writer = MetricsWriter(run_dir, start) if distributed.is_primary() else None
@@ -382,6 +391,51 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: 
         loader.close()
 
 
+def _compile_and_check(cfg: Config, mesh, devices, start: int):
+    """Compile the train step for abstract arrays (the batch shape of step ``start + 1``: data.curriculum's
+    stage), print the start-up summary, and raise DoesNotFit when XLA's per-device bytes exceed what the
+    devices have (``train.check_memory``). Returns (the step function, compiled; the summary lines)."""
+    graphdef, specs, optimizer, abstract = abstract_state(cfg, mesh)
+    step_fn = make_train_step(graphdef, specs, mesh, cfg, optimizer)
+    sharding = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+             for k, v in _zeros_batch(cfg, start + 1).items()}
+    compiled = step_fn.compile(abstract, batch)
+    try:
+        memory = compiled.memory_analysis()
+    except Exception:  # a backend without the analysis
+        memory = None
+    summary = startup_summary(cfg, memory, platform=devices[0].platform, device_kind=devices[0].device_kind,
+                              n_params=count_params(cfg.model))
+    summary.append(f"{jax.process_count()} process(es), steps {start + 1}..{cfg.train.steps}")
+    print("\n".join(f"lcjax: {line}" for line in summary), flush=True)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    memcheck.check_fits(memcheck.compiled_total(compiled), local, what="the train step", kind="train",
+                        enabled=cfg.train.check_memory)
+    return step_fn, summary
+
+
+def set_aside(run_dir: Path, start: int) -> list[int]:
+    """Move the checkpoints after step ``start`` (a ``--resume --step`` to an older one) and a copy of
+    metrics.jsonl into ``run_dir/set-aside/after-<start>[-N]/``, so the continued run never mixes with
+    them and nothing is lost; say so on stderr. Returns the steps moved."""
+    import shutil
+    import sys
+
+    later = [s for s in check_directory(run_dir / "checkpoints") if s > start]
+    if not later:
+        return []
+    dest = rundir.new_name(run_dir / "set-aside" / f"after-{start}")
+    (dest / "checkpoints").mkdir(parents=True)
+    for s in later:
+        os.replace(run_dir / "checkpoints" / str(s), dest / "checkpoints" / str(s))
+    if (run_dir / "metrics.jsonl").is_file():
+        shutil.copy2(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
+    print(f"lcjax: --resume --step {start}: set aside the later checkpoints {', '.join(map(str, later))} "
+          f"and a copy of metrics.jsonl in {dest}", file=sys.stderr, flush=True)
+    return later
+
+
 def _evaluate(eval_loss, params, batches) -> dict:
     """Validation loss (nats per target token) and perplexity over the fixed held-out batches."""
     total = count = 0.0
@@ -392,18 +446,30 @@ def _evaluate(eval_loss, params, batches) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 
 
-def check_inputs(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: bool = False) -> list[int]:
-    """Check the run dir and what ``--resume`` or ``--init-from`` (and ``--init-optimizer``) point at
-    (ValueError, one line); return the steps of the run dir's complete checkpoints (none for a new run)."""
+def check_inputs(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: bool = False,
+                 step: int | None = None) -> list[int]:
+    """Check the run dir and what ``--resume`` (``--step``) or ``--init-from`` (and ``--init-optimizer``)
+    point at (ValueError, one line); return the steps of the run dir's complete checkpoints up to the one
+    to continue (none for a new run). ``--resume`` needs a checkpoint: a run dir without one is refused."""
     check_run_dir(run_dir, resume)
     if resume and init_from is not None:
         raise ValueError("--resume and --init-from exclude each other")
     if init_from is not None:
         check_init_from(Path(init_from), cfg)
     check_init_optimizer(init_from, init_optimizer)
+    if step is not None and not resume:
+        raise ValueError("--step needs --resume (the checkpoint of --run-dir to continue)")
     if not resume:
         return []
     saved = check_directory(run_dir / "checkpoints")
+    if not saved:
+        raise ValueError(f"--resume: run dir {run_dir} holds no checkpoint to continue (its run stopped before "
+                         f"the first save); start afresh with --config {run_dir / 'config.yaml'} and a new --run-dir")
+    if step is not None:
+        if step not in saved:
+            raise ValueError(f"--step {step}: run dir {run_dir} has no checkpoint at that step "
+                             f"(saved: {', '.join(map(str, saved))})")
+        saved = [s for s in saved if s <= step]
     check_resume_compatible(config_lib.load(run_dir / "config.yaml"), cfg)
     if saved and cfg.train.steps <= saved[-1]:
         raise ValueError(f"train.steps {cfg.train.steps} must be greater than the newest checkpoint's step "
@@ -441,7 +507,7 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
                 shape = batch["tokens"].shape
                 step_fn.compile(state, batch)
             profiler.before(last["step"] + 1)
-            state, record = _one_step(step_fn, state, batch, loader, shape[0] * shape[1])
+            state, record, raw = _one_step(step_fn, state, batch, loader, shape[0] * shape[1])
             profiler.after(last["step"] + 1, state.params)
             done = record["step"]
             if evaluate is not None and not record["skipped"] and (done % every == 0 or done == cfg.train.steps):
@@ -453,8 +519,8 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
             if bad >= cfg.train.max_bad_steps:
                 raise NonFiniteError(
                     f"train.max_bad_steps {cfg.train.max_bad_steps}: {bad} steps in a row after step "
-                    f"{record['step']} had a non-finite loss or gradient norm (loss {record['loss']}, "
-                    f"grad_norm {record['grad_norm']}); stopped without saving, newest checkpoint: "
+                    f"{record['step']} had a non-finite loss or gradient norm (loss {float(raw['loss'])}, "
+                    f"grad_norm {float(raw['grad_norm'])}); stopped without saving, newest checkpoint: "
                     f"{_describe(ckpt)}")
             if not record["skipped"]:
                 if ckpt.maybe_save(record["step"], state, force=record["step"] == cfg.train.steps):
@@ -463,19 +529,20 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
                 last.update(step=record["step"], loss=record["loss"])
             bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan", **shown,
                             tok_s=f"{record['tokens_per_sec']:.0f}", bad=bad)
-        if last["preempted"] and ckpt.maybe_save(last["step"], state, force=True):
+        if last["preempted"] and last["step"] > start and ckpt.maybe_save(last["step"], state, force=True):
             last["checkpoint"] = last["step"]
     return last
 
 
 def _one_step(step_fn, state, batch, loader, tokens_per_step: int):
-    """Run one step on ``batch``; return the new state (data position refreshed) and its metrics record."""
+    """Run one step on ``batch``; return the new state (data position refreshed), its metrics record and
+    the raw metrics (host floats, NaN kept)."""
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)
     metrics = jax.device_get(metrics)
     step = int(state.step)
     record = metrics_record(step, metrics, time.perf_counter() - t0, tokens_per_step)
-    return state._replace(data_state=data_state_arrays(loader.get_state())), record
+    return state._replace(data_state=data_state_arrays(loader.get_state())), record, metrics
 
 
 def _describe(ckpt: Checkpointer) -> str:
