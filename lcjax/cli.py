@@ -13,6 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import lcjax
 from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
 
@@ -33,13 +34,17 @@ def _fail(message: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``lcjax`` argument parser."""
     parser = _Parser(prog="lcjax", description="Long-context LLaMA training on sharded device meshes.")
+    parser.add_argument("--version", action="version", version=f"lcjax {lcjax.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a model (see configs/demo.yaml)")
     train.add_argument("--config", help="YAML config file (default with --resume: the run's config.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.n_layers=2 (repeatable)")
     train.add_argument("--run-dir", help="run directory (default runs/<config name>-<UTC time>)")
-    train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                       help="continue the newest checkpoint in --run-dir; '--resume auto': start fresh when the "
+                            "run dir is missing or empty, continue when it holds this run, exit 0 when that "
+                            "run is complete (for requeued jobs; docs/multihost.md)")
     train.add_argument("--init-from", metavar="DIR",
                        help="start a new run from the weights of another run dir or a Hugging Face folder")
     train.add_argument("--init-optimizer", action="store_true",
@@ -227,13 +232,15 @@ def default_run_dir(cfg: config_lib.Config) -> Path:
 def _train(args) -> int:
     from lcjax import distributed
 
+    if args.resume not in (False, True, "auto"):
+        raise ValueError(f"--resume {args.resume!r}: the only value it takes is 'auto'")
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir")
-    if args.resume and args.init_from:
+    if args.resume is True and args.init_from:
         raise ValueError("--resume and --init-from exclude each other")
     if args.init_optimizer and not args.init_from:
         raise ValueError("--init-optimizer needs --init-from RUN_DIR (the run whose optimizer state to take)")
-    if args.config is None and not args.resume:
+    if args.config is None and not (args.resume and (Path(args.run_dir) / "config.yaml").is_file()):
         raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
     cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
     from lcjax.train.metrics import parse_profile  # imports no JAX
@@ -249,9 +256,21 @@ def _train(args) -> int:
     distributed.initialize(settings)
     from lcjax.train.loop import NonFiniteError, train  # imports JAX: after the devices are provisioned
 
+    resume, init_from = args.resume, args.init_from
+    if resume == "auto":
+        from lcjax.train.resume import CONTINUE, DONE, auto_resume
+
+        decision = auto_resume(run_dir, cfg)
+        if decision == DONE:
+            print(f"lcjax: run dir {run_dir} already holds this run up to train.steps {cfg.train.steps}; "
+                  f"nothing to do", flush=True)
+            return 0
+        resume = decision == CONTINUE
+        init_from = None if resume else init_from  # a continued run already holds the weights it started from
     try:
-        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from,
-                       init_optimizer=args.init_optimizer, progress=not args.no_progress, hf_params=_hf_params,
+        result = train(cfg, run_dir, resume=resume, init_from=init_from,
+                       init_optimizer=args.init_optimizer and init_from is not None, progress=not args.no_progress,
+                       hf_params=_hf_params,
                        profile=profile)
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)

@@ -34,10 +34,11 @@ from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_eval_loss, make_
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Raise ValueError unless ``run_dir`` is new and creatable (fresh run) or holds a run (``--resume``)."""
+    """Raise ValueError unless ``run_dir`` is new (missing or an empty folder) and creatable (fresh run) or
+    holds a run (``--resume``)."""
     if resume and not (run_dir / "config.yaml").is_file():
         raise ValueError(f"--resume: run dir {run_dir} holds no run (no config.yaml)")
-    if not resume and run_dir.exists():
+    if not resume and run_dir.exists() and not (run_dir.is_dir() and not any(run_dir.iterdir())):
         raise ValueError(f"--run-dir {run_dir} already exists; pass --resume to continue it")
     ancestor = run_dir.absolute().parent
     while not ancestor.exists():
