@@ -108,6 +108,15 @@ class TfdsDocuments:
     def has_tokens(self) -> bool:
         return self.feature == "tokens"
 
+    @property
+    def stream_tag(self) -> str:
+        """What names this dataset's token stream (with the tokenizer's fingerprint)."""
+        return f"tfds:{self.fingerprint}:{self.feature}"
+
+    @property
+    def skipped(self) -> dict:
+        return {}  # every record is a document
+
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer stored with the dataset by :func:`prepare` (None if there is none)."""
         if not (self.directory / "tokenizer.json").is_file():

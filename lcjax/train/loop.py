@@ -24,7 +24,8 @@ from lcjax import config as config_lib
 from lcjax import distributed
 from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_opt_state, restore_params
 from lcjax.config import Config
-from lcjax.data import Dataset, build_dataset
+from lcjax.data import Dataset
+from lcjax.data.mixture import build_data
 from lcjax.data.curriculum import curriculum_loader, stage_index
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
@@ -262,11 +263,11 @@ def _load_data(cfg: Config, tokenizer_dir: Path | None) -> Dataset:
     """The run's :class:`lcjax.data.Dataset`, tokenized with ``data.tokenizer`` or, for ``--init-from``, the
     tokenizer saved in ``tokenizer_dir`` (when it holds one)."""
     d, m = cfg.data, cfg.model
-    print(f"lcjax: data {d.source}: loading (tokenized on first use, then cached)", flush=True)
+    what = " + ".join(s.source for s in d.mixture) or d.source
+    print(f"lcjax: data {what}: loading (tokenized on first use, then cached)", flush=True)
     own = tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file()
     try:
-        dataset = build_dataset(d.source, tokenizer_kind=str(tokenizer_dir) if own else d.tokenizer,
-                                vocab_size=m.vocab_size, cache_dir=d.cache_dir, data_dir=d.data_dir)
+        dataset = build_data(d, tokenizer_kind=str(tokenizer_dir) if own else None, vocab_size=m.vocab_size)
     except OSError as e:
         raise ValueError(f"data.cache_dir {d.cache_dir or '~/.cache/lcjax'}: {e.strerror or e}") from None
     print("\n".join(f"lcjax: {line}" for line in dataset.summary(d.seq_len)), flush=True)
