@@ -78,15 +78,26 @@ def encode(docs, tokenizer: Tokenizer | None) -> Iterator[np.ndarray]:
 
 def encode_texts(texts: Iterable[str], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
     """Token ids (int64 [n]) of each text, in order, encoded in batches of about ENCODE_BATCH_BYTES."""
+    return (ids for _, ids in encode_items(((None, text) for text in texts), tokenizer))
+
+
+def encode_items(items: Iterable[tuple[str, str]], tokenizer: Tokenizer) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, token ids int64 [n])`` of each ``(name, text)``, in order, encoded in batches of about
+    ENCODE_BATCH_BYTES (one ``encode_batch`` call per batch: parallel over CPU cores)."""
     batch, size = [], 0
-    for text in texts:
-        batch.append(text)
+    for name, text in items:
+        batch.append((name, text))
         size += len(text)
         if size >= ENCODE_BATCH_BYTES:
-            yield from (np.asarray(ids, np.int64) for ids in tokenizer.encode_batch(batch))
+            yield from _encoded(batch, tokenizer)
             batch, size = [], 0
+    yield from _encoded(batch, tokenizer)
+
+
+def _encoded(batch: list[tuple[str, str]], tokenizer: Tokenizer) -> Iterator[tuple[str, np.ndarray]]:
     if batch:
-        yield from (np.asarray(ids, np.int64) for ids in tokenizer.encode_batch(batch))
+        ids = tokenizer.encode_batch([text for _, text in batch])
+        yield from ((name, np.asarray(i, np.int64)) for (name, _), i in zip(batch, ids))
 
 
 class MixtureSample:
