@@ -244,8 +244,10 @@ def _train(args) -> int:
         raise ValueError("--resume and --init-from exclude each other")
     if args.init_optimizer and not args.init_from:
         raise ValueError("--init-optimizer needs --init-from RUN_DIR (the run whose optimizer state to take)")
-    if args.config is None and not (args.resume and (Path(args.run_dir) / "config.yaml").is_file()):
+    if args.config is None and not args.resume:
         raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
+    if args.config is None and args.resume == "auto" and not (Path(args.run_dir) / "config.yaml").is_file():
+        raise ValueError(f"--resume auto: --config is required (--run-dir {args.run_dir} holds no run to read it from)")
     cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
     from lcjax.train.metrics import parse_profile  # imports no JAX
 

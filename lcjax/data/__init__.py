@@ -4,8 +4,8 @@ Sources (``data.source``): ``stdlib`` (the Python standard library's source, the
 ``files:PATH[,PATH...]`` (local text files and folders), ``jsonl:PATH[,PATH...]`` and ``parquet:PATH[,PATH...]``
 (one document per line / row, :mod:`lcjax.data.records`) and ``tfds:NAME[/CONFIG]`` (a prepared TFDS dataset
 in array_record format under ``data.data_dir``; see :mod:`lcjax.data.tfds_dataset`); ``data.mixture``
-weights several of them and ``data.upsample_long`` repeats long documents (:mod:`lcjax.data.mixture`). Numpy, ``tokenizers``,
-Grain and TFDS only; nothing here imports JAX directly (Grain does, lazily).
+weights several of them and ``data.upsample_long`` repeats long documents (:mod:`lcjax.data.mixture`).
+Numpy, ``tokenizers``, pyarrow, Grain and TFDS only; nothing here imports JAX directly (Grain does, lazily).
 """
 
 from __future__ import annotations

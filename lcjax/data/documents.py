@@ -3,7 +3,8 @@
 A documents object has ``source``, ``fingerprint`` (a cache key of the content), ``stream_tag`` (what names
 its token stream together with the tokenizer), ``skipped`` (left out, by reason), ``sample_texts(max_bytes)``
 (the BPE training sample) and ``texts()`` (each document's text, in order; files and records also have
-``items()``, ``(name, text)`` pairs); TFDS token datasets (``has_tokens``) give ``token_ids()`` instead. :func:`encode` turns any of them into token-id arrays.
+``items()``, ``(name, text)`` pairs); TFDS token datasets (``has_tokens``) give ``token_ids()`` instead.
+:func:`encode` turns any of them into token-id arrays.
 """
 
 from __future__ import annotations

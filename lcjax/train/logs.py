@@ -62,7 +62,8 @@ def model_flops_per_token(model_cfg, seq_len: int) -> int:
     return flops_per_token(Shape.from_model_config(model_cfg), seq_len, causal=False)
 
 
-def measured_mfu(tokens_per_sec: float | None, flops_per_token: float, devices: int, peak: float | None) -> float | None:
+def measured_mfu(tokens_per_sec: float | None, flops_per_token: float, devices: int,
+                 peak: float | None) -> float | None:
     """Model FLOPs utilisation: tokens/s (global) × FLOPs per token ÷ (devices × peak FLOP/s); None when
     the peak is unknown or the throughput is not a finite number."""
     if peak is None or tokens_per_sec is None or not math.isfinite(tokens_per_sec) or devices < 1:
