@@ -276,8 +276,7 @@ def _train(args) -> int:
     try:
         result = train(cfg, run_dir, resume=resume, init_from=init_from,
                        init_optimizer=args.init_optimizer and init_from is not None, progress=not args.no_progress,
-                       hf_params=_hf_params,
-                       profile=profile)
+                       hf_params=_hf_params, profile=profile)
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE

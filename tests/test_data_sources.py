@@ -40,7 +40,9 @@ def test_jsonl_and_parquet_give_one_document_per_record_in_order(tmp_path):
     with gzip.open(folder / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": TEXTS[1]}) + "\n\n")
     (folder / "notes.txt").write_text("not a shard")
-    _parquet(tmp_path / "c.parquet", "body", [TEXTS[2], None, TEXTS[3]])
+    import pyarrow as pa
+
+    _parquet(tmp_path / "c.parquet", "body", pa.array([TEXTS[2], None, TEXTS[3]]).dictionary_encode())
     kw = dict(tokenizer_kind="bytes", vocab_size=257, cache_dir=tmp_path / "cache")
     jsonl = build_dataset(f"jsonl:{folder}", **kw)
     assert np.asarray(jsonl.tokens).tolist() == _bytes_stream(TEXTS[:2])
@@ -166,3 +168,19 @@ def test_bad_data_keys_name_the_field(override, message):
         config_lib.load(None, [override])
     with pytest.raises(ValueError, match="exclude each other"):
         config_lib.load(None, ["data.source=files:x", 'data.mixture=[{source: "jsonl:a"}]'])
+
+
+def test_prepare_reads_jsonl_and_names_each_record(tmp_path):
+    from lcjax.data.tfds_dataset import prepare
+
+    _jsonl(tmp_path / "a.jsonl", [{"body": t} for t in TEXTS[:2]] + [{"body": ""}, {"body": TEXTS[2]}])
+    summary = prepare(f"jsonl:{tmp_path / 'a.jsonl'}", tmp_path / "tfds", tokenizer="bytes", text_field="body",
+                      cache_dir=tmp_path / "cache")
+    assert summary["documents"] == 3 and summary["skipped"] == {"empty": 1}
+    data = build_dataset("tfds:lcjax_text", tokenizer_kind=summary["tokenizer"], vocab_size=257,
+                         data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache")
+    assert np.asarray(data.tokens).tolist() == _bytes_stream(TEXTS[:3])
+    import tensorflow_datasets as tfds
+
+    names = [r["name"] for r in tfds.data_source("lcjax_text", data_dir=tmp_path / "tfds", split="train")]
+    assert [n.decode() if isinstance(n, bytes) else n for n in names] == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:4"]

@@ -101,8 +101,9 @@ def parquet_texts(path: pathlib.Path, field: str, where: str = "data.source") ->
         raise ValueError(f"{where}: {path} has no column {field!r} (data.text_field; columns: "
                          f"{', '.join(schema.names[:8])})")
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind  # a categorical column of strings too
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values)
+            or getattr(pa.types, "is_string_view", lambda _: False)(values)):
         raise ValueError(f"{where}: {path} column {field!r} (data.text_field) must hold strings, not {kind}")
     row = 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
