@@ -89,7 +89,7 @@ def test_log_lines_mfu_and_the_bar_choice(capsys):
     reporter = StepReporter(10, 0, 3, bar=False)
     for step in range(1, 11):
         reporter.report({**record, "step": step})
-    lines = capsys.readouterr().err.splitlines()
+    lines = capsys.readouterr().out.splitlines()
     assert [line.split(" lcjax: step ")[1].split("/")[0] for line in lines] == ["3", "6", "9", "10"]
 
 
@@ -133,7 +133,7 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path):
 def test_requeued_job_with_resume_auto_on_a_jsonl_parquet_mixture(tmp_path, capsys, requeues):
     """The same command again and again, as a requeued SLURM job runs it: a fresh start (2 steps), with
     ``requeues`` 2 a continuation with more steps (to 4), then nothing left to do (exit 0); one metrics
-    record per step, a log line per step without a bar; another run in the same dir is refused (exit 2)."""
+    record per step, a log line per step on stdout without a bar; another run in the same dir is refused (exit 2)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -152,8 +152,9 @@ def test_requeued_job_with_resume_auto_on_a_jsonl_parquet_mixture(tmp_path, caps
                               "--resume", "auto", "--no-progress", *[a for s in [*sets, *more] for a in ("--set", s)]])
     assert run("train.steps=2") == 0
     first = capsys.readouterr()
-    assert [line.split(" lcjax: ")[1].split(" loss")[0] for line in first.err.splitlines() if " loss " in line] == \
+    assert [line.split(" lcjax: ")[1].split(" loss")[0] for line in first.out.splitlines() if "/2 loss" in line] == \
         ["step 1/2", "step 2/2"]
+    assert first.err == ""  # stderr holds errors only
     steps = 2 * requeues
     assert run(f"train.steps={steps}") == 0 and run(f"train.steps={steps}") == 0
     assert "nothing to do" in capsys.readouterr().out

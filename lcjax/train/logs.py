@@ -1,6 +1,7 @@
 """What the trainer reports while it runs: a progress bar on a terminal, else one log line per ``log.every``
-optimizer steps through Python's ``logging`` (logger ``lcjax``), and the measured MFU and device memory
-that go into every metrics record.
+optimizer steps through Python's ``logging`` (logger ``lcjax``; on stdout, next to the start-up summary and
+the final line, so stderr keeps holding only errors), and the measured MFU and device memory that go into
+every metrics record.
 
 Measured MFU follows the PaLM convention (Chowdhery et al. 2022, App. B; what MaxText and torchtitan
 report): model FLOPs per token 6N + 12·L·n_h·d_h·T (lcjax.plan.flops, no causal discount, no
@@ -21,23 +22,23 @@ LOGGER = logging.getLogger("lcjax")
 
 
 def ensure_handler() -> None:
-    """Send the ``lcjax`` logger's INFO lines to stderr (``2026-01-31 12:00:00 lcjax: step 5/100 loss …``)
+    """Send the ``lcjax`` logger's INFO lines to stdout (``2026-01-31 12:00:00 lcjax: step 5/100 loss …``)
     unless a handler was attached to that logger already (an application routing them elsewhere)."""
     if LOGGER.level == logging.NOTSET:
         LOGGER.setLevel(logging.INFO)
     if not LOGGER.handlers:
-        handler = _StderrHandler()
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s lcjax: %(message)s", "%Y-%m-%d %H:%M:%S"))
         LOGGER.addHandler(handler)
         LOGGER.propagate = False
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A stream handler writing to whatever ``sys.stderr`` is at the time of each record."""
+class _StdoutHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stdout`` is at the time of each record."""
 
     @property
     def stream(self):
-        return sys.stderr
+        return sys.stdout
 
     @stream.setter
     def stream(self, value):
