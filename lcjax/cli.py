@@ -13,6 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import lcjax
 from lcjax import checkpoints_cli, rundir
 from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
@@ -34,13 +35,17 @@ def _fail(message: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``lcjax`` argument parser."""
     parser = _Parser(prog="lcjax", description="Long-context LLaMA training on sharded device meshes.")
+    parser.add_argument("--version", action="version", version=f"lcjax {lcjax.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a model (see configs/demo.yaml)")
     train.add_argument("--config", help="YAML config file (default with --resume: the run's config.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.n_layers=2 (repeatable)")
     train.add_argument("--run-dir", help="run directory (default runs/<config name>-<UTC time>)")
-    train.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --run-dir")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                       help="continue the newest checkpoint in --run-dir; '--resume auto': start fresh when the "
+                            "run dir is missing or empty, continue when it holds this run, exit 0 when that "
+                            "run is complete (for requeued jobs; docs/multihost.md)")
     train.add_argument("--step", type=int, metavar="N",
                        help="with --resume: continue checkpoint N instead of the newest (later ones are set aside)")
     train.add_argument("--init-from", metavar="DIR",
@@ -91,14 +96,18 @@ def _add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="prepare TFDS datasets and tokenizers (docs/data.md)")
     what = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     prep = what.add_parser("prepare", help="tokenize text files into a TFDS array_record dataset")
-    prep.add_argument("--source", required=True, help="files:PATH[,PATH...] or stdlib")
+    prep.add_argument("--source", required=True,
+                      help="files:PATH[,PATH...], jsonl:PATH[,PATH...], parquet:PATH[,PATH...] or stdlib")
+    prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text (default text)")
     prep.add_argument("--out", required=True, help="TFDS data dir to write into (becomes data.data_dir)")
     prep.add_argument("--name", default="lcjax_text", help="dataset name (default lcjax_text)")
     prep.add_argument("--tokenizer", default="bpe", help="bpe (trained here), bytes, or a tokenizer.json path")
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     prep.add_argument("--cache-dir", help="lcjax cache (default $LCJAX_CACHE or ~/.cache/lcjax)")
     tok = what.add_parser("tokenizer", help="train a byte-level BPE tokenizer and write its tokenizer.json")
-    tok.add_argument("--source", required=True, help="files:PATH[,PATH...], stdlib or tfds:NAME[/CONFIG]")
+    tok.add_argument("--source", required=True,
+                     help="files:, jsonl:, parquet:PATH[,PATH...], stdlib or tfds:NAME[/CONFIG]")
+    tok.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text (default text)")
     tok.add_argument("--vocab-size", type=int, required=True, help="at most this many ids (>= 257)")
     tok.add_argument("--out", required=True, help="folder to write tokenizer.json into (must not hold one)")
     tok.add_argument("--data-dir", help="TFDS data dir for tfds: sources")
@@ -258,17 +267,21 @@ def default_run_dir(cfg: config_lib.Config) -> Path:
 def _train(args) -> int:
     from lcjax import distributed
 
+    if args.resume not in (False, True, "auto"):
+        raise ValueError(f"--resume {args.resume!r}: the only value it takes is 'auto'")
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir")
     if args.step is not None and not args.resume:
         raise ValueError("--step needs --resume (the checkpoint of --run-dir to continue)")
-    if args.resume and args.init_from:
+    if args.resume is True and args.init_from:
         raise ValueError("--resume and --init-from exclude each other")
     if args.init_optimizer and not args.init_from:
         raise ValueError("--init-optimizer needs --init-from RUN_DIR (the run whose optimizer state to take)")
     if args.config is None and not args.resume:
         raise ValueError("--config is required (except with --resume, which reads the run's config.yaml)")
-    if args.resume and args.config is None:
+    if args.config is None and args.resume == "auto" and not (Path(args.run_dir) / "config.yaml").is_file():
+        raise ValueError(f"--resume auto: --config is required (--run-dir {args.run_dir} holds no run to read it from)")
+    if args.resume is True and args.config is None:
         from lcjax.train.loop import check_run_dir  # names the run dir, not a --config never passed
 
         check_run_dir(Path(args.run_dir), resume=True)
@@ -286,10 +299,21 @@ def _train(args) -> int:
     distributed.initialize(settings)
     from lcjax.train.loop import NonFiniteError, train  # imports JAX: after the devices are provisioned
 
+    resume, init_from = args.resume, args.init_from
+    if resume == "auto":
+        from lcjax.train.resume import CONTINUE, DONE, auto_resume
+
+        decision = auto_resume(run_dir, cfg)
+        if decision == DONE:
+            print(f"lcjax: run dir {run_dir} already holds this run up to train.steps {cfg.train.steps}; "
+                  f"nothing to do", flush=True)
+            return 0
+        resume = decision == CONTINUE
+        init_from = None if resume else init_from  # a continued run already holds the weights it started from
     try:
-        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from,
-                       init_optimizer=args.init_optimizer, progress=not args.no_progress, hf_params=_hf_params,
-                       profile=profile, step=args.step)
+        result = train(cfg, run_dir, resume=resume, init_from=init_from,
+                       init_optimizer=args.init_optimizer and init_from is not None, progress=not args.no_progress,
+                       hf_params=_hf_params, profile=profile, step=args.step)
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE

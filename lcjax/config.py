@@ -87,11 +87,32 @@ class AttentionConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One source of ``data.mixture``: a ``data.source`` form and its weight (the sources' weights, normalised,
+    are their shares of the mixed token stream)."""
+
+    source: str = ""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class UpsampleConfig:
+    """Length-based upsampling (ProLong, Llama 3): documents of at least ``min_tokens`` tokens appear
+    ``factor`` times as often in the token stream (a fractional part is a seeded draw per document);
+    ``min_tokens`` 0: off."""
+
+    min_tokens: int = 0
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Corpus, tokenizer and batching (docs/data.md). ``global_batch`` sequences of ``seq_len`` tokens per step.
 
-    ``source``: ``stdlib``, ``files:PATH[,PATH...]`` or ``tfds:NAME[/CONFIG]`` (under ``data_dir``, default
-    ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); ``tokenizer``: ``bpe``, ``bytes`` or a path to a Hugging
+    ``source``: ``stdlib``, ``files:PATH[,PATH...]``, ``jsonl:PATH[,PATH...]``, ``parquet:PATH[,PATH...]`` (the
+    text in field/column ``text_field``) or ``tfds:NAME[/CONFIG]`` (under ``data_dir``, default
+    ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); ``mixture``: weighted sources used instead of ``source``;
+    ``upsample_long``: long documents repeated; ``tokenizer``: ``bpe``, ``bytes`` or a path to a Hugging
     Face tokenizer.json; ``workers``: Grain worker processes (0: threads in the training process).
 
     ``passkey_fraction``: share of windows turned into PassKey retrieval examples (the window's text as
@@ -102,6 +123,9 @@ class DataConfig:
     """
 
     source: str = "stdlib"
+    text_field: str = "text"
+    mixture: List[MixtureSource] = field(default_factory=list)
+    upsample_long: UpsampleConfig = field(default_factory=UpsampleConfig)
     tokenizer: str = "bpe"
     seq_len: int = 4096
     global_batch: int = 1
@@ -172,6 +196,26 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging (the optional ``wandb`` extra): off while ``project`` is null; ``name`` the
+    run's name (null: the run directory's name); ``mode`` online, or offline (written under the run dir,
+    no network needed; ``wandb sync`` uploads it later)."""
+
+    project: Optional[str] = None
+    name: Optional[str] = None
+    mode: str = "online"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """What the trainer reports while it runs: a log line every ``every`` optimizer steps (when the progress
+    bar is off or stderr is not a terminal; metrics.jsonl and TensorBoard get every step) and W&B."""
+
+    every: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run configuration (DESIGN.md, "Config keys that scripts and checks use")."""
 
@@ -183,6 +227,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -292,6 +337,7 @@ def _positive(cfg: Config) -> str | None:
         "checkpoint.keep": cfg.checkpoint.keep, "train.max_bad_steps": cfg.train.max_bad_steps,
         **{f"attention.{k}": getattr(cfg.attention, k) for k in ("block_q", "block_k")
            if getattr(cfg.attention, k) is not None},  # None: the kernel's own tiles
+        "log.every": cfg.log.every,
     }
     for key, value in checks.items():
         if value < 1:
@@ -412,10 +458,30 @@ def _memory(cfg: Config) -> str | None:
     return None
 
 
+SOURCE_PREFIXES = ("files:", "jsonl:", "parquet:", "tfds:")
+SOURCE_FORMS = ("'stdlib', 'files:PATH[,PATH...]', 'jsonl:PATH[,PATH...]', 'parquet:PATH[,PATH...]' or "
+                "'tfds:NAME[/CONFIG]'")
+WANDB_MODES = ("online", "offline")
+
+
 def _data(cfg: Config) -> str | None:
     d = cfg.data
-    if not (d.source == "stdlib" or d.source.startswith(("files:", "tfds:"))):
-        return f"data.source {d.source!r} must be 'stdlib', 'files:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]'"
+    for key, source in (("data.source", d.source), *((f"data.mixture[{i}].source", m.source)
+                                                       for i, m in enumerate(d.mixture))):
+        if not (source == "stdlib" or source.startswith(SOURCE_PREFIXES)):
+            return f"{key} {source!r} must be {SOURCE_FORMS}"
+    if d.mixture and d.source != "stdlib":
+        return (f"data.source {d.source!r} and data.mixture exclude each other: name every source in "
+                f"data.mixture (and leave data.source at its default)")
+    for i, m in enumerate(d.mixture):
+        if not (m.weight > 0) or math.isinf(m.weight):
+            return f"data.mixture[{i}].weight {m.weight} must be a finite number > 0"
+    u = d.upsample_long
+    if u.min_tokens < 0 or not (u.factor >= 1) or math.isinf(u.factor):
+        return (f"data.upsample_long: min_tokens {u.min_tokens} must be >= 0 (0: off) and factor {u.factor} a "
+                f"finite number >= 1")
+    if not d.text_field.strip():
+        return "data.text_field must name the JSON field / Parquet column holding the text (default 'text')"
     if d.tokenizer not in TOKENIZERS and "/" not in d.tokenizer and not d.tokenizer.endswith(".json"):
         return (f"data.tokenizer {d.tokenizer!r} must be one of {', '.join(TOKENIZERS)} or a path to a "
                 f"Hugging Face tokenizer.json (or a folder holding one)")
@@ -487,4 +553,13 @@ def _rope(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum)
+def _log(cfg: Config) -> str | None:
+    w = cfg.log.wandb
+    if w.mode not in WANDB_MODES:
+        return f"log.wandb.mode {w.mode!r} must be one of {', '.join(WANDB_MODES)}"
+    if w.project is not None and not w.project.strip():
+        return "log.wandb.project must be a W&B project name (or null: no W&B)"
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum, _log)

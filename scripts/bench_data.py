@@ -101,12 +101,11 @@ def main(argv=None) -> int:
 
     cfg = config_lib.load(args.config, args.set)
     provision_host_devices(cfg.mesh.data * cfg.mesh.sequence * cfg.mesh.model)
-    from lcjax.data import build_dataset
+    from lcjax.data.mixture import build_data
 
     d = cfg.data
     t0 = time.perf_counter()
-    dataset = build_dataset(d.source, tokenizer_kind=d.tokenizer, vocab_size=cfg.model.vocab_size,
-                            cache_dir=d.cache_dir, data_dir=d.data_dir)
+    dataset = build_data(d, vocab_size=cfg.model.vocab_size)
     build_s = time.perf_counter() - t0
     loader = time_loader(dataset, cfg, args)
     if args.model_tokens_per_sec:

@@ -107,8 +107,29 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "attention.block_k": ("Key tile of the kernel; null: the kernel's own tiles (as `attention.block_q`).",
                           "null or >= 1."),
     "data.source": ("The corpus: `stdlib` (the Python standard library's source), `files:PATH[,PATH...]` "
-                    "(text files and folders) or `tfds:NAME[/CONFIG]` (a prepared TFDS dataset, "
-                    "docs/data.md).", "One of those three forms."),
+                    "(text files and folders, one document per file), `jsonl:PATH[,PATH...]` / "
+                    "`parquet:PATH[,PATH...]` (one document per line / row; files or folders) or "
+                    "`tfds:NAME[/CONFIG]` (a prepared TFDS dataset, docs/data.md).",
+                    "One of those forms; left at `stdlib` when `data.mixture` is used."),
+    "data.text_field": ("The JSON field / Parquet column holding each record's text (`jsonl:` and `parquet:` "
+                        "sources, all of a mixture's).", "Not empty."),
+    "data.mixture": ("Weighted sources used instead of `data.source`: a list of `{source: FORM, weight: W}`, "
+                     "e.g. `--set 'data.mixture=[{source: \"jsonl:a\", weight: 3}, {source: \"parquet:b\", "
+                     "weight: 1}]'`; the weights (normalised) are the sources' shares of the mixed tokens "
+                     "(docs/data.md); `[]`: `data.source` alone.",
+                     "Every source one of the `data.source` forms, every weight a finite number > 0."),
+    "data.upsample_long.min_tokens": ("Documents of at least this many tokens (EOS not counted) are "
+                                      "upsampled by `data.upsample_long.factor`; 0: off.", ">= 0."),
+    "data.upsample_long.factor": ("How many times as often a long document appears in the token stream "
+                                  "(a fractional part is a seeded draw per document).", "A finite number >= 1."),
+    "log.every": ("A log line (step, loss, lr, grad norm, tokens/s, MFU, memory, ETA) every this many "
+                  "optimizer steps when the progress bar is off (`--no-progress`) or stderr is not a terminal.",
+                  ">= 1."),
+    "log.wandb.project": ("W&B project to log every metrics record to (needs the `wandb` extra); null: no "
+                          "W&B.", "null or a non-empty name."),
+    "log.wandb.name": ("W&B run name; null: the run directory's name.", ""),
+    "log.wandb.mode": ("`online`, or `offline` (written under `<run dir>/wandb/` without a network; "
+                       "`wandb sync` uploads it later).", f"{choices('WANDB_MODES')}."),
     "data.tokenizer": ("`bpe` (byte-level BPE trained on the corpus and cached), `bytes` (256 bytes + EOS) "
                        "or a path to a Hugging Face tokenizer.json (or a folder holding one).",
                        f"{choices('TOKENIZERS')}, or a path (contains `/` or ends in `.json`)."),

@@ -35,6 +35,7 @@ from lcjax.checkpoint import check_step, restore_params, save_params_streamed
 from lcjax.config import Config, ModelConfig, padded_vocab
 from lcjax.convert.hf_config import hf_config_from_model, model_config_from_hf, read_config_json
 from lcjax.convert.safetensors_io import SafetensorsFolder, ShardWriter
+from lcjax.convert.tokenizer import complete_tokenizer_files
 
 _LAYER = {  # lcjax stacked leaf -> HF name inside model.layers.i (all but the norms transposed)
     "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
@@ -275,14 +276,17 @@ def lcjax_to_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = 
                 writer.add(hf_name, _to_hf(name[-1], part, cfg.model.vocab_size, out_dtype))
             del value
         writer.close()
+        _copy_extras(run_dir / "hf", tmp, ("generation_config.json",))
+        _copy_extras(run_dir / "tokenizer", tmp, HF_EXTRAS[1:])
+        eos_id = complete_tokenizer_files(tmp, max_length=cfg.data.seq_len)  # what AutoTokenizer needs
         unchanged = base is not None and _same_model(base, cfg.model)
         if unchanged and dtype == imported.get("dtype"):
             shutil.copyfile(original, tmp / "config.json")
         else:
             hf_cfg = hf_config_from_model(cfg.model, max_position=cfg.data.seq_len, dtype=dtype, base=base)
+            if eos_id is not None:
+                hf_cfg.setdefault("eos_token_id", eos_id)
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        _copy_extras(run_dir / "hf", tmp, ("generation_config.json",))
-        _copy_extras(run_dir / "tokenizer", tmp, HF_EXTRAS[1:])
         _finish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""An HF model's ``tokenizer.json`` as an lcjax Tokenizer (its own EOS token instead of ``<|endoftext|>``)."""
+"""Tokenizers across the Hugging Face boundary: an HF model's ``tokenizer.json`` as an lcjax Tokenizer (its own
+EOS token instead of ``<|endoftext|>``), and the files ``transformers.AutoTokenizer`` needs beside an exported
+``tokenizer.json`` (:func:`complete_tokenizer_files`)."""
 
 from __future__ import annotations
 
@@ -38,3 +40,26 @@ def load_hf_tokenizer(hf_dir: str | Path) -> HFTokenizer:
     if eos is None:
         raise ValueError(f"{hf_dir}: no EOS token (config.json eos_token_id or tokenizer_config.json eos_token)")
     return HFTokenizer(hf, eos)
+
+
+def complete_tokenizer_files(folder: str | Path, *, max_length: int) -> int | None:
+    """Add what ``transformers.AutoTokenizer.from_pretrained(folder)`` needs beside ``folder/tokenizer.json``:
+    ``tokenizer_config.json`` (``PreTrainedTokenizerFast``, the EOS token, ``model_max_length`` =
+    ``max_length``, no BOS/EOS added by ``encode``, as lcjax trained) and ``special_tokens_map.json``; files
+    already there (from an imported model) are kept. Returns the EOS id (None without a tokenizer.json).
+    Raises ValueError when the tokenizer has no EOS token."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    tok = Tokenizer.load(folder, field="tokenizer")
+    eos = tok.decode([tok.eos_id])
+    files = {
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+                                  "model_max_length": int(max_length), "add_bos_token": False,
+                                  "add_eos_token": False, "clean_up_tokenization_spaces": False},
+        "special_tokens_map.json": {"eos_token": eos},
+    }
+    for name, content in files.items():
+        if not (folder / name).is_file():
+            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+    return tok.eos_id

@@ -1,9 +1,11 @@
 """Data pipeline: corpus → tokenizer → token stream → packed windows → layout → Grain loader.
 
 Sources (``data.source``): ``stdlib`` (the Python standard library's source, the built-in default corpus),
-``files:PATH[,PATH...]`` (local text files and folders) and ``tfds:NAME[/CONFIG]`` (a prepared TFDS dataset in
-array_record format under ``data.data_dir``; see :mod:`lcjax.data.tfds_dataset`). Numpy, ``tokenizers``,
-Grain and TFDS only; nothing here imports JAX directly (Grain does, lazily).
+``files:PATH[,PATH...]`` (local text files and folders), ``jsonl:PATH[,PATH...]`` and ``parquet:PATH[,PATH...]``
+(one document per line / row, :mod:`lcjax.data.records`) and ``tfds:NAME[/CONFIG]`` (a prepared TFDS dataset
+in array_record format under ``data.data_dir``; see :mod:`lcjax.data.tfds_dataset`); ``data.mixture``
+weights several of them and ``data.upsample_long`` repeats long documents (:mod:`lcjax.data.mixture`).
+Numpy, ``tokenizers``, pyarrow, Grain and TFDS only; nothing here imports JAX directly (Grain does, lazily).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 
 import numpy as np
 
-from lcjax.data.corpus import TFDS_PREFIX, corpus_files, corpus_fingerprint, describe_skipped, scan
+from lcjax.data.corpus import corpus_files, corpus_fingerprint, describe_skipped
+from lcjax.data.documents import MixtureSample, encode, open_documents
 from lcjax.data.loader import FIELDS, Loader, epoch_summary, make_loader, stream_id
 from lcjax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from lcjax.data.tokens import load_or_build, load_or_tokenize, stream_key
@@ -73,34 +76,41 @@ class Dataset:
 
 def build_dataset(source: str, *, tokenizer_kind: str, vocab_size: int,
                   cache_dir: str | os.PathLike | None = None,
-                  data_dir: str | os.PathLike | None = None) -> Dataset:
+                  data_dir: str | os.PathLike | None = None, text_field: str = "text") -> Dataset:
     """The :class:`Dataset` of ``source`` (``data.source``), tokenized once and cached on disk.
 
     ``tokenizer_kind`` is ``data.tokenizer`` (bpe, bytes or a tokenizer.json path), ``vocab_size`` the BPE
     size (``model.vocab_size``), ``cache_dir`` defaults to ``$LCJAX_CACHE`` or ``~/.cache/lcjax``, ``data_dir``
-    (``data.data_dir``) is where ``tfds:`` datasets live. Raises ValueError (one line) for a bad source,
-    tokenizer kind or vocab size, or a tokenizer other than the one a token dataset was prepared with.
+    (``data.data_dir``) is where ``tfds:`` datasets live, ``text_field`` (``data.text_field``) the JSONL
+    field / Parquet column of ``jsonl:`` and ``parquet:`` sources. Raises ValueError (one line) for a bad
+    source, record, tokenizer kind or vocab size, or a tokenizer other than the one a token dataset was
+    prepared with.
     """
-    if source.startswith(TFDS_PREFIX):
-        return _tfds_dataset(source, tokenizer_kind, vocab_size, cache_dir, data_dir)
-    files, skipped = scan(source)
-    tokenizer = load_or_train_tokenizer(files, kind=tokenizer_kind, vocab_size=vocab_size, cache_dir=cache_dir)
-    key = stream_key(corpus_fingerprint(files), tokenizer)
-    tokens, doc_starts = load_or_tokenize(files, tokenizer, cache_dir=cache_dir)
-    return Dataset(source, tokenizer, tokens, doc_starts, key, skipped)
+    docs = open_documents(source, text_field=text_field, data_dir=data_dir)
+    return dataset_of(docs, choose_tokenizer([docs], [1.0], tokenizer_kind, vocab_size, cache_dir), cache_dir)
 
 
-def _tfds_dataset(source, tokenizer_kind, vocab_size, cache_dir, data_dir) -> Dataset:
-    from lcjax.data.tfds_dataset import TfdsDocuments
+def choose_tokenizer(parts: list, weights: list[float], kind: str, vocab_size: int,
+                     cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The one tokenizer of the documents ``parts`` (sources of a mixture, with ``weights`` summing to 1):
+    ``data.tokenizer`` ``kind`` — a BPE trained on a weighted sample of all of them, bytes or a file. Token
+    datasets (TFDS, prepared) need the tokenizer stored with them; raises ValueError (one line) otherwise."""
+    stored = [docs for docs in parts if getattr(docs, "has_tokens", False)]
+    if not stored:
+        sample = parts[0] if len(parts) == 1 else MixtureSample(parts, weights)
+        return load_or_train_tokenizer(sample, kind=kind, vocab_size=vocab_size, cache_dir=cache_dir)
+    configured = None
+    for docs in stored:
+        configured = _dataset_tokenizer(docs, kind, vocab_size)
+    return configured
 
-    docs = TfdsDocuments(source, data_dir)
-    if docs.has_tokens:
-        tokenizer = _dataset_tokenizer(docs, tokenizer_kind, vocab_size)
-    else:
-        tokenizer = load_or_train_tokenizer(docs, kind=tokenizer_kind, vocab_size=vocab_size, cache_dir=cache_dir)
-    key = stream_key(f"tfds:{docs.fingerprint}:{docs.feature}", tokenizer)
-    tokens, doc_starts = load_or_build(key, lambda: docs.token_ids(tokenizer), tokenizer, cache_dir=cache_dir)
-    return Dataset(source, tokenizer, tokens, doc_starts, key, {})
+
+def dataset_of(docs, tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """The :class:`Dataset` of a documents object (lcjax.data.documents) under ``tokenizer``, tokenized on
+    first use and cached under ``<cache>/tokens/<key>/``."""
+    key = stream_key(docs.stream_tag, tokenizer)
+    tokens, doc_starts = load_or_build(key, lambda: encode(docs, tokenizer), tokenizer, cache_dir=cache_dir)
+    return Dataset(docs.source, tokenizer, tokens, doc_starts, key, dict(docs.skipped))
 
 
 def _dataset_tokenizer(docs, kind: str, vocab_size: int) -> Tokenizer:

@@ -10,6 +10,7 @@ import pathlib
 import shlex
 
 from lcjax.data.corpus import TFDS_PREFIX, describe_skipped, scan
+from lcjax.data.records import RecordDocuments, record_kind
 from lcjax.data.tokenizer import TRAIN_SAMPLE_BYTES, read_text, train_bpe, training_sample
 
 
@@ -20,7 +21,8 @@ def run(args) -> int:
     except ValueError as e:  # name the flag the user typed, not the config key it stands for
         message = str(e)
         for key, flag in (("data.source", "--source"), ("data.tokenizer", "--tokenizer"),
-                          ("model.vocab_size", "--vocab-size"), ("data.data_dir", "--data-dir")):
+                          ("model.vocab_size", "--vocab-size"), ("data.data_dir", "--data-dir"),
+                          ("data.text_field", "--text-field")):
             message = message.replace(key, flag, 1) if message.startswith(key) else message
         raise ValueError(message) from None
 
@@ -37,7 +39,7 @@ def _prepare(args) -> int:
     from lcjax.data.tfds_dataset import prepare
 
     summary = prepare(args.source, args.out, name=args.name, tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size, cache_dir=args.cache_dir, log=_say)
+                      vocab_size=args.vocab_size, cache_dir=args.cache_dir, text_field=args.text_field, log=_say)
     _say(f"wrote TFDS dataset {summary['name']} ({summary['documents']:,} documents, {summary['tokens']:,} tokens "
          f"with EOS, array_record) to {summary['dir']}")
     print(_overrides(summary["overrides"]))
@@ -57,6 +59,9 @@ def _tokenizer(args) -> int:
         if docs.has_tokens:
             raise ValueError(f"--source {args.source} holds token ids, not text: nothing to train a BPE on")
         texts, what = docs.sample_texts(TRAIN_SAMPLE_BYTES), f"{len(docs):,} documents"
+    elif record_kind(args.source):
+        docs = RecordDocuments(args.source, args.text_field)
+        texts, what = docs.sample_texts(TRAIN_SAMPLE_BYTES), f"the first records of {len(docs.files):,} files"
     else:
         files, skipped = scan(args.source)
         sample = training_sample(files)

@@ -22,14 +22,15 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from lcjax.data.corpus import TFDS_PREFIX, describe_skipped, relative_names, scan
+from lcjax.data.corpus import TFDS_PREFIX, describe_skipped
+from lcjax.data.documents import encode_items, open_documents
 from lcjax.data.tokenizer import Tokenizer, load_or_train_tokenizer
-from lcjax.data.tokens import encode_files
 
 VERSION = "1.0.0"
 SPLIT = "train"
@@ -107,6 +108,15 @@ class TfdsDocuments:
     @property
     def has_tokens(self) -> bool:
         return self.feature == "tokens"
+
+    @property
+    def stream_tag(self) -> str:
+        """What names this dataset's token stream (with the tokenizer's fingerprint)."""
+        return f"tfds:{self.fingerprint}:{self.feature}"
+
+    @property
+    def skipped(self) -> dict:
+        return {}  # every record is a document
 
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer stored with the dataset by :func:`prepare` (None if there is none)."""
@@ -191,12 +201,14 @@ def _quiet():
 
 
 def prepare(source: str, out: str | os.PathLike, *, name: str = "lcjax_text", tokenizer: str = "bpe",
-            vocab_size: int = 4096, cache_dir: str | os.PathLike | None = None,
+            vocab_size: int = 4096, cache_dir: str | os.PathLike | None = None, text_field: str = "text",
             log: Callable[[str], None] = lambda line: None) -> dict:
-    """Tokenize the text files of ``source`` (``files:PATH[,PATH...]`` or ``stdlib``) into a TFDS dataset.
+    """Tokenize the documents of ``source`` (``files:PATH[,PATH...]``, ``stdlib``, ``jsonl:PATH[,PATH...]`` or
+    ``parquet:PATH[,PATH...]`` with the text in ``text_field``) into a TFDS dataset.
 
     Writes ``<out>/<name>/1.0.0/``: array_record shards of split ``train`` (one example per document, in
-    corpus order: ``tokens`` int32 [n] without EOS, ``name`` the file's relative path), TFDS's
+    corpus order: ``tokens`` int32 [n] without EOS, ``name`` the file's relative path, with ``:LINE`` or
+    ``:ROW`` for records), TFDS's
     ``dataset_info.json`` and ``features.json``, the tokenizer's ``tokenizer.json`` and ``lcjax.json`` (counts).
     ``tokenizer``: ``bpe`` (trained on the files with at most ``vocab_size`` ids), ``bytes`` or a path to a
     Hugging Face tokenizer.json. Returns the summary dict (also in ``lcjax.json``) with ``overrides``, the
@@ -208,8 +220,8 @@ def prepare(source: str, out: str | os.PathLike, *, name: str = "lcjax_text", to
     if not _NAME.fullmatch(name):
         raise ValueError(f"--name {name!r} must be lower case letters, digits and '_', starting with a letter")
     if source.startswith(TFDS_PREFIX):
-        raise ValueError(f"--source {source}: prepare reads text files ('files:PATH[,PATH...]' or 'stdlib')")
-    files, skipped = scan(source)
+        raise ValueError(f"--source {source}: prepare reads text ('files:', 'jsonl:', 'parquet:' or 'stdlib')")
+    docs = open_documents(source, text_field=text_field)
     out = pathlib.Path(out).expanduser().absolute()
     target = out / name / VERSION
     if target.exists():
@@ -217,17 +229,23 @@ def prepare(source: str, out: str | os.PathLike, *, name: str = "lcjax_text", to
                          f"another --name")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is not a directory")
-    log(f"{len(files):,} files{describe_skipped(skipped, ' (skipped: ', ')')}")
-    tok = load_or_train_tokenizer(files, kind=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir)
+    log(f"{len(docs.files):,} files{describe_skipped(docs.skipped, ' (skipped: ', ')')}")
+    tok = load_or_train_tokenizer(docs, kind=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir)
     log(f"tokenizer {tokenizer}: {tok.vocab_size:,} ids")
     counts = {"documents": 0, "tokens": 0}
-    builder_class = _builder_class(name, files, tok, counts)
-    with tempfile.TemporaryDirectory(prefix="lcjax-tfds-") as downloads, _quiet():
-        builder = builder_class(data_dir=str(out), file_format="array_record")
-        builder.download_and_prepare(download_dir=downloads)
+    builder_class = _builder_class(name, docs, tok, counts)
+    created = [p for p in (out, out / name) if not p.exists()]
+    try:
+        with tempfile.TemporaryDirectory(prefix="lcjax-tfds-") as downloads, _quiet():
+            builder = builder_class(data_dir=str(out), file_format="array_record")
+            builder.download_and_prepare(download_dir=downloads)
+    except BaseException:  # a bad record found while writing: leave nothing behind
+        for path in reversed(created):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     tok.save(target)
     summary = {"source": source, "name": name, "dir": str(target), "documents": counts["documents"],
-               "tokens": counts["tokens"], "skipped": skipped, "tokenizer": str(target / "tokenizer.json"),
+               "tokens": counts["tokens"], "skipped": docs.skipped, "tokenizer": str(target / "tokenizer.json"),
                "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
     summary["overrides"] = [f"data.source=tfds:{name}", f"data.data_dir={out}",
                             f"data.tokenizer={target / 'tokenizer.json'}", f"model.vocab_size={tok.vocab_size}"]
@@ -235,8 +253,9 @@ def prepare(source: str, out: str | os.PathLike, *, name: str = "lcjax_text", to
     return summary
 
 
-def _builder_class(name: str, files: list[pathlib.Path], tok: Tokenizer, counts: dict):
-    """A GeneratorBasedBuilder subclass named ``name`` whose ``train`` split is the tokenized ``files``."""
+def _builder_class(name: str, docs, tok: Tokenizer, counts: dict):
+    """A GeneratorBasedBuilder subclass named ``name`` whose ``train`` split is the tokenized ``docs``
+    (lcjax.data.documents: files or records)."""
     import tensorflow_datasets as tfds
 
     class TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -254,7 +273,7 @@ def _builder_class(name: str, files: list[pathlib.Path], tok: Tokenizer, counts:
             return {SPLIT: self._generate_examples()}
 
         def _generate_examples(self):
-            for index, (doc, ids) in enumerate(zip(relative_names(files), encode_files(files, tok))):
+            for index, (doc, ids) in enumerate(encode_items(docs.items(), tok)):
                 counts["documents"] += 1
                 counts["tokens"] += len(ids) + 1
                 yield index, {"tokens": ids.astype(np.int32), "name": doc}

@@ -348,11 +348,10 @@ def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 
 
 def _corpus(cfg: Config, run_dir: Path) -> np.ndarray:
     """Natural-text filler: the run's held-out split (eval.holdout) tokenized with the run's tokenizer."""
-    from lcjax.data import build_dataset
+    from lcjax.data.mixture import build_data
 
-    d = cfg.data
-    dataset = build_dataset(d.source, tokenizer_kind=str(run_dir / "tokenizer" / "tokenizer.json"),
-                            vocab_size=cfg.model.vocab_size, cache_dir=d.cache_dir, data_dir=d.data_dir)
+    dataset = build_data(cfg.data, tokenizer_kind=str(run_dir / "tokenizer" / "tokenizer.json"),
+                         vocab_size=cfg.model.vocab_size)
     try:
         return np.asarray(dataset.split(cfg.eval.holdout)[1].tokens)
     except ValueError:

@@ -18,17 +18,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from lcjax import config as config_lib
 from lcjax import distributed, memcheck, rundir
 from lcjax.checkpoint import Checkpointer, abstract_like, check_directory, restore_opt_state, restore_params
 from lcjax.config import Config
-from lcjax.data import Dataset, build_dataset
+from lcjax.data import Dataset
+from lcjax.data.mixture import build_data
 from lcjax.data.curriculum import curriculum_loader, stage_index
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
+from lcjax.train.logs import StepMeter, StepReporter, use_bar
 from lcjax.train.metrics import MetricsWriter, Profiler, clean, startup_summary
+from lcjax.train.wandb_log import check_available, sinks
 from lcjax.train.state import abstract_state, data_state_arrays, data_state_dict, init_opt_state, init_state
 from lcjax.train.step import BATCH_FIELDS, batch_sharding, make_eval_loss, make_train_step
 
@@ -259,11 +261,11 @@ def _load_data(cfg: Config, tokenizer_dir: Path | None) -> Dataset:
     """The run's :class:`lcjax.data.Dataset`, tokenized with ``data.tokenizer`` or, for ``--init-from``, the
     tokenizer saved in ``tokenizer_dir`` (when it holds one)."""
     d, m = cfg.data, cfg.model
-    print(f"lcjax: data {d.source}: loading (tokenized on first use, then cached)", flush=True)
+    what = " + ".join(s.source for s in d.mixture) or d.source
+    print(f"lcjax: data {what}: loading (tokenized on first use, then cached)", flush=True)
     own = tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file()
     try:
-        dataset = build_dataset(d.source, tokenizer_kind=str(tokenizer_dir) if own else d.tokenizer,
-                                vocab_size=m.vocab_size, cache_dir=d.cache_dir, data_dir=d.data_dir)
+        dataset = build_data(d, tokenizer_kind=str(tokenizer_dir) if own else None, vocab_size=m.vocab_size)
     except OSError as e:
         raise ValueError(f"data.cache_dir {d.cache_dir or '~/.cache/lcjax'}: {e.strerror or e}") from None
     print("\n".join(f"lcjax: {line}" for line in dataset.summary(d.seq_len)), flush=True)
@@ -327,6 +329,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, init_from: 
 def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: bool, progress: bool, devices,
            hf_params, flag: dict, profile, step: int | None, lock) -> dict:
     saved = check_inputs(cfg, run_dir, resume, init_from, init_optimizer, step)
+    check_available(cfg)  # log.wandb needs the wandb extra
     devices = check_devices(cfg, devices)
     d = cfg.data
     source = Path(init_from) if init_from else None
@@ -376,7 +379,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: 
         eval_loss = make_eval_loss(graphdef, specs, mesh, cfg)
         evaluate = lambda params: _evaluate(eval_loss, params, eval_batches)
     batches = _batches(loader, put)
-    writer = MetricsWriter(run_dir, start) if distributed.is_primary() else None
+    writer = MetricsWriter(run_dir, start, sinks(cfg, run_dir)) if distributed.is_primary() else None
     if writer is not None:
         writer.text("config", "\n".join(["```", config_lib.to_yaml(cfg), "```", *summary]))
     profiler = Profiler(run_dir, profile)
@@ -494,10 +497,10 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
     shape = _zeros_batch(cfg, start + 1)["tokens"].shape  # what the step is compiled for
     last = {"step": start, "loss": None, "checkpoint": ckpt.latest_step(),
             "checkpoint_dir": str(run_dir / "checkpoints"), "preempted": False}
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or not primary, unit="step",
-               dynamic_ncols=True)
-    bad, every, shown = 0, cfg.eval.every, {}
-    with contextlib.closing(bar):
+    reporter = StepReporter(cfg.train.steps, start, cfg.log.every, bar=use_bar(progress), enabled=primary)
+    meter = StepMeter(cfg, jax.local_devices())
+    bad, every = 0, cfg.eval.every
+    with contextlib.closing(reporter):
         while last["step"] < cfg.train.steps:
             if distributed.any_process(flag["signal"] is not None):
                 last["preempted"] = True
@@ -508,11 +511,11 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
                 step_fn.compile(state, batch)
             profiler.before(last["step"] + 1)
             state, record, raw = _one_step(step_fn, state, batch, loader, shape[0] * shape[1])
+            record.update(meter.measure(record["tokens_per_sec"], shape[1]))
             profiler.after(last["step"] + 1, state.params)
             done = record["step"]
             if evaluate is not None and not record["skipped"] and (done % every == 0 or done == cfg.train.steps):
                 record.update(evaluate(state.params))
-                shown = {"val": f"{record['eval_loss']:.4f}"}
             if writer is not None:
                 writer.write(record)
             bad = bad + 1 if record["skipped"] else 0
@@ -525,10 +528,8 @@ def _run_steps(cfg: Config, state, step_fn, batches, loader, ckpt: Checkpointer,
             if not record["skipped"]:
                 if ckpt.maybe_save(record["step"], state, force=record["step"] == cfg.train.steps):
                     last["checkpoint"] = record["step"]
-                bar.update(1)
                 last.update(step=record["step"], loss=record["loss"])
-            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan", **shown,
-                            tok_s=f"{record['tokens_per_sec']:.0f}", bad=bad)
+            reporter.report(record, bad)
         if last["preempted"] and last["step"] > start and ckpt.maybe_save(last["step"], state, force=True):
             last["checkpoint"] = last["step"]
     return last

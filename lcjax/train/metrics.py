@@ -24,13 +24,15 @@ class MetricsWriter:
     ``start``: the step the run continues from (TensorBoard events after it, left by a killed run, are
     dropped: ``purge_step``; the trainer trims metrics.jsonl itself). Each record is a dict with an int
     ``step``; other values are numbers, booleans or None. Keys ``eval_*`` are tagged ``eval/*``, the others
-    ``<kind>/<key>``; the JSON line carries the keys as given.
+    ``<kind>/<key>``; the JSON line carries the keys as given. ``sinks``: objects with ``write(record)`` and
+    ``close()`` that receive every record too (W&B).
     """
 
-    def __init__(self, run_dir: str | Path, start: int = 0):
+    def __init__(self, run_dir: str | Path, start: int = 0, sinks: list = ()):
         from tensorboardX import SummaryWriter
 
         run_dir = Path(run_dir)
+        self._sinks = list(sinks)  # more destinations of every record, e.g. lcjax.train.wandb_log.WandbSink
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
         # the suffix keeps a resumed run (even within the same second) from reusing its event file's name
         self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None,
@@ -44,6 +46,8 @@ class MetricsWriter:
                 tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"{kind}/{key}"
                 self._tb.add_scalar(tag, float(value), record["step"])
         self._tb.flush()
+        for sink in self._sinks:
+            sink.write(record)
 
     def text(self, tag: str, text: str) -> None:
         """A text summary (e.g. the run's config) at step 0."""
@@ -52,6 +56,8 @@ class MetricsWriter:
     def close(self) -> None:
         self._jsonl.close()
         self._tb.close()
+        for sink in self._sinks:
+            sink.close()
 
 
 def parse_profile(text: str | None) -> tuple[int, int] | None:
