@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--layouts", default="zigzag,striped,contiguous")
     p.add_argument("--ulysses-size", type=int, default=2, help="group size for impl hybrid")
     p.add_argument("--kernel", default="xla", choices=["xla", "pallas", "pallas_triton"])
-    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--block", type=int, default=None,
+                   help="block_q = block_k of the kernels (default: each kernel's own tiles; 128 for the balance count)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--emulate-shard", action="store_true", help="one device: each shard's kernel calls")
@@ -97,8 +98,8 @@ def balance(impl, layout, args):
         if layout == "zigzag":  # groups gather their shards' tokens, then reorder (lcjax.parallel.ulysses)
             local = zigzag_group_order(t // n, args.ulysses_size)
             order = np.concatenate([g * len(local) + local for g in range(ring)])
-    area = computed_area(pos[:, order], np.ones_like(pos), ring_size=ring, layout=layout, block_q=args.block,
-                         block_k=args.block)
+    area = computed_area(pos[:, order], np.ones_like(pos), ring_size=ring, layout=layout, block_q=args.block or 128,
+                         block_k=args.block or 128)
     return float(area.max() / area.mean())
 
 

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=None, help="block_q = block_k of our kernels (default: tuned)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--xla-max-len", type=int, default=8192,
+                   help="skip (and record) our blockwise-jnp `xla` kernel above this length: a host-synchronised "
+                        "branch per block pair makes it minutes-slow on GPUs at 16k+")
     p.add_argument("--budget-s", type=float, default=None, help="skip the remaining rows after this many seconds")
     p.add_argument("--json")
     p.add_argument("--md")
@@ -175,6 +178,8 @@ def run(args, emit=print):
                               "flops": factor * fwd_flops}
                     if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
                         record["skipped"] = f"budget of {args.budget_s:g} s spent"
+                    elif name == "xla" and t > args.xla_max_len:
+                        record["skipped"] = f"xla kernel above --xla-max-len {args.xla_max_len}"
                     else:
                         try:
                             attend = attention_fn(name, mask, pos, seg, args.heads, args.kv_heads, args.block)
