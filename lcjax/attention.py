@@ -41,7 +41,8 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
 
 
 def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None, scale=None, mesh=None,
-              impl="ring", layout="zigzag", kernel="xla", ulysses_size=None, block_q=None, block_k=None):
+              impl="ring", layout="zigzag", kernel="xla", ulysses_size=None, block_q=None, block_k=None,
+              dkv_dtype="float32"):
     """Attention of q to k, v over a device mesh; arrays in ``layout`` token order.
 
     Args:
@@ -79,7 +80,8 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     def local(q, k, v, pos, seg):
         return sequence_parallel_attention(q, k, v, pos, seg, impl=impl, axis_name="sequence", layout=layout,
                                            causal=causal, window=window, scale=scale, block_q=block_q,
-                                           block_k=block_k, kernel=kernel, ulysses_size=ulysses_size)
+                                           block_k=block_k, kernel=kernel, ulysses_size=ulysses_size,
+                                           dkv_dtype=dkv_dtype)
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads,
                        check_vma=not is_pallas(kernel))  # Pallas in interpret mode needs check_vma off

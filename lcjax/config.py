@@ -84,6 +84,7 @@ class AttentionConfig:
     ulysses_size: Optional[int] = None
     block_q: Optional[int] = None  # None: the kernel's own (tuned) tiles
     block_k: Optional[int] = None
+    dkv_dtype: str = "float32"  # dtype of the dK/dV partial sums on the backward ring's wire (or bfloat16)
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,7 @@ def _choices(cfg: Config) -> str | None:
     for key, value, allowed in (
         ("attention.impl", cfg.attention.impl, ATTENTION_IMPLS),
         ("attention.layout", cfg.attention.layout, LAYOUTS),
+        ("attention.dkv_dtype", cfg.attention.dkv_dtype, ("float32", "bfloat16")),
         ("attention.kernel", cfg.attention.kernel, KERNELS),
         ("train.dtype", cfg.train.dtype, DTYPES),
         ("train.param_dtype", cfg.train.param_dtype, DTYPES),

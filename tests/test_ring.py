@@ -159,3 +159,25 @@ def test_bench_attention_script_writes_records(tmp_path):
     assert {(r["impl"], r["pass"]) for r in records} == {("ring", "fwd"), ("ring", "fwd_bwd"), ("ulysses", "fwd"),
                                                          ("ulysses", "fwd_bwd")}
     assert all({"layout", "n_shards", "iters_per_sec", "efficiency", "balance"} <= set(r) for r in records)
+
+
+def test_bfloat16_dkv_on_the_wire_stays_close_and_unknown_dtype_is_refused():
+    """dK/dV partial sums sent in bf16 (attention.dkv_dtype) round once per hop: close to the float32 ring,
+    not equal to it; another dtype name is one ValueError."""
+    q, k, v, do, pos, seg = _data(True)
+    lay = lambda x: permute(x, "zigzag", 4)
+    mesh, spec = make_mesh(1, 4, 1), P(None, "sequence")
+
+    def grads(dtype):
+        fn = lambda q, k, v, p, s: ring_attention(q, k, v, p, s, axis_name="sequence", block_q=8, block_k=8,
+                                                  dkv_dtype=dtype)
+        ring = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
+        return jax.jit(jax.grad(lambda *a: jnp.sum(ring(*a, lay(pos), lay(seg)) * lay(do)), (0, 1, 2)))(
+            lay(q), lay(k), lay(v))
+
+    full, low = grads("float32"), grads("bfloat16")
+    assert relative_error(low[0], full[0]) == 0  # dq never travels
+    for g, r in zip(low[1:], full[1:]):
+        assert 0 < relative_error(g, r) <= 2e-2
+    with pytest.raises(ValueError, match="attention.dkv_dtype"):
+        ring_attention(q, k, v, pos, seg, axis_name=None, dkv_dtype="float16")

@@ -79,6 +79,7 @@ class AttentionSpec(NamedTuple):
     block_q: int | None = None  # None: the kernel's own (tuned) tiles
     block_k: int | None = None
     kernel: str = "xla"
+    dkv_dtype: str = "float32"
     ulysses_size: int | None = None
 
 
@@ -87,7 +88,8 @@ def attention_spec(cfg: Config) -> AttentionSpec:
     evaluations pass them to :meth:`Llama.hidden`."""
     a = cfg.attention
     return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
-                         kernel=a.kernel, ulysses_size=a.ulysses_size)
+                         kernel=a.kernel, ulysses_size=a.ulysses_size,
+                         dkv_dtype=a.dkv_dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape, std):
@@ -154,7 +156,7 @@ class Block(nnx.Module):
         o = sequence_parallel_attention(q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence,
                                         layout=attn.layout, causal=True, window=attn.window,
                                         block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
-                                        ulysses_size=attn.ulysses_size)
+                                        ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype)
         o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
         x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo, 1), axes.model)
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)

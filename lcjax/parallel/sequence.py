@@ -10,7 +10,7 @@ IMPLS = ("local", "ring", "ulysses", "hybrid")
 
 def sequence_parallel_attention(q, k, v, positions, segment_ids, *, impl, axis_name, layout="zigzag",
                                 causal=True, window=None, scale=None, block_q=None, block_k=None,
-                                kernel="xla", ulysses_size=None):
+                                kernel="xla", ulysses_size=None, dkv_dtype="float32"):
     """Attention of this shard's queries to the whole sequence sharded over ``axis_name``.
 
     impl: "local" (no sequence parallelism: the axis must have size 1 or be None), "ring" (K/V travel by
@@ -19,7 +19,7 @@ def sequence_parallel_attention(q, k, v, positions, segment_ids, *, impl, axis_n
     Raises ValueError for an unknown impl or heads the impl cannot divide.
     """
     common = dict(layout=layout, causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k,
-                  kernel=kernel)
+                  kernel=kernel, dkv_dtype=dkv_dtype)
     if impl == "local":
         return ring_attention(q, k, v, positions, segment_ids, axis_name=None, **common)
     if impl == "ring":
