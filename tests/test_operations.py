@@ -129,7 +129,7 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path):
     assert hf.eos_token_id == tok.eos_id and hf.model_max_length == 4096
 
 
-@pytest.mark.parametrize("requeues", [pytest.param(1), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("requeues", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_requeued_job_with_resume_auto_on_a_jsonl_parquet_mixture(tmp_path, capsys, requeues):
     """The same command again and again, as a requeued SLURM job runs it: a fresh start (2 steps), with
     ``requeues`` 2 a continuation with more steps (to 4), then nothing left to do (exit 0); one metrics
