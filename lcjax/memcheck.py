@@ -75,19 +75,27 @@ def budget(devices, host_bytes: int = 0) -> Budget | None:
     return Budget(min(limits), f"{devices[0].device_kind}")
 
 
+def compiled_bytes(memory_analysis) -> dict:
+    """XLA's per-device bytes of a compiled step: argument, output, temp, alias and total (argument +
+    output + temp − alias; DESIGN.md, "Numbers")."""
+    ma = memory_analysis
+    parts = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+             "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
+    return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
+
+
 def compiled_total(compiled) -> int | None:
-    """Per-device bytes of a compiled program (argument + output + temp − alias), None when the backend
+    """Per-device bytes of a compiled program (:func:`compiled_bytes` total), None when the backend
     has no memory analysis."""
     try:
         ma = compiled.memory_analysis()
     except Exception:  # a backend without the analysis
         return None
-    if ma is None:
-        return None
-    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    return None if ma is None else compiled_bytes(ma)["total"]
 
 
 def gb(n: int) -> str:
+    """``n`` bytes as text for one-line messages: GB (10⁹ bytes) from 10 MB up, MB below."""
     return f"{n / 1e9:.2f} GB" if abs(n) >= 1e7 else f"{n / 1e6:.1f} MB"
 
 

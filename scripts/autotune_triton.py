@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchlib.py
+
+from benchlib import timed  # noqa: E402
 
 CANDIDATES = {  # (block_q, block_k) per pass; each with warps {4, 8} and the stages below
     "fwd": ([(64, 64), (64, 128), (128, 64), (128, 128)], (2, 3, 4)),
@@ -56,19 +59,6 @@ def candidates(pass_name: str, head_dim: int, itemsize: int, family: str):
     for (bq, bk), warps, st in itertools.product(tiles, (4, 8), stages):
         if tt.shared_memory_bytes(pass_name, bq, bk, head_dim, itemsize, st) <= budget:
             yield tt.PassConfig(bq, bk, warps, st)
-
-
-def timed(fn, *args, iters):
-    """Median seconds per call (compiled and warmed first)."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def relative_error(a, b) -> float:

@@ -19,7 +19,10 @@ import argparse
 import json
 import os
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchlib.py
+from benchlib import timed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,19 +44,6 @@ def parse_args(argv=None):
     p.add_argument("--emulate-shard", action="store_true", help="one device: each shard's kernel calls")
     p.add_argument("--json", help="write the records to this file")
     return p.parse_args(argv)
-
-
-def timed(fn, *args, iters):
-    """Median seconds per call of a jitted ``fn`` (compiled and warmed first)."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def inputs(args):

@@ -40,6 +40,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchlib.py
+
+from benchlib import timed  # noqa: E402
 
 OURS = ("pallas_triton", "pallas", "xla")
 PEERS = ("cudnn", "dense", "jax_pallas", "jax_mgpu")
@@ -64,19 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--json")
     p.add_argument("--md")
     return p.parse_args(argv)
-
-
-def timed(fn, *args, iters):
-    """Median seconds per call of a jitted ``fn`` (compiled and warmed first)."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def document_lengths(t: int, seed: int = 0, low: int = 512, high: int = 4096) -> list[int]:

@@ -139,3 +139,14 @@ def why_unreadable(path: pathlib.Path) -> str | None:
     except UnicodeDecodeError:
         return "not UTF-8"
     return None
+
+
+def first_texts(texts, max_bytes: int):
+    """The leading texts of the iterable ``texts`` up to about ``max_bytes`` characters in all (at least one):
+    the BPE training sample of sources read in order (records, TFDS)."""
+    total = 0
+    for text in texts:
+        yield text
+        total += len(text)
+        if total >= max_bytes:
+            return

@@ -16,7 +16,7 @@ import pathlib
 from collections.abc import Iterator
 
 from lcjax.data import cache
-from lcjax.data.corpus import _walk, corpus_fingerprint, relative_names
+from lcjax.data.corpus import _walk, corpus_fingerprint, first_texts, relative_names
 
 KINDS = {"jsonl": (".jsonl", ".jsonl.gz", ".ndjson"), "parquet": (".parquet",)}
 PARQUET_BATCH_ROWS = 1024
@@ -154,9 +154,4 @@ class RecordDocuments:
 
     def sample_texts(self, max_bytes: int) -> Iterator[str]:
         """The first documents, up to about ``max_bytes`` of text (at least one): the BPE training sample."""
-        total = 0
-        for text in self.texts():
-            yield text
-            total += len(text)
-            if total >= max_bytes:
-                return
+        return first_texts(self.texts(), max_bytes)

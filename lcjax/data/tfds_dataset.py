@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from lcjax.data.corpus import TFDS_PREFIX, describe_skipped
+from lcjax.data.corpus import TFDS_PREFIX, describe_skipped, first_texts
 from lcjax.data.documents import encode_items, open_documents
 from lcjax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -136,12 +136,7 @@ class TfdsDocuments:
 
     def sample_texts(self, max_bytes: int) -> Iterator[str]:
         """The first documents, up to about ``max_bytes`` of text (at least one): the BPE training sample."""
-        total = 0
-        for text in self.texts():
-            yield text
-            total += len(text)
-            if total >= max_bytes:
-                return
+        return first_texts(self.texts(), max_bytes)
 
     def token_ids(self, tokenizer: Tokenizer | None = None) -> Iterator[np.ndarray]:
         """Each document's token ids (no EOS): stored ids, or the text encoded by ``tokenizer``."""

@@ -29,6 +29,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*)$")
 
 @dataclass
 class Instr:
+    """One HLO instruction as scheduled: its name, opcode, the text after the opcode's "(" and the line."""
+
     name: str
     op: str
     args: str

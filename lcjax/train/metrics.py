@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from lcjax.memcheck import compiled_bytes  # noqa: F401  (re-exported: scripts and tests use lcjax.train.metrics.compiled_bytes)
+
 
 def clean(value) -> float | None:
     """A finite float, or None (JSON null) for NaN and infinities."""
@@ -111,15 +113,6 @@ def preset_for(platform: str, device_kind: str) -> str:
         return "cpu"
     kind = device_kind.lower()
     return next((name for name in ("h200", "h800", "h100", "a100") if name in kind), "h100")
-
-
-def compiled_bytes(memory_analysis) -> dict:
-    """XLA's per-device bytes of a compiled step: argument, output, temp, alias and total (argument +
-    output + temp − alias; DESIGN.md, "Numbers")."""
-    ma = memory_analysis
-    parts = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
-             "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
-    return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
 
 
 def startup_summary(cfg, memory_analysis, *, platform: str, device_kind: str, n_params: int) -> list[str]:
