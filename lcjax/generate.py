@@ -48,8 +48,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lcjax import config as config_lib
 from lcjax.checkpoint import check_step, restore_params
 from lcjax.config import Config
-from lcjax.kernels.flash_attention.api import is_pallas
-from lcjax.model.llama import Axes, Llama, attention_spec, rms_norm, swiglu
+from lcjax.model.llama import Axes, Llama, attention_spec, head_logits, rms_norm, swiglu
+from lcjax.model.sharded import run_sharded
 from lcjax.ops import rope
 from lcjax.ops.layout import permute
 from lcjax.parallel import tensor
@@ -163,8 +163,7 @@ def _model(cfg: Config, mesh, graphdef, params, specs, compiled: dict | None = N
 
 
 def _fns(cfg: Config, mesh, graphdef, specs) -> dict:
-    check_vma = not is_pallas(cfg.attention.kernel)  # Pallas in interpret mode needs it off (train/step.py)
-    common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg, check_vma=check_vma)
+    common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg)
     return {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
             "decode": _decode_fn(**common)}
 
@@ -239,11 +238,6 @@ def _project_kv(block, x, cos, sin, m, axes: Axes, dtype):
     return rope.apply_rope(k, cos, sin), v
 
 
-def _head(model: Llama, dtype):
-    """This shard's output head [D, V/tp]."""
-    return (_weight(model.embed, dtype).T if model.cfg.tie_embeddings else _weight(model.lm_head, dtype))
-
-
 def _prefill_local(params, tokens, positions, lengths, *, graphdef, cfg: Config, max_position: int,
                    keep_cache: bool):
     """Per shard: tokens/positions [B/dp, T/sp] (layout order), lengths [B/dp] -> last-token logits float32
@@ -264,7 +258,7 @@ def _prefill_local(params, tokens, positions, lengths, *, graphdef, cfg: Config,
     last = positions == (lengths[:, None] - 1)  # each prompt's last token sits on exactly one shard
     x_last = lax.psum(jnp.sum(jnp.where(last[..., None], x, 0).astype(jnp.float32), axis=1), axes.sequence)
     h = rms_norm(x_last.astype(dtype), model.final_norm[...], m.norm_eps)
-    logits = jnp.einsum("bd,dv->bv", h, _head(model, dtype), preferred_element_type=jnp.float32)
+    logits = head_logits(h, model.head(axes, dtype))
     return (logits, *kv) if keep_cache else logits
 
 
@@ -328,13 +322,13 @@ def _decode_local(params, cache: Cache, tokens, *, graphdef, cfg: Config, max_po
 
     x, (tail_k, tail_v) = lax.scan(layer, x, (stacked, cache.k, cache.v, cache.tail_k, cache.tail_v))
     h = rms_norm(x[:, 0], model.final_norm[...], m.norm_eps)
-    logits = jnp.einsum("bd,dv->bv", h, _head(model, dtype), preferred_element_type=jnp.float32)
+    logits = head_logits(h, model.head(axes, dtype))
     return logits, tail_k, tail_v
 
 
 # ------------------------------------------------------------------------------- jitted global functions
 
-def _prefill_fn(*, graphdef, specs, mesh, cfg: Config, check_vma: bool, keep_cache: bool) -> Callable:
+def _prefill_fn(*, graphdef, specs, mesh, cfg: Config, keep_cache: bool) -> Callable:
     """jit((params, tokens, positions, lengths, max_position) -> logits [B, Vp] (and keys, values))."""
     batch, rows = P(DATA, SEQUENCE), P(DATA)
 
@@ -342,21 +336,21 @@ def _prefill_fn(*, graphdef, specs, mesh, cfg: Config, check_vma: bool, keep_cac
         local = lambda *a: _prefill_local(*a, graphdef=graphdef, cfg=cfg, max_position=max_position,
                                           keep_cache=keep_cache)
         out_specs = (P(DATA, MODEL), CACHE_SPEC, CACHE_SPEC) if keep_cache else P(DATA, MODEL)
-        return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch, rows), out_specs=out_specs,
-                             check_vma=check_vma)(params, tokens, positions, lengths)
+        return run_sharded(local, mesh, in_specs=(specs, batch, batch, rows), out_specs=out_specs,
+                           kernel=cfg.attention.kernel)(params, tokens, positions, lengths)
 
     return jax.jit(run, static_argnums=4)
 
 
-def _decode_fn(*, graphdef, specs, mesh, cfg: Config, check_vma: bool) -> Callable:
+def _decode_fn(*, graphdef, specs, mesh, cfg: Config) -> Callable:
     """jit((params, cache, tokens [B], max_position) -> (logits [B, Vp], cache)); the cache is donated."""
     cache_specs = Cache(CACHE_SPEC, CACHE_SPEC, P(DATA, SEQUENCE), P(DATA), TAIL_SPEC, TAIL_SPEC, P())
 
     def run(params, cache, tokens, max_position):
         local = lambda *a: _decode_local(*a, graphdef=graphdef, cfg=cfg, max_position=max_position)
-        logits, tail_k, tail_v = jax.shard_map(
-            local, mesh=mesh, in_specs=(specs, cache_specs, P(DATA)),
-            out_specs=(P(DATA, MODEL), TAIL_SPEC, TAIL_SPEC), check_vma=check_vma)(params, cache, tokens)
+        logits, tail_k, tail_v = run_sharded(
+            local, mesh, in_specs=(specs, cache_specs, P(DATA)), out_specs=(P(DATA, MODEL), TAIL_SPEC, TAIL_SPEC),
+            kernel=cfg.attention.kernel)(params, cache, tokens)
         return logits, cache._replace(tail_k=tail_k, tail_v=tail_v, step=cache.step + 1)
 
     return jax.jit(run, static_argnums=3, donate_argnums=1)

@@ -111,6 +111,12 @@ def tiled_over_tokens(fn, *xs, tile: int):
     return ys.swapaxes(0, 1).reshape(b, t, *ys.shape[3:])
 
 
+def head_logits(h, head):
+    """Logits float32 [..., V/tp] of hidden states h [..., D] through this shard's head [D, V/tp]
+    (:meth:`Llama.head`), accumulated in float32 whatever the compute dtype."""
+    return jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
+
+
 def swiglu(h, w_gate, w_up, w_down, axis: str):
     """SwiGLU MLP (Shazeer 2020) with column-parallel gate/up and row-parallel down: [B, T, D] -> [B, T, D]."""
     return tensor.row_parallel(jax.nn.silu(h @ w_gate) * (h @ w_up), w_down, axis)
@@ -196,6 +202,14 @@ class Llama(nnx.Module):
         x, _ = lax.scan(layer, x, stacked)
         return rms_norm(x, self.final_norm[...], cfg.norm_eps)
 
+    def head(self, axes: Axes = Axes(), dtype=jnp.float32):
+        """This shard's output head [D, V/tp] in ``dtype``, vocabulary-parallel over ``model``: the
+        embedding's transpose when ``model.tie_embeddings``, else ``lm_head`` (gathered along D under
+        FSDP). Every caller (loss, evaluation, generation, conversion) takes the head from here."""
+        if self.cfg.tie_embeddings:
+            return self._embedding(axes, dtype).T
+        return fsdp.gather(self.lm_head[...].astype(dtype), axes.fsdp, 0)
+
     def _embedding(self, axes: Axes, dtype):
         """This shard's embedding rows [V/tp, D] in ``dtype`` (gathered along D under FSDP)."""
         return fsdp.gather(self.embed[...].astype(dtype), axes.fsdp, 1)
@@ -206,15 +220,11 @@ class Llama(nnx.Module):
         tiles of ``mem.loss_tile`` tokens (the [B, T/sp, V/tp] logits never exist whole when tiled)."""
         h = self.hidden(tokens, positions, segment_ids, max_position=max_position, attn=attn, axes=axes,
                         dtype=dtype, mem=mem)
-        if self.cfg.tie_embeddings:
-            head = self._embedding(axes, dtype).T
-        else:
-            head = fsdp.gather(self.lm_head[...].astype(dtype), axes.fsdp, 0)
+        head = self.head(axes, dtype)
 
         def losses(h, labels):
-            logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
-            return tensor.vocab_parallel_cross_entropy(logits, labels, vocab_size=self.cfg.vocab_size,
-                                                       axis=axes.model)
+            return tensor.vocab_parallel_cross_entropy(head_logits(h, head), labels,
+                                                       vocab_size=self.cfg.vocab_size, axis=axes.model)
         return tiled_over_tokens(losses, h, labels, tile=mem.loss_tile)
 
 

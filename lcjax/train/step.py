@@ -33,14 +33,14 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax.config import Config
-from lcjax.kernels.flash_attention.api import is_pallas
-from lcjax.model.llama import Axes, MemorySpec, attention_spec
+from lcjax.model import sharded
+from lcjax.model.sharded import ModelSettings, model_settings
 from lcjax.parallel import fsdp
 from lcjax.sharding import rules
-from lcjax.sharding.mesh import AXES
 from lcjax.train.optim import schedule
 
 BATCH_FIELDS = ("tokens", "labels", "positions", "segment_ids", "loss_mask")
+BATCH_SPECS = {k: rules.BATCH for k in BATCH_FIELDS}
 
 
 class TrainState(NamedTuple):
@@ -55,25 +55,9 @@ class TrainState(NamedTuple):
 
 
 
-def memory_spec(cfg: Config) -> MemorySpec:
-    """The static memory settings of a config (remat policy, MLP and loss tiles)."""
-    t = cfg.train
-    return MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile)
-
-
 def zero_grads(cfg: Config) -> bool:
     """Whether gradients and optimizer state are split over data × sequence (FSDP or ZeRO-1/2)."""
     return cfg.train.fsdp or cfg.train.shard_optimizer
-
-
-def needs_check_vma(cfg: Config) -> bool:
-    """check_vma for the training shard_map: on, except around Pallas kernels (interpret mode needs it off)."""
-    return not is_pallas(cfg.attention.kernel)
-
-
-def compute_dtype(cfg: Config):
-    """jnp dtype of activations and matmuls (``train.dtype``); parameters stay float32."""
-    return jnp.dtype(cfg.train.dtype)
 
 
 def _over_replicated_axes(op, tree, specs):
@@ -116,12 +100,10 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
     (sharded P('data', 'sequence')). loss: float32 scalar, mean cross-entropy per target token (nats).
     grads: like params, sharded by :func:`grad_specs_of` (split over data × sequence under ZeRO).
     """
-    fsdp_axes = rules.ZERO_AXES if cfg.train.fsdp else ()
-    axes, attn, dtype = Axes(*AXES, fsdp=fsdp_axes), attention_spec(cfg), compute_dtype(cfg)
-    mem = memory_spec(cfg)
+    run = model_settings(cfg, fsdp=cfg.train.fsdp)
+    axes = run.axes
     grad_specs = grad_specs_of(specs, cfg, mesh)
-    check_vma = needs_check_vma(cfg) if check_vma is None else check_vma
-    seq_len = cfg.data.seq_len
+    check_vma = sharded.check_vma(cfg.attention.kernel) if check_vma is None else check_vma
     tp_correction = 1.0 if check_vma else 1.0 / mesh.shape[axes.model]
 
     def local(params, batch):
@@ -129,10 +111,7 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
         count = lax.psum(jnp.sum(mask), (axes.data, axes.sequence))
 
         def loss_fn(p):
-            model = nnx.merge(graphdef, p)
-            losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"],
-                                        batch["segment_ids"], max_position=seq_len, attn=attn, axes=axes,
-                                        dtype=dtype, mem=mem)
+            losses = _token_losses(nnx.merge(graphdef, p), batch, cfg.data.seq_len, run)
             return jnp.sum(losses * mask) / jnp.maximum(count, 1.0)
 
         p = _vary(params, specs) if check_vma else params
@@ -141,29 +120,30 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
         loss = lax.psum(loss, (axes.data, axes.sequence)) / tp_correction
         return loss, grads, count
 
-    batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
-    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), grad_specs, P()),
-                         check_vma=check_vma)
+    return sharded.run_sharded(local, mesh, in_specs=(specs, BATCH_SPECS), out_specs=(P(), grad_specs, P()),
+                               kernel=cfg.attention.kernel, vma=check_vma)
+
+
+def _token_losses(model, batch: dict, seq_len: int, run: ModelSettings):
+    """Per-token cross-entropy float32 [B/dp, T/sp] of a per-shard batch (:meth:`Llama.token_losses`)."""
+    return model.token_losses(batch["tokens"], batch["labels"], batch["positions"], batch["segment_ids"],
+                              max_position=seq_len, attn=run.attn, axes=run.axes, dtype=run.dtype, mem=run.mem)
 
 
 def make_eval_loss(graphdef, specs, mesh, cfg: Config):
     """A jitted function (params, batch) -> (summed cross-entropy in nats, target-token count), float32
     scalars over the whole global batch: the forward pass only (validation)."""
-    fsdp_axes = rules.ZERO_AXES if cfg.train.fsdp else ()
-    axes, attn, dtype = Axes(*AXES, fsdp=fsdp_axes), attention_spec(cfg), compute_dtype(cfg)
-    mem, seq_len = memory_spec(cfg), cfg.data.seq_len
+    run = model_settings(cfg, fsdp=cfg.train.fsdp)
+    axes = run.axes
 
     def local(params, batch):
-        model = nnx.merge(graphdef, params)
-        losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"], batch["segment_ids"],
-                                    max_position=seq_len, attn=attn, axes=axes, dtype=dtype, mem=mem)
+        losses = _token_losses(nnx.merge(graphdef, params), batch, cfg.data.seq_len, run)
         mask = batch["loss_mask"].astype(jnp.float32)
         reduce = lambda x: lax.psum(jnp.sum(x), (axes.data, axes.sequence))
         return reduce(losses * mask), reduce(mask)
 
-    batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), P()),
-                                 check_vma=needs_check_vma(cfg)))
+    return jax.jit(sharded.run_sharded(local, mesh, in_specs=(specs, BATCH_SPECS), out_specs=(P(), P()),
+                                       kernel=cfg.attention.kernel))
 
 
 def micro_batches(batch: dict, accum: int) -> dict:
