@@ -10,7 +10,6 @@ AXES = ("data", "sequence", "model")  # mesh axis names, always in this order (l
 ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")  # lcjax.parallel.sequence.IMPLEMENTATIONS
 LAYOUTS = ("contiguous", "zigzag", "striped")  # lcjax.ops.layout (permutations)
 KERNELS = ("xla", "pallas", "pallas_triton")  # lcjax.kernels.flash_attention.api.KERNELS
-PALLAS_KERNELS = ("pallas", "pallas_triton")  # kernels whose shard_map needs check_vma off (interpret mode)
 DKV_DTYPES = ("float32", "bfloat16")  # the backward ring's dK/dV wire dtype (lcjax.parallel.ring)
 DTYPES = ("float32", "bfloat16")  # train.dtype, train.param_dtype
 REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")  # lcjax.model.llama.REMAT_POLICIES + none

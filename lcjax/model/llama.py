@@ -34,7 +34,8 @@ from jax.ad_checkpoint import checkpoint_name
 from lcjax.config import Config, ModelConfig, padded_vocab
 from lcjax.ops import rope
 from lcjax.parallel import fsdp, tensor
-from lcjax.parallel.sequence import sequence_parallel_attention
+from lcjax.parallel.sequence import sequence_parallel
+from lcjax.parallel.spec import AttentionSpec  # noqa: F401  (the model's attention settings: lcjax.parallel.spec)
 
 
 class Axes(NamedTuple):
@@ -70,26 +71,12 @@ REMAT_POLICIES = {
 }
 
 
-class AttentionSpec(NamedTuple):
-    """Static attention settings passed down to the per-shard attention (plain values, hashable)."""
-
-    impl: str = "ring"
-    layout: str = "zigzag"
-    window: int | None = None
-    block_q: int | None = None  # None: the kernel's own (tuned) tiles
-    block_k: int | None = None
-    kernel: str = "xla"
-    dkv_dtype: str = "float32"
-    ulysses_size: int | None = None
-
-
 def attention_spec(cfg: Config) -> AttentionSpec:
     """The static attention settings of a config (``cfg.attention``), as training, generation and the
     evaluations pass them to :meth:`Llama.hidden`."""
     a = cfg.attention
     return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
-                         kernel=a.kernel, ulysses_size=a.ulysses_size,
-                         dkv_dtype=a.dkv_dtype)
+                         kernel=a.kernel, dkv_dtype=a.dkv_dtype, ulysses_size=a.ulysses_size)
 
 
 def _normal(rngs: nnx.Rngs, shape, std):
@@ -145,29 +132,45 @@ class Block(nnx.Module):
         self.w_up = nnx.Param(_normal(rngs, (d, cfg.d_ff), std))
         self.w_down = nnx.Param(_normal(rngs, (cfg.d_ff, d), std))
 
-    def __call__(self, x, cos, sin, positions, segment_ids, *, cfg: ModelConfig, attn: AttentionSpec,
-                 axes: Axes, dtype, mlp_tile: int = 0):
-        """x [B, T/sp, D] -> [B, T/sp, D] (replicated over ``model``)."""
+    def qkv(self, x, cos, sin, *, cfg: ModelConfig, axes: Axes, dtype):
+        """The roped queries [B, T, N/tp, H] and keys [B, T, K', H] and the values [B, T, K', H] of this
+        shard's heads, from the layer input x [B, T, D] (K' = K/tp, or the one kv head its query heads use
+        when K < tp). cos, sin: RoPE angles of the tokens' positions (lcjax.ops.rope.cos_sin)."""
         b, t, _ = x.shape
         hd = cfg.d_model // cfg.n_heads
-        w = lambda p, dim: fsdp.gather(p[...].astype(dtype), axes.fsdp, dim)  # dim: the d_model dimension
-        kv = lambda p: tensor.kv_columns(w(p, 0), n_kv_heads=cfg.n_kv_heads, n_heads=cfg.n_heads,
-                                         head_dim=hd, axis=axes.model)
+        kv = lambda p: tensor.kv_columns(_gathered(p, axes, dtype, 0), n_kv_heads=cfg.n_kv_heads,
+                                         n_heads=cfg.n_heads, head_dim=hd, axis=axes.model)
         h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-        q = (h @ w(self.wq, 0)).reshape(b, t, -1, hd)
+        q = (h @ _gathered(self.wq, axes, dtype, 0)).reshape(b, t, -1, hd)
         k = (h @ kv(self.wk)).reshape(b, t, -1, hd)
         v = (h @ kv(self.wv)).reshape(b, t, -1, hd)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-        q, k, v = (checkpoint_name(x, "qkv") for x in (q, k, v))
-        o = sequence_parallel_attention(q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence,
-                                        layout=attn.layout, causal=True, window=attn.window,
-                                        block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
-                                        ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype)
-        o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
+        return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+
+    def finish(self, x, o, *, cfg: ModelConfig, axes: Axes, dtype, mlp_tile: int = 0):
+        """The layer output [B, T, D] from its input x and the attention output o [B, T, N/tp, H] (in
+        ``dtype``): row-parallel output projection (``psum`` over ``model``), then the residual SwiGLU MLP
+        over tiles of ``mlp_tile`` tokens (0: untiled)."""
+        b, t, _ = x.shape
+        w = lambda p, dim: _gathered(p, axes, dtype, dim)  # dim: the d_model dimension
         x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo, 1), axes.model)
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)
         return x + tiled_over_tokens(mlp, h, tile=mlp_tile)
+
+    def __call__(self, x, cos, sin, attend, *, cfg: ModelConfig, axes: Axes, dtype, mlp_tile: int = 0):
+        """x [B, T/sp, D] -> ([B, T/sp, D] replicated over ``model``, aux). ``attend(q, k, v)`` -> (o, aux):
+        the attention of this shard's roped queries to keys and values (:meth:`qkv`), o [B, T/sp, N/tp, H]
+        in ``dtype``; training attends over the sequence shards, the KV-cache decode over the cache, and aux
+        carries what the caller keeps (the cache) or None."""
+        q, k, v = (checkpoint_name(a, "qkv") for a in self.qkv(x, cos, sin, cfg=cfg, axes=axes, dtype=dtype))
+        o, aux = attend(q, k, v)
+        o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
+        return self.finish(x, o, cfg=cfg, axes=axes, dtype=dtype, mlp_tile=mlp_tile), aux
+
+
+def _gathered(p, axes: Axes, dtype, dim: int):
+    """Parameter ``p`` in ``dtype``, all-gathered along its d_model dimension ``dim`` under FSDP."""
+    return fsdp.gather(p[...].astype(dtype), axes.fsdp, dim)
 
 
 class Llama(nnx.Module):
@@ -188,29 +191,39 @@ class Llama(nnx.Module):
         """Final-norm hidden states [B, T/sp, D] for per-shard tokens/positions/segment ids [B, T/sp]."""
         cfg = self.cfg
         hd = cfg.d_model // cfg.n_heads
-        x = tensor.vocab_parallel_embed(tokens, self._embedding(axes, dtype), axes.model)
+        x = tensor.vocab_parallel_embed(tokens, self.embedding(axes, dtype), axes.model)
         cos, sin = rope.cos_sin(positions, rope.rope_tables(max_position, hd, **vars(cfg.rope)))
+        attend = lambda q, k, v, _: (sequence_parallel(q, k, v, positions, segment_ids, attn,
+                                                       axis_name=axes.sequence), None)
+        x, _ = self.run_layers(x, cos, sin, attend, axes=axes, dtype=dtype, mem=mem)
+        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+
+    def run_layers(self, x, cos, sin, attend, per_layer=None, *, axes: Axes, dtype, mem: MemorySpec = MemorySpec()):
+        """The L layers run in turn (``lax.scan`` over the stacked layer parameters) on x [B, T, D]: layer l
+        calls ``attend(q, k, v, per_layer[l])`` -> (o, aux_l) (see :meth:`Block.__call__`; ``per_layer``: a
+        pytree with a leading L axis, e.g. that layer's KV cache, or None). Returns (x after the last layer,
+        the aux_l stacked along a leading L axis). ``mem.remat`` rematerialises each layer's body."""
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, state):
+        def layer(x, xs):
+            state, extra = xs
             block = nnx.merge(graphdef, state)
-            return block(x, cos, sin, positions, segment_ids, cfg=cfg, attn=attn, axes=axes, dtype=dtype,
-                         mlp_tile=mem.mlp_tile), None
+            return block(x, cos, sin, lambda q, k, v: attend(q, k, v, extra), cfg=self.cfg, axes=axes, dtype=dtype,
+                         mlp_tile=mem.mlp_tile)
 
         if mem.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[mem.remat], prevent_cse=False)
-        x, _ = lax.scan(layer, x, stacked)
-        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        return lax.scan(layer, x, (stacked, per_layer))
 
     def head(self, axes: Axes = Axes(), dtype=jnp.float32):
         """This shard's output head [D, V/tp] in ``dtype``, vocabulary-parallel over ``model``: the
         embedding's transpose when ``model.tie_embeddings``, else ``lm_head`` (gathered along D under
         FSDP). Every caller (loss, evaluation, generation, conversion) takes the head from here."""
         if self.cfg.tie_embeddings:
-            return self._embedding(axes, dtype).T
+            return self.embedding(axes, dtype).T
         return fsdp.gather(self.lm_head[...].astype(dtype), axes.fsdp, 0)
 
-    def _embedding(self, axes: Axes, dtype):
+    def embedding(self, axes: Axes = Axes(), dtype=jnp.float32):
         """This shard's embedding rows [V/tp, D] in ``dtype`` (gathered along D under FSDP)."""
         return fsdp.gather(self.embed[...].astype(dtype), axes.fsdp, 1)
 

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from lcjax.choices import DKV_DTYPES
 from lcjax.kernels.flash_attention.api import get_kernel
+from lcjax.parallel.spec import AttentionSpec
 
 NEG_INF = -jnp.inf
-DKV_DTYPES = ("float32", "bfloat16")
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -47,22 +48,14 @@ def merge(out_a, lse_a, out_b, lse_b):
 
 
 class RingPlan(NamedTuple):
-    """Static description of one ring (hashable: a non-differentiable argument of the custom VJP).
+    """Static description of one ring (hashable: a non-differentiable argument of the custom VJP): the
+    attention spec, unchanged, the axis the ring runs over (None: no sequence parallelism) and ``group``:
+    > 1 runs one ring per position inside consecutive groups of that size (hybrid Ulysses × ring: shard
+    d = g·group + u is at ring position g of ring u)."""
 
-    ``group`` > 1 runs one ring per position inside consecutive groups of that size (hybrid Ulysses ×
-    ring: shard d = g·group + u is at ring position g of ring u).
-    """
-
+    spec: AttentionSpec
     axis_name: str | None
-    layout: str
-    causal: bool
-    window: int | None
-    scale: float | None
-    block_q: int
-    block_k: int
-    kernel: str = "xla"
     group: int = 1
-    dkv_dtype: str = "float32"
 
 
 def _perm(size: int, group: int, hops: int):
@@ -181,17 +174,13 @@ def _ring_geometry(plan: RingPlan, q, q_pos, q_seg):
     return idx // plan.group, size // plan.group, size, q, q_pos, q_seg
 
 
-def _kw(plan: RingPlan):
-    return dict(causal=plan.causal, window=plan.window, scale=plan.scale, block_q=plan.block_q,
-                block_k=plan.block_k)
-
-
 def _setup(plan: RingPlan, q, q_pos, q_seg):
     """Kernel module, its keyword arguments, and the ring geometry shared by the forward and backward."""
+    spec = plan.spec
     idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
-    zigzag_half = plan.layout == "zigzag" and plan.causal and ring > 1
-    steps = ring_steps(ring, q.shape[1], layout=plan.layout, causal=plan.causal, window=plan.window)
-    return get_kernel(plan.kernel), _kw(plan), idx, ring, size, zigzag_half, steps, q, q_pos, q_seg
+    zigzag_half = spec.layout == "zigzag" and spec.causal and ring > 1
+    steps = ring_steps(ring, q.shape[1], layout=spec.layout, causal=spec.causal, window=spec.window)
+    return get_kernel(spec.kernel), spec.kernel_options(), idx, ring, size, zigzag_half, steps, q, q_pos, q_seg
 
 
 def _fwd(q, k, v, q_pos, q_seg, plan: RingPlan):
@@ -228,10 +217,10 @@ def _bwd(plan: RingPlan, res, dout):
     """Backward ring, double-buffered: at the start of step s each shard sends on the K/V block it holds
     (block s+1 of its successor) and the finished dK/dV accumulator of step s−1, computes step s's
     gradients, then receives; every transfer is hidden under a step's kernels except the last hop that
-    brings each block's dK/dV home. dK/dV travel in ``plan.dkv_dtype`` (float32 unless lowered)."""
+    brings each block's dK/dV home. dK/dV travel in ``plan.spec.dkv_dtype`` (float32 unless lowered)."""
     q, k, v, q_pos, q_seg, out, lse = res
     kernel, kw, idx, ring, size, zigzag_half, steps, q, q_pos, q_seg = _setup(plan, q, q_pos, q_seg)
-    wire = jnp.dtype(plan.dkv_dtype)
+    wire = jnp.dtype(plan.spec.dkv_dtype)
     kv = (k, v, q_pos, q_seg)
     if steps == 1:
         dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, q_pos, q_pos, q_seg, q_seg, **kw)
@@ -266,34 +255,41 @@ _ring.defvjp(_fwd, _bwd)
 def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag", causal=True,
                    window=None, scale=None, block_q=None, block_k=None, kernel="xla", group=1,
                    dkv_dtype="float32"):
+    """:func:`ring` with the spec's fields as keyword arguments (tests, benchmarks; the model passes its
+    :class:`AttentionSpec` to :func:`ring` itself). ``layout``: "zigzag", "striped" or "contiguous";
+    ``kernel``: a name of lcjax.kernels.flash_attention.api.KERNELS; the rest as :class:`AttentionSpec`."""
+    spec = AttentionSpec(layout=layout, causal=causal, window=window, scale=scale, block_q=block_q,
+                         block_k=block_k, kernel=kernel, dkv_dtype=dkv_dtype)
+    return ring(q, k, v, positions, segment_ids, spec, axis_name=axis_name, group=group)
+
+
+def ring(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name, group: int = 1):
     """Attention of this shard's queries to the whole sequence held across ``axis_name``.
 
     Args:
       q: [B, T/P, N', H]; k, v: [B, T/P, K', H] (N' divisible by K'; GQA query head n uses kv head n//G).
       positions, segment_ids: int32 [B, T/P], original token positions and document ids of this shard's
-        tokens, in ``layout`` order (masks come from them only).
+        tokens, in ``spec.layout`` order (masks come from them only; segment_ids None: one document).
+      spec: the attention settings (layout: zigzag + causal uses the balanced half-block schedule; causal,
+        window, scale as in lcjax.ops.attention.reference; block_q, block_k: the kernel's tiles, clipped to
+        divisors of the local lengths; kernel; dkv_dtype: the dtype dK/dV accumulators travel in during the
+        backward ring, "float32" or "bfloat16", which halves the backward's bytes and rounds the partial sums
+        once per hop, docs/parallelism.md). ``spec.impl`` is not read here.
       axis_name: the mesh axis the sequence is sharded over (None: no sequence parallelism).
-      layout: "zigzag", "striped" or "contiguous"; zigzag + causal uses the balanced half-block schedule.
-      causal, window, scale: as in lcjax.ops.attention.reference (scale None = 1/√H).
-      block_q, block_k: the kernel's tile sizes (clipped to divisors of the local lengths).
-      kernel: the per-device kernel, "xla" or "pallas" (lcjax.kernels.flash_attention.api).
       group: run one ring per position inside consecutive groups of this many shards (hybrid
         Ulysses × ring); 1 for a plain ring over the whole axis.
-      dkv_dtype: the dtype dK/dV accumulators travel in during the backward ring, "float32" (default) or
-        "bfloat16" (half the backward's bytes; rounds the partial sums once per hop, docs/parallelism.md).
     Returns:
       [B, T/P, N', H] in q's dtype.
     Raises:
       ValueError for a window without causal masking or an unknown ``dkv_dtype``.
     """
-    if window is not None and not causal:
+    if spec.window is not None and not spec.causal:
         raise ValueError("window requires causal attention")
-    if dkv_dtype not in DKV_DTYPES:
-        raise ValueError(f"attention.dkv_dtype {dkv_dtype!r} must be one of {', '.join(DKV_DTYPES)}")
+    if spec.dkv_dtype not in DKV_DTYPES:
+        raise ValueError(f"attention.dkv_dtype {spec.dkv_dtype!r} must be one of {', '.join(DKV_DTYPES)}")
     if segment_ids is None:
         segment_ids = jnp.zeros_like(positions)
-    plan = RingPlan(axis_name, layout, causal, window, scale, block_q, block_k, kernel, group, dkv_dtype)
-    return _ring(q, k, v, positions, segment_ids, plan)
+    return _ring(q, k, v, positions, segment_ids, RingPlan(spec, axis_name, group))
 
 
 def schedule(ring_pos: int, ring_size: int, local_len: int, *, layout: str, causal: bool,

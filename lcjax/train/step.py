@@ -23,8 +23,6 @@ and the loss, the softmax statistics and the ring's accumulators are float32.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -41,18 +39,6 @@ from lcjax.train.optim import schedule
 
 BATCH_FIELDS = ("tokens", "labels", "positions", "segment_ids", "loss_mask")
 BATCH_SPECS = {k: rules.BATCH for k in BATCH_FIELDS}
-
-
-class TrainState(NamedTuple):
-    """The whole training state, one pytree: model parameters (nnx.State of global sharded arrays),
-    optimizer state, the number of optimizer updates applied (int32 scalar), and the data iterator's state
-    (dict of int64 scalars, passed through the step untouched; the loop refreshes it)."""
-
-    params: Any
-    opt_state: Any
-    step: Any
-    data_state: Any
-
 
 
 def zero_grads(cfg: Config) -> bool:
@@ -216,19 +202,19 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
 
     executable = [None]
 
-    def arrays_of(state: TrainState):
+    def arrays_of(state):
         return state.params, state.opt_state, state.step
 
-    def run(state: TrainState, batch):
+    def run(state, batch):
         if executable[0] is None:
             executable[0] = jitted(arrays_of(state))
         (params, opt_state, step), metrics = executable[0](arrays_of(state), batch)
-        return TrainState(params, opt_state, step, state.data_state), metrics
+        return state._replace(params=params, opt_state=opt_state, step=step), metrics
 
-    def lower(state: TrainState, batch):
+    def lower(state, batch):
         return jitted(arrays_of(state)).lower(arrays_of(state), batch)
 
-    def compile_for(state: TrainState, batch):
+    def compile_for(state, batch):
         """Compile ahead of the first step (so step times exclude compilation); returns the executable."""
         executable[0] = lower(state, batch).compile()
         return executable[0]
