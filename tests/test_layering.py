@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "lcjax"
-ORDER = ["rundir", "memcheck", "config", "ops", "kernels", "parallel", "sharding", "attention", "model", "data", "checkpoint",
+ORDER = ["xla_flags", "rundir", "memcheck", "config", "ops", "kernels", "parallel", "sharding", "attention", "model", "data", "checkpoint",
          "distributed", "generate", "plan", "eval", "train", "convert", "checkpoints_cli", "cli"]
 NEVER = {"ops": {"config"}, "kernels": {"config"}, "parallel": {"config"}, "eval": {"train"},
          "plan": {"ops", "kernels", "parallel", "sharding", "attention", "model", "data", "checkpoint"}}
