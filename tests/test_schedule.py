@@ -198,17 +198,21 @@ def _compile_train_step(mesh, *overrides, lcjax_flags=True):
 
 @needs_aot
 @pytest.mark.parametrize("mesh, overrides", [
-    ("2,4,1", ("train.fsdp=true",)),
+    ("2,4,1", ("train.fsdp=true", "train.remat=full", "model.n_kv_heads=8")),
     pytest.param("1,4,2", (), marks=pytest.mark.slow),
     pytest.param("2,2,2", ("train.remat=full",), marks=pytest.mark.slow)])
 def test_train_step_collectives_in_loops_are_overlapped(mesh, overrides):
     """The demo's whole train step (T=4096, bf16, Pallas kernels) on H100 targets with lcjax's XLA flags:
     no collective inside a loop body (the layer loop, the ring) is exposed — ring K/V and dK/dV permutes,
     FSDP weight all-gathers, gradient reduce-scatters and TP all-reduces all have a kernel, matmul or loop
-    scheduled between start and done — and none is left synchronous."""
+    scheduled between start and done — and none is left synchronous. With FSDP at most one collective in the
+    whole step is exposed (the last gradient reduction); with XLA's defaults (``LCJAX_XLA_FLAGS=0``) the
+    same step leaves a gradient reduce-scatter and both all-reduces exposed (measured 2026-12-05)."""
     rep = _compile_train_step(mesh, *overrides)
     rows = rep["collectives"]
     assert sum(r["in_loops"] for r in rows.values()) > 0, rep
     assert all(r["exposed_in_loops"] == 0 and r["synchronous"] == 0 for r in rows.values()), rows
     assert rows["collective-permute"]["exposed"] == 0, rows
+    if "train.fsdp=true" in overrides:
+        assert sum(r["exposed"] for r in rows.values()) <= 1, rows
     assert rep["conditionals"] == 0, rep
