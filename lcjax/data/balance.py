@@ -1,0 +1,211 @@
+"""Masked attention work per sequence shard, measured and balanced on the host (numpy only).
+
+A packed window holds documents of very different lengths; attention sees key j from query i when they
+share a segment id, (causal) pos_j ≤ pos_i and (window W) pos_i − pos_j < W (DESIGN.md). How much of that
+work each of the P sequence shards computes depends on the layout (which tokens a shard holds) and on the
+kernel's tiles: a kernel computes a whole (query tile × key tile) whenever the tiles' position and segment
+ranges do not prove it empty (lcjax.kernels.flash_attention.tiling, ``maybe``), so a tile is the unit of
+work and a mask inside it is free only where the ranges exclude the whole tile.
+
+- :func:`exact_area`: the number of visible (query, key) pairs of a window — the work no schedule avoids.
+- :func:`shard_areas`: the tile-level area each shard computes for a window in some token order, for the
+  all-gather and ring strategies (each shard's query tiles against every shard's key tiles) and for
+  Ulysses (every shard computes the whole gathered sequence for 1/P of the heads).
+- :func:`balance`: max over shards of the computed area ÷ (exact area ÷ P); 1.0 means no shard idles and
+  no masked tile is computed. Striped layouts spread work evenly but their tiles mix distant positions, so
+  few tiles are skipped; zigzag skips well but, with documents, leaves shards idle.
+- :func:`balanced_permutation`: the ``balanced`` layout. The window (in natural order) is cut into chunks
+  of C tokens (lcjax.config.balance_chunk: a kernel tile, 128); each chunk's cost is the tile-level area of
+  its queries; chunks go to shards greedily, largest first, each to the least-loaded shard that still has
+  room (a min-heap over shard loads; every shard takes T/(P·C) chunks). This is the longest-processing-time
+  rule (Graham 1969), whose largest overshoot is one chunk's cost; MagiAttention (2025) balances masked
+  attention across ranks with a dispatch solver of the same kind.
+- :func:`recv_bytes`: bytes one shard receives over ``sequence`` per attention forward for each strategy;
+  :func:`needed_kv_tokens`: the remote keys a shard needs at least (what a send plan could trim to).
+
+The loader's side (padding, the per-window permutation) is lcjax.data.loader.order_window.
+
+Arrays: positions, segment_ids int [T] (one window) in the order given; ``real`` bool [T] marks tokens that
+are not loader padding (padding is excluded from the exact area but computed like any token).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+IMPLS = ("ring", "allgather", "ulysses")
+
+
+def exact_area(positions: np.ndarray, segment_ids: np.ndarray, *, causal: bool = True,
+               window: int | None = None, real: np.ndarray | None = None) -> int:
+    """Visible (query, key) pairs among the ``real`` tokens of one window (any order, any positions).
+
+    Counted from the tokens sorted by (segment, position), O(T log T): for each query the keys of its
+    segment with pos_q − W < pos_k ≤ pos_q (causal), or all keys of its segment (not causal).
+    """
+    pos, seg = np.asarray(positions, np.int64), np.asarray(segment_ids, np.int64)
+    if real is not None:
+        pos, seg = pos[np.asarray(real, bool)], seg[np.asarray(real, bool)]
+    if not len(pos):
+        return 0
+    span = int(pos.max() - pos.min()) + 2 + (window or 0)
+    key = np.sort((seg - seg.min()) * span + (pos - pos.min()) + (window or 0))
+    query = (seg - seg.min()) * span + (pos - pos.min()) + (window or 0)
+    first = (seg - seg.min()) * span  # below every key of the segment, above every key of the one before
+    if not causal:
+        return int(np.sum(np.searchsorted(key, first + span, side="left") - np.searchsorted(key, first)))
+    lo = (np.searchsorted(key, first, side="left") if window is None
+          else np.searchsorted(key, query - window, side="right"))
+    return int(np.sum(np.searchsorted(key, query, side="right") - lo))
+
+
+def tile_stats(positions: np.ndarray, segment_ids: np.ndarray, starts: np.ndarray, stops: np.ndarray):
+    """(pos_min, pos_max, seg_min, seg_max, size), int64 [n_tiles] each, of the tiles [starts, stops)."""
+    pos, seg = np.asarray(positions, np.int64), np.asarray(segment_ids, np.int64)
+    return (np.minimum.reduceat(pos, starts), np.maximum.reduceat(pos, starts),
+            np.minimum.reduceat(seg, starts), np.maximum.reduceat(seg, starts), stops - starts)
+
+
+def tile_maybe(q, k, *, causal: bool = True, window: int | None = None) -> np.ndarray:
+    """bool [n_q, n_k]: some query of tile i may see some key of tile j, from :func:`tile_stats` of the
+    query and key tiles — the range rule of lcjax.kernels.flash_attention.tiling.tile_visibility."""
+    qc = lambda x: x[:, None]
+    kc = lambda x: x[None, :]
+    maybe = (kc(k[2]) <= qc(q[3])) & (kc(k[3]) >= qc(q[2]))
+    if causal:
+        maybe &= kc(k[0]) <= qc(q[1])
+    if window is not None:
+        maybe &= kc(k[1]) > qc(q[0]) - window
+    return maybe
+
+
+def tiles_of(length: int, num_shards: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of the kernel tiles when each of ``num_shards`` equal parts of ``length`` tokens is
+    tiled from its own start by ``tile`` tokens (the last tile of a part may be shorter)."""
+    local = length // num_shards
+    starts = np.concatenate([np.arange(r * local, (r + 1) * local, tile) for r in range(num_shards)])
+    stops = np.minimum(starts + tile, (starts // local + 1) * local)
+    return starts, stops
+
+
+def shard_areas(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, impl: str = "ring",
+                tile: int = 128, causal: bool = True, window: int | None = None) -> np.ndarray:
+    """Tile-level query–key area each shard computes, float64 [P], for one window in layout order.
+
+    positions, segment_ids: int [T] in layout order, T divisible by P (shard r holds [r·T/P, (r+1)·T/P)).
+    ``ring`` and ``allgather``: shard r's query tiles (tiled within its T/P tokens) against every key tile
+    of every shard. ``ulysses``: the gathered sequence tiled as one, 1/P of it per shard (the head split).
+    Raises ValueError for an unknown impl or T not divisible by P.
+    """
+    t = len(positions)
+    if impl not in IMPLS:
+        raise ValueError(f"impl {impl!r} must be one of {', '.join(IMPLS)}")
+    if t % num_shards:
+        raise ValueError(f"window length {t} must be divisible by the {num_shards} shards")
+    parts = 1 if impl == "ulysses" else num_shards
+    starts, stops = tiles_of(t, parts, tile)
+    stats = tile_stats(positions, segment_ids, starts, stops)
+    size = stats[4].astype(np.float64)
+    per_tile = (tile_maybe(stats, stats, causal=causal, window=window) @ size) * size
+    if impl == "ulysses":
+        return np.full(num_shards, per_tile.sum() / num_shards)
+    return np.bincount(starts // (t // num_shards), weights=per_tile, minlength=num_shards)
+
+
+def balance(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, impl: str = "ring",
+            tile: int = 128, causal: bool = True, window: int | None = None,
+            real: np.ndarray | None = None) -> float:
+    """max over shards of :func:`shard_areas` ÷ (:func:`exact_area` ÷ P) for one window in layout order
+    (1.0: perfect; inf when nothing is visible)."""
+    exact = exact_area(positions, segment_ids, causal=causal, window=window, real=real)
+    areas = shard_areas(positions, segment_ids, num_shards, impl=impl, tile=tile, causal=causal, window=window)
+    return float(areas.max() / (exact / num_shards)) if exact else float("inf")
+
+
+def chunk_costs(positions: np.ndarray, segment_ids: np.ndarray, chunk: int, *, causal: bool = True,
+                window: int | None = None) -> np.ndarray:
+    """float64 [T/C]: the tile-level area of each chunk's queries against every chunk of the window
+    (chunks of ``chunk`` tokens in the given order; T divisible by C)."""
+    starts = np.arange(0, len(positions), chunk)
+    stats = tile_stats(positions, segment_ids, starts, starts + chunk)
+    return (tile_maybe(stats, stats, causal=causal, window=window) @ stats[4].astype(np.float64)) * chunk
+
+
+def dispatch(costs: np.ndarray, num_shards: int) -> np.ndarray:
+    """int64 [n]: the shard of each of ``n`` chunks (n divisible by P), every shard taking n/P of them.
+
+    Largest cost first, each chunk to the least-loaded shard with room (ties: the lower shard); a min-heap
+    of (load, shard). Deterministic for given costs.
+    """
+    n = len(costs)
+    if n % num_shards:
+        raise ValueError(f"{n} chunks cannot be split evenly over {num_shards} shards")
+    room = n // num_shards
+    owner = np.empty(n, np.int64)
+    taken = [0] * num_shards
+    heap = [(0.0, r) for r in range(num_shards)]
+    for c in np.argsort(-np.asarray(costs, np.float64), kind="stable"):
+        load, r = heapq.heappop(heap)
+        owner[c] = r
+        taken[r] += 1
+        if taken[r] < room:
+            heapq.heappush(heap, (load + float(costs[c]), r))
+    return owner
+
+
+def balanced_permutation(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, chunk: int,
+                         causal: bool = True, window: int | None = None) -> np.ndarray:
+    """int64 [T]: the ``balanced`` layout of one window given in natural order (``permuted = x[perm]``).
+
+    Chunks of ``chunk`` tokens (T divisible by P·C) are dispatched by their :func:`chunk_costs`
+    (:func:`dispatch`); each shard keeps its chunks in natural order. Raises ValueError when T is not
+    divisible by P·C.
+    """
+    t = len(positions)
+    if t % (num_shards * chunk):
+        raise ValueError(f"window length {t} must be divisible by {num_shards} shards x chunk {chunk} "
+                         f"for the balanced layout")
+    owner = dispatch(chunk_costs(positions, segment_ids, chunk, causal=causal, window=window), num_shards)
+    chunks = np.argsort(owner, kind="stable")  # shard 0's chunks in natural order, then shard 1's, ...
+    return (chunks[:, None] * chunk + np.arange(chunk)).reshape(-1)
+
+
+def kv_bytes(tokens: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of K and V for ``tokens`` tokens, plus their int32 positions and segment ids."""
+    return tokens * (2 * kv_heads * head_dim * itemsize + 8)
+
+
+def recv_bytes(impl: str, *, num_shards: int, local_len: int, heads: int, kv_heads: int, head_dim: int,
+               itemsize: int, remote_blocks: int | None = None) -> int:
+    """Bytes one shard receives over ``sequence`` in one attention forward (one sequence, one layer).
+
+    ring, allgather: K/V blocks of T/P tokens (kv heads only) with positions and segment ids, from
+    ``remote_blocks`` other shards (default P − 1: all of them). ulysses: the all-to-all of q, k, v (kv
+    heads repeated to P when fewer, lcjax.parallel.ulysses) and of the output back, (P−1)/P of each, plus
+    the gathered positions and segment ids.
+    """
+    p = num_shards
+    if impl == "ulysses":
+        kv = max(kv_heads, p)
+        per_token = head_dim * itemsize * (2 * heads + 2 * kv) // p + 8
+        return (p - 1) * local_len * per_token
+    blocks = p - 1 if remote_blocks is None else remote_blocks
+    return blocks * kv_bytes(local_len, kv_heads, head_dim, itemsize)
+
+
+def needed_kv_tokens(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, tile: int = 128,
+                     causal: bool = True, window: int | None = None) -> int:
+    """Max over shards of the remote key tokens (other shards' tiles) that some local query tile may see
+    (the :func:`tile_maybe` rule on the window's actual positions and segment ids): the K/V a shard needs at
+    least, at tile granularity, whatever the schedule. Arrays in layout order, T divisible by P."""
+    t = len(positions)
+    local = t // num_shards
+    starts, stops = tiles_of(t, num_shards, tile)
+    stats = tile_stats(positions, segment_ids, starts, stops)
+    owner = starts // local
+    seen = np.zeros((num_shards, len(starts)), bool)  # shard r has a query tile that may see key tile j
+    np.logical_or.at(seen, owner, tile_maybe(stats, stats, causal=causal, window=window))
+    seen[owner, np.arange(len(starts))] = False  # its own keys need no transfer
+    return int((seen * stats[4]).sum(axis=1).max())
