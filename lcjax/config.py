@@ -494,9 +494,11 @@ def _data(cfg: Config) -> str | None:
 
 def balance_chunk(seq_len: int, num_shards: int) -> int:
     """Tokens per chunk of the ``balanced`` layout for windows of ``seq_len`` tokens on ``num_shards``
-    sequence shards: BALANCE_CHUNK, or less for short windows so that every shard gets at least
-    BALANCE_MIN_CHUNKS chunks (lcjax.data.balance assigns chunks to shards)."""
-    return max(1, min(BALANCE_CHUNK, -(-seq_len // (num_shards * BALANCE_MIN_CHUNKS))))
+    sequence shards: BALANCE_CHUNK, or for short windows the largest power of two that gives every shard
+    at least BALANCE_MIN_CHUNKS chunks (so chunks and power-of-two kernel tiles nest; lcjax.data.balance
+    assigns chunks to shards)."""
+    fit = max(1, seq_len // (num_shards * BALANCE_MIN_CHUNKS))
+    return min(BALANCE_CHUNK, 1 << (fit.bit_length() - 1))
 
 
 def padded_seq_len(seq_len: int, layout: str, num_shards: int) -> int:
