@@ -15,8 +15,8 @@ work and a mask inside it is free only where the ranges exclude the whole tile.
   no masked tile is computed. Striped layouts spread work evenly but their tiles mix distant positions, so
   few tiles are skipped; zigzag skips well but, with documents, leaves shards idle.
 - :func:`balanced_permutation`: the ``balanced`` layout. The window (in natural order) is cut into chunks
-  of C tokens (lcjax.config.balance_chunk: a kernel tile, 128); each chunk's cost is the tile-level area of
-  its queries; chunks go to shards greedily, largest first, each to the least-loaded shard that still has
+  of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of one document where it can
+  (:func:`chunks_of`); each chunk's cost is the tile-level area of its queries; chunks go to shards greedily, largest first, each to the least-loaded shard that still has
   room (a min-heap over shard loads; every shard takes T/(P·C) chunks). This is the longest-processing-time
   rule (Graham 1969), whose largest overshoot is one chunk's cost; MagiAttention (2025) balances masked
   attention across ranks with a dispatch solver of the same kind.
@@ -124,13 +124,34 @@ def balance(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, 
     return float(areas.max() / (exact / num_shards)) if exact else float("inf")
 
 
-def chunk_costs(positions: np.ndarray, segment_ids: np.ndarray, chunk: int, *, causal: bool = True,
+def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
+    """int64 [T/C, C]: the natural-order token indices of each chunk of a window cut for the balanced layout.
+
+    Every run of equal segment ids (a document, or the padding) is cut from its end into whole chunks of
+    C tokens, each holding one document only (so its tile's ranges are tight); the first L mod C tokens of
+    each run (its first in window order) are concatenated in window order and cut into the remaining chunks.
+    Cutting documents at their own starts rather than at multiples of C halves the tiles that straddle
+    two documents — such a tile is computed against every tile of both. T must be divisible by C.
+    """
+    seg = np.asarray(segment_ids)
+    t = len(seg)
+    new = np.r_[True, seg[1:] != seg[:-1]]
+    run = np.cumsum(new) - 1
+    start = np.flatnonzero(new)
+    head = np.diff(np.r_[start, t]) % chunk  # tokens of each run before its whole chunks
+    mixed = np.arange(t) - start[run] < head[run]
+    index = np.arange(t)
+    return np.concatenate([index[~mixed], index[mixed]]).reshape(-1, chunk)
+
+
+def chunk_costs(positions: np.ndarray, segment_ids: np.ndarray, chunks: np.ndarray, *, causal: bool = True,
                 window: int | None = None) -> np.ndarray:
-    """float64 [T/C]: the tile-level area of each chunk's queries against every chunk of the window
-    (chunks of ``chunk`` tokens in the given order; T divisible by C)."""
-    starts = np.arange(0, len(positions), chunk)
-    stats = tile_stats(positions, segment_ids, starts, starts + chunk)
-    return (tile_maybe(stats, stats, causal=causal, window=window) @ stats[4].astype(np.float64)) * chunk
+    """float64 [n]: the tile-level area of each chunk's queries against every chunk, for ``chunks`` (int
+    [n, C] token indices, :func:`chunks_of`) of one window: C × the tokens of the chunks it may see."""
+    pos, seg = np.asarray(positions, np.int64)[chunks], np.asarray(segment_ids, np.int64)[chunks]
+    size = np.full(len(chunks), chunks.shape[1])
+    stats = (pos.min(axis=1), pos.max(axis=1), seg.min(axis=1), seg.max(axis=1), size)
+    return (tile_maybe(stats, stats, causal=causal, window=window) @ size.astype(np.float64)) * chunks.shape[1]
 
 
 def dispatch(costs: np.ndarray, num_shards: int) -> np.ndarray:
@@ -159,17 +180,18 @@ def balanced_permutation(positions: np.ndarray, segment_ids: np.ndarray, num_sha
                          causal: bool = True, window: int | None = None) -> np.ndarray:
     """int64 [T]: the ``balanced`` layout of one window given in natural order (``permuted = x[perm]``).
 
-    Chunks of ``chunk`` tokens (T divisible by P·C) are dispatched by their :func:`chunk_costs`
-    (:func:`dispatch`); each shard keeps its chunks in natural order. Raises ValueError when T is not
-    divisible by P·C.
+    The window is cut into chunks of ``chunk`` tokens (:func:`chunks_of`), which are dispatched by their
+    :func:`chunk_costs` (:func:`dispatch`); each shard holds its chunks ordered by their first token.
+    Raises ValueError when T is not divisible by P·C.
     """
     t = len(positions)
     if t % (num_shards * chunk):
         raise ValueError(f"window length {t} must be divisible by {num_shards} shards x chunk {chunk} "
                          f"for the balanced layout")
-    owner = dispatch(chunk_costs(positions, segment_ids, chunk, causal=causal, window=window), num_shards)
-    chunks = np.argsort(owner, kind="stable")  # shard 0's chunks in natural order, then shard 1's, ...
-    return (chunks[:, None] * chunk + np.arange(chunk)).reshape(-1)
+    chunks = chunks_of(segment_ids, chunk)
+    owner = dispatch(chunk_costs(positions, segment_ids, chunks, causal=causal, window=window), num_shards)
+    order = np.lexsort((chunks[:, 0], owner))  # by shard, then by first token
+    return chunks[order].reshape(-1)
 
 
 def kv_bytes(tokens: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
