@@ -11,8 +11,8 @@ bytes one shard receives per attention forward (one sequence, one layer), from l
 lcjax.data.loader.windows_of_lengths), pads and lays out every window as the loader does (``balanced``
 included) and takes the max over windows; without it the window is one causal sequence.
 ``--balance-only`` skips the timing: one record per impl × layout (impls ring, allgather, ulysses), pure
-numpy, no devices; ``recv_bytes_needed_max`` is the K/V a shard needs at least (remote key tiles some
-local query tile may see), next to ``recv_bytes_max``, what the impl sends today.
+numpy, no devices; ``recv_bytes_needed_max`` is the K/V a shard needs at least (the remote keys some local
+query sees), next to ``recv_bytes_max``, what the impl sends today.
 
 On a CPU host the N simulated devices share the cores, so efficiencies there compare layouts with each
 other, not with a GPU cluster. ``--emulate-shard`` instead runs, on one device, the exact sequence of
@@ -145,7 +145,7 @@ def balance_records(args, impls, layouts) -> dict:
                 if key not in areas:
                     areas[key] = B.shard_areas(pos, seg, args.shards, impl=key, tile=args.tile, window=args.window)
                 worst[impl] = max(worst[impl], float(areas[key].max() / exact) if exact else float("inf"))
-            needed = max(needed, B.needed_kv_tokens(pos, seg, args.shards, tile=args.tile, window=args.window))
+            needed = max(needed, B.needed_kv_tokens(pos, seg, args.shards, window=args.window))
         local = len(pos) // args.shards
         for impl in impls:
             kw = dict(num_shards=args.shards, local_len=local, heads=args.heads, kv_heads=args.kv_heads,

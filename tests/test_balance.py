@@ -228,3 +228,19 @@ def test_attention_in_the_balanced_order_equals_the_dense_reference(impl, window
     np.testing.assert_allclose(sharded(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.grad(loss(sharded), (0, 1, 2))(q, k, v), jax.grad(loss(dense), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_needed_kv_tokens_counts_remote_keys_some_local_query_sees():
+    rng = np.random.default_rng(2)
+    for trial in range(30):
+        p = int(rng.integers(1, 4))
+        t = p * int(rng.integers(1, 8))
+        pos, seg = rng.integers(0, 9, t), rng.integers(0, 3, t)
+        window = [None, 2][trial % 2]
+        seen = _mask(pos, seg, True, window)  # [query, key]
+        local = t // p
+        want = max(sum(seen[r * local:(r + 1) * local, j].any() for j in range(t) if j // local != r)
+                   for r in range(p))
+        assert B.needed_kv_tokens(pos, seg, p, window=window) == want
+    # one causal document of 16 tokens, 4 shards, window 3: each shard needs the 2 keys just before it
+    assert B.needed_kv_tokens(np.arange(16), np.ones(16, int), 4, window=3) == 2

@@ -217,17 +217,25 @@ def recv_bytes(impl: str, *, num_shards: int, local_len: int, heads: int, kv_hea
     return blocks * kv_bytes(local_len, kv_heads, head_dim, itemsize)
 
 
-def needed_kv_tokens(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, tile: int = 128,
-                     causal: bool = True, window: int | None = None) -> int:
-    """Max over shards of the remote key tokens (other shards' tiles) that some local query tile may see
-    (the :func:`tile_maybe` rule on the window's actual positions and segment ids): the K/V a shard needs at
-    least, at tile granularity, whatever the schedule. Arrays in layout order, T divisible by P."""
-    t = len(positions)
-    local = t // num_shards
-    starts, stops = tiles_of(t, num_shards, tile)
-    stats = tile_stats(positions, segment_ids, starts, stops)
-    owner = starts // local
-    seen = np.zeros((num_shards, len(starts)), bool)  # shard r has a query tile that may see key tile j
-    np.logical_or.at(seen, owner, tile_maybe(stats, stats, causal=causal, window=window))
-    seen[owner, np.arange(len(starts))] = False  # its own keys need no transfer
-    return int((seen * stats[4]).sum(axis=1).max())
+def needed_kv_tokens(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, causal: bool = True,
+                     window: int | None = None) -> int:
+    """Max over shards of how many other shards' key tokens some local query sees (exactly, from the
+    window's positions and segment ids): the K/V a shard needs at least, whatever the send plan. Arrays in
+    layout order, T divisible by P."""
+    pos, seg = np.asarray(positions, np.int64), np.asarray(segment_ids, np.int64)
+    local = len(pos) // num_shards
+    reach = (window if window is not None else int(pos.max() - pos.min()) + 1) if causal else None
+    span = int(pos.max() - pos.min()) + 2 + (reach or 0)
+    key = (seg - seg.min()) * span + (pos - pos.min())
+    most = 0
+    for r in range(num_shards):
+        mine = slice(r * local, (r + 1) * local)
+        queries = np.sort(key[mine])
+        others = np.delete(key, np.arange(r * local, (r + 1) * local))
+        if causal:  # a query of the same segment at pos_k ≤ pos_q < pos_k + W
+            seen = np.searchsorted(queries, others + reach, side="left") > np.searchsorted(queries, others)
+        else:  # any query of the same segment
+            base = others - others % span
+            seen = np.searchsorted(queries, base + span, side="left") > np.searchsorted(queries, base)
+        most = max(most, int(seen.sum()))
+    return most
