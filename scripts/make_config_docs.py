@@ -44,7 +44,7 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                   "devices used."),
     "mesh.sequence": ("Devices along `sequence` (sequence parallel: every sequence's tokens are split over "
                       "them; attention over them by `attention.impl`).",
-                      ">= 1; `data.seq_len` divisible by it (by twice it for the zigzag layout); 1 for "
+                      ">= 1 (any `data.seq_len`: windows are padded to the layout); 1 for "
                       "`attention.impl: local`."),
     "mesh.model": ("Devices along `model` (tensor parallel: heads, MLP width and vocabulary are split over "
                    "them).", ">= 1; divides `model.n_heads`, `model.d_ff` and the padded vocabulary; divides "
