@@ -53,8 +53,9 @@ def parse_args(argv=None):
                    help="default zigzag,striped,contiguous (+ balanced with --doc-lengths)")
     p.add_argument("--doc-lengths", help="file of document lengths in tokens, one per line")
     p.add_argument("--balance-only", action="store_true", help="no timing: balance and bytes only (numpy)")
-    p.add_argument("--tile", type=int, default=128,
-                   help="kernel tile for the balance count (128: the Triton H100 bf16 forward tile)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="kernel tile for the balance count (default --block, else 128: the Triton H100 bf16 "
+                        "forward tile)")
     p.add_argument("--window", type=int, default=None, help="sliding attention window W (default none)")
     p.add_argument("--max-windows", type=int, default=None, help="only the first N windows of --doc-lengths")
     p.add_argument("--ulysses-size", type=int, default=2, help="group size for impl hybrid")
@@ -66,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--emulate-shard", action="store_true", help="one device: each shard's kernel calls")
     p.add_argument("--json", help="write the records to this file")
     args = p.parse_args(argv)
+    args.tile = args.tile or args.block or 128
     timed_impls = "ring,ulysses,hybrid"
     args.impls = args.impls or ("ring,allgather,ulysses" if args.balance_only else timed_impls)
     args.layouts = args.layouts or ("zigzag,striped,contiguous" + (",balanced" if args.doc_lengths else ""))
