@@ -321,7 +321,8 @@ def markdown(records, args) -> str:
             f"kernel {args.kernel}, block {args.block}, {args.shards} shards"
             f"{' (emulated on one device)' if args.emulate_shard else ''}; "
             f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
-    rows = ["| impl | layout | pass | iters/s | efficiency | balance (tile area / ideal) |", "|---|---|---|---|---|---|"]
+    rows = ["| impl | layout | pass | iters/s | efficiency | balance (tile area / ideal) |",
+            "|---|---|---|---|---|---|"]
     fmt = lambda b: "–" if b is None else f"{b:.3f}"
     rows += [f"| {r['impl']} | {r['layout']} | {r['pass']} | {r['iters_per_sec']:.3f} | {r['efficiency']:.1%} "
              f"| {fmt(r['balance'])} |" for r in records]

@@ -63,7 +63,8 @@ def test_shard_areas_match_a_tile_by_tile_count():
         pos, seg = rng.integers(0, 10, t), rng.integers(0, 3, t)
         window = [None, 3][int(rng.integers(2))]
         local, want = t // p, np.zeros(p)
-        tiles = [(s, min(s + tile, (s // local + 1) * local)) for r in range(p) for s in range(r * local, (r + 1) * local, tile)]
+        tiles = [(s, min(s + tile, (s // local + 1) * local))
+                 for r in range(p) for s in range(r * local, (r + 1) * local, tile)]
         for qa, qb in tiles:
             for ka, kb in tiles:
                 q, k = slice(qa, qb), slice(ka, kb)
@@ -121,7 +122,8 @@ def test_window_padding_is_its_own_segment_without_loss():
 
 @pytest.mark.parametrize("seq_len,layout,shards,want", [
     (4096, "zigzag", 4, 4096), (77, "zigzag", 4, 80), (77, "contiguous", 4, 80), (77, "striped", 1, 77),
-    (77, "balanced", 2, 80), (2000, "balanced", 4, 2048), (131072, "balanced", 8, 131072), (131000, "balanced", 8, 131072)])
+    (77, "balanced", 2, 80), (2000, "balanced", 4, 2048), (131072, "balanced", 8, 131072),
+    (131000, "balanced", 8, 131072)])
 def test_padded_seq_len(seq_len, layout, shards, want):
     assert config_lib.padded_seq_len(seq_len, layout, shards) == want
     chunk = config_lib.balance_chunk(seq_len, shards)

@@ -16,10 +16,11 @@ work and a mask inside it is free only where the ranges exclude the whole tile.
   few tiles are skipped; zigzag skips well but, with documents, leaves shards idle.
 - :func:`balanced_permutation`: the ``balanced`` layout. The window (in natural order) is cut into chunks
   of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of one document where it can
-  (:func:`chunks_of`); each chunk's cost is the tile-level area of its queries; chunks go to shards greedily, largest first, each to the least-loaded shard that still has
-  room (a min-heap over shard loads; every shard takes T/(P·C) chunks). This is the longest-processing-time
-  rule (Graham 1969), whose largest overshoot is one chunk's cost; MagiAttention (2025) balances masked
-  attention across ranks with a dispatch solver of the same kind.
+  (:func:`chunks_of`); each chunk's cost is the tile-level area of its queries; chunks go to shards
+  greedily, largest first, each to the least-loaded shard that still has room (a min-heap over shard
+  loads; every shard takes T/(P·C) chunks). This is the longest-processing-time rule (Graham 1969), whose
+  largest overshoot is one chunk's cost; MagiAttention (2025) also balances masked attention across ranks
+  with a dispatch solver.
 - :func:`recv_bytes`: bytes one shard receives over ``sequence`` per attention forward for each strategy;
   :func:`needed_kv_tokens`: the remote keys a shard needs at least (what a send plan could trim to).
 

@@ -5,16 +5,17 @@ The stream is cut into consecutive windows of T+1 tokens that overlap by one: wi
 (len − 1) // T windows and every token but the first is a label exactly once per epoch; the only tokens
 an epoch leaves out of the labels are those of the final partial window (:func:`epoch_summary`). The
 stream is never padded; a window is, at its end, only to the length its layout needs on the mesh
-(:func:`pad_window`; T itself may be any length). A window may hold the end of one document, whole documents and the start of
-another; each token carries its position and segment (document) id inside the window, so attention masks
-never cross documents (unless asked to).
+(:func:`pad_window`; T itself may be any length). A window may hold the end of one document, whole
+documents and the start of another; each token carries its position and segment (document) id inside the
+window, so attention masks never cross documents (unless asked to).
 
 The pipeline is a Grain ``MapDataset``: window indices shuffled with ``data.seed`` (a fresh permutation each
 epoch) → batched to the global batch → :class:`Rows` (this process's rows, packed) → :class:`LayOut` (each
 window padded to what the layout needs, :func:`pad_window`, and permuted into it, every field alike);
-the mesh only enters in the last step, so the same seed gives the same global batches on every mesh. The iterator position is the number of global batches delivered: restoring
-slices the ``MapDataset`` there, so a resumed loader continues exactly, whatever threads, worker processes
-or process count either side used.
+the mesh only enters in the last step, so the same seed gives the same global batches on every mesh. The
+iterator position is the number of global batches delivered: restoring slices the ``MapDataset`` there,
+so a resumed loader continues exactly, whatever threads, worker processes or process count either side
+used.
 
 Grain is imported inside the functions that use it: importing it imports JAX, which the rest of the data
 pipeline (and a CLI that provisions devices before JAX starts) should not pay for or trigger.
@@ -187,9 +188,10 @@ class Loader:
     """An endless iterator of batches; its position can be saved and restored exactly.
 
     ``next(loader)`` returns a dict of int32 numpy arrays [global_batch / process_count, padded seq_len]
-    (lcjax.config.padded_seq_len) named as :data:`FIELDS`, in layout order: this process's rows of the next global batch. ``get_state()`` returns
-    a flat dict of ints (JSON-serialisable; the trainer keeps it as ``TrainState.data_state`` in the Orbax
-    checkpoint): ``batch``, the number of global batches delivered, plus what identifies the data.
+    (lcjax.config.padded_seq_len) named as :data:`FIELDS`, in layout order: this process's rows of the next
+    global batch. ``get_state()`` returns a flat dict of ints (JSON-serialisable; the trainer keeps it as
+    ``TrainState.data_state`` in the Orbax checkpoint): ``batch``, the number of global batches delivered,
+    plus what identifies the data.
     ``set_state(state)`` on a loader made from the same token stream, seq_len, global_batch and seed
     continues with exactly the next batch, whatever the layout, number of shards, worker processes,
     prefetch depth or process count of either loader.
@@ -299,8 +301,8 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
         depend on the seed and the global batch index only); ``tokenizer`` is needed when the fraction > 0.
 
     Batches span epochs without a gap; the loader never ends. Raises ValueError (one line naming the
-    data field) when seq_len or global_batch is below 1, the layout is unknown, the seed is out of range, the process slice is impossible, or the corpus has fewer windows than one
-    global batch.
+    data field) when seq_len or global_batch is below 1, the layout is unknown, the seed is out of range,
+    the process slice is impossible, or the corpus has fewer windows than one global batch.
     """
     import grain
 
