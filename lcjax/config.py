@@ -505,7 +505,7 @@ def padded_seq_len(seq_len: int, layout: str, num_shards: int) -> int:
     """The window length the loader feeds the model for ``data.seq_len`` = ``seq_len``: the smallest
     length >= seq_len the layout splits evenly over ``num_shards`` (``mesh.sequence``) shards — a multiple
     of 2·P for zigzag, of P·:func:`balance_chunk` for balanced, of P otherwise. The loader fills the extra
-    tokens with padding that no real token sees and that carries no loss (lcjax.data.loader.pad)."""
+    tokens with padding that no real token sees and that carries no loss (lcjax.data.loader.pad_window)."""
     if layout == "zigzag":
         unit = 2 * num_shards
     elif layout == "balanced":
