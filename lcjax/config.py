@@ -20,7 +20,9 @@ from typing import List, Optional
 
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
 ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
-LAYOUTS = ("contiguous", "zigzag", "striped")
+LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
+BALANCE_CHUNK = 128  # tokens per chunk of the balanced layout: the Triton kernels' H100 bf16 forward tile
+BALANCE_MIN_CHUNKS = 4  # chunks per sequence shard at least, for short windows (smaller chunks then)
 KERNELS = ("xla", "pallas", "pallas_triton")  # lcjax.kernels.flash_attention.api.KERNELS
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")
@@ -410,11 +412,6 @@ def _sequence(cfg: Config) -> str | None:
     sp, a = cfg.mesh.sequence, cfg.attention
     if a.impl == "local" and sp > 1:
         return f"attention.impl 'local' needs mesh.sequence = 1, got {sp} (use 'ring')"
-    unit = 2 * sp if a.layout == "zigzag" else sp
-    if cfg.data.seq_len % unit:
-        how = "2 x mesh.sequence" if a.layout == "zigzag" else "mesh.sequence"
-        return (f"data.seq_len {cfg.data.seq_len} must be divisible by {how} = {unit} "
-                f"for the {a.layout} layout")
     if cfg.data.global_batch % cfg.mesh.data:
         return (f"data.global_batch {cfg.data.global_batch} must be divisible by "
                 f"mesh.data = {cfg.mesh.data}")
@@ -452,11 +449,11 @@ def _memory(cfg: Config) -> str | None:
         if on and m.d_model % group:
             return (f"{key}: model.d_model {m.d_model} must be divisible by mesh.data x mesh.sequence = "
                     f"{group} (parameters are sharded over it along d_model)")
-    local = cfg.data.seq_len // cfg.mesh.sequence
+    local = padded_seq_len(cfg.data.seq_len, cfg.attention.layout, cfg.mesh.sequence) // cfg.mesh.sequence
     for key, tile in (("train.loss_tile", t.loss_tile), ("train.mlp_tile", t.mlp_tile)):
         if tile < 0 or (tile and local % tile):
             return (f"{key} {tile} must be 0 (no tiling) or divide the tokens per sequence shard, "
-                    f"data.seq_len / mesh.sequence = {local}")
+                    f"data.seq_len padded for the {cfg.attention.layout} layout / mesh.sequence = {local}")
     return None
 
 
@@ -495,6 +492,29 @@ def _data(cfg: Config) -> str | None:
     return None
 
 
+def balance_chunk(seq_len: int, num_shards: int) -> int:
+    """Tokens per chunk of the ``balanced`` layout for windows of ``seq_len`` tokens on ``num_shards``
+    sequence shards: BALANCE_CHUNK, or for short windows the largest power of two that gives every shard
+    at least BALANCE_MIN_CHUNKS chunks (so chunks and power-of-two kernel tiles nest; lcjax.data.balance
+    assigns chunks to shards)."""
+    fit = max(1, seq_len // (num_shards * BALANCE_MIN_CHUNKS))
+    return min(BALANCE_CHUNK, 1 << (fit.bit_length() - 1))
+
+
+def padded_seq_len(seq_len: int, layout: str, num_shards: int) -> int:
+    """The window length the loader feeds the model for ``data.seq_len`` = ``seq_len``: the smallest
+    length >= seq_len the layout splits evenly over ``num_shards`` (``mesh.sequence``) shards — a multiple
+    of 2·P for zigzag, of P·:func:`balance_chunk` for balanced, of P otherwise. The loader fills the extra
+    tokens with padding that no real token sees and that carries no loss (lcjax.data.loader.pad_window)."""
+    if layout == "zigzag":
+        unit = 2 * num_shards
+    elif layout == "balanced":
+        unit = num_shards * balance_chunk(seq_len, num_shards)
+    else:
+        unit = num_shards
+    return -(-seq_len // unit) * unit
+
+
 def stages(cfg: Config) -> list[tuple[int, int, int]]:
     """The curriculum as (until_step, seq_len, global_batch) stages, the last one (data.seq_len,
     data.global_batch) open-ended (until_step = train.steps or later)."""
@@ -505,7 +525,6 @@ def stages(cfg: Config) -> list[tuple[int, int, int]]:
 
 def _curriculum(cfg: Config) -> str | None:
     d, sp, dp = cfg.data, cfg.mesh.sequence, cfg.mesh.data
-    unit = 2 * sp if cfg.attention.layout == "zigzag" else sp
     previous = 0
     for i, stage in enumerate(d.curriculum):
         where = f"data.curriculum[{i}] {list(stage)}"
@@ -514,16 +533,16 @@ def _curriculum(cfg: Config) -> str | None:
         until, seq_len, batch = stage
         if until <= previous:
             return f"{where}: until_step must be > {previous} (stages in increasing order)"
-        if not 1 <= seq_len <= d.seq_len or seq_len % unit:
-            return (f"{where}: seq_len must be in [1, data.seq_len = {d.seq_len}] and divisible by "
-                    f"{unit} for the {cfg.attention.layout} layout on mesh.sequence = {sp}")
+        if not 1 <= seq_len <= d.seq_len:
+            return f"{where}: seq_len must be in [1, data.seq_len = {d.seq_len}]"
         per_shard = batch // dp if batch >= 1 and batch % dp == 0 else 0
         if not per_shard or per_shard % cfg.train.grad_accum:
             return (f"{where}: global_batch must be a positive multiple of mesh.data = {dp} whose share per "
                     f"data shard train.grad_accum = {cfg.train.grad_accum} divides")
+        local = padded_seq_len(seq_len, cfg.attention.layout, sp) // sp
         for key, tile in (("train.loss_tile", cfg.train.loss_tile), ("train.mlp_tile", cfg.train.mlp_tile)):
-            if tile and (seq_len // sp) % tile:
-                return f"{where}: {key} {tile} must divide the tokens per sequence shard, {seq_len // sp}"
+            if tile and local % tile:
+                return f"{where}: {key} {tile} must divide the tokens per sequence shard, {local} (padded)"
         previous = until
     return None
 

@@ -73,7 +73,8 @@ def compile_step(cfg, target: str = "cpu"):
     devices = None if target == "cpu" else deviceless_gpus(target, count)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
     graphdef, specs, optimizer, state = abstract_state(cfg, mesh)  # nothing allocated
-    shape = (cfg.data.global_batch, cfg.data.seq_len)
+    shape = (cfg.data.global_batch,  # the loader pads windows to what the layout needs
+             config_lib.padded_seq_len(cfg.data.seq_len, cfg.attention.layout, cfg.mesh.sequence))
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh)) for k in BATCH_FIELDS}
     t0 = time.perf_counter()
     compiled = make_train_step(graphdef, specs, mesh, cfg, optimizer).lower(state, batch).compile()

@@ -181,7 +181,8 @@ def _zeros_batch(cfg: Config, step: int) -> dict:
     """A batch of the shape of 1-based ``step``'s batches (for compiling ahead of it; data.curriculum)."""
     stages = config_lib.stages(cfg)
     _, seq_len, batch = stages[stage_index(stages, step)]
-    return {k: np.zeros((batch, seq_len), np.int32) for k in BATCH_FIELDS}
+    padded = config_lib.padded_seq_len(seq_len, cfg.attention.layout, cfg.mesh.sequence)  # as the loader pads
+    return {k: np.zeros((batch, padded), np.int32) for k in BATCH_FIELDS}
 
 
 def process_rows(sharding, global_shape: tuple[int, int]) -> slice:
@@ -281,7 +282,8 @@ def _eval_batches(cfg: Config, heldout: Dataset, put) -> list[dict]:
     try:
         loader = heldout.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=0, prefetch=0,
                                 layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                                cross_document_attention=d.cross_document_attention)
+                                cross_document_attention=d.cross_document_attention,
+                                attention_window=cfg.attention.window)
     except ValueError as e:
         raise ValueError(f"eval.holdout {cfg.eval.holdout}: the held-out split is too small ({e})") from None
     batches = [put(next(loader)) for _ in range(cfg.eval.batches)]
@@ -340,6 +342,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, init_from, init_optimizer: 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
     loader = curriculum_loader(dataset.loader, config_lib.stages(cfg), seed=d.seed,
                                layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                               attention_window=cfg.attention.window,
                                cross_document_attention=d.cross_document_attention, workers=d.workers,
                                passkey_fraction=d.passkey_fraction, passkey_synthetic=d.passkey_synthetic)
     start = saved[-1] if saved else 0
