@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
-ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
+ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid", "allgather")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("xla", "pallas", "pallas_triton")  # lcjax.kernels.flash_attention.api.KERNELS
 DTYPES = ("float32", "bfloat16")
