@@ -55,12 +55,14 @@ def _check(impl, layout, mesh_shape, kind, window, kernel="xla", jit_positions=F
     run = lambda q, k, v, p, s: attention(q, k, v, positions=p, segment_ids=s, window=window, mesh=mesh,
                                           impl=impl, layout=layout, kernel=kernel, block_q=8, block_k=8,
                                           ulysses_size=2 if impl == "hybrid" else None)
-    args = (lay(q), lay(k), lay(v), lay(pos), lay(seg))
-    fwd = jax.jit(run) if jit_positions else run
-    out = fwd(*args)
+    qkv, ps = (lay(q), lay(k), lay(v)), (lay(pos), lay(seg))
+    # positions traced (jit arguments) or concrete (closed over: the entry checks whether they are ordered)
+    call = (lambda q, k, v, p, s: run(q, k, v, p, s)) if jit_positions else (lambda q, k, v, p, s: run(q, k, v, *ps))
+    fwd = jax.jit(call)
+    out = fwd(*qkv, *ps)
     assert relative_error(out, lay(ref)) <= 1e-5
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(fwd(*args)))
-    grads = jax.grad(lambda q, k, v: jnp.sum(run(q, k, v, *args[3:]) * lay(do)), (0, 1, 2))(*args[:3])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(fwd(*qkv, *ps)))
+    grads = jax.jit(jax.grad(lambda q, k, v, p, s: jnp.sum(call(q, k, v, p, s) * lay(do)), (0, 1, 2)))(*qkv, *ps)
     for g, r in zip(grads, ref_grads):
         assert relative_error(g, lay(r)) <= 1e-5
 
