@@ -139,3 +139,22 @@ def test_allgather_in_the_model_matches_dense():
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     ref_loss, ref_grads = jax.value_and_grad(lambda p: dense_loss(p, cfg, batch, window=24))(params)
     _compare(loss, grads, float(ref_loss), ref_grads)
+
+
+def test_the_planner_knows_allgather():
+    """Closed-form bytes (lcjax.plan.comm / memory) and a plan that ranks the impl."""
+    from lcjax import config as config_lib
+    from lcjax.plan import comm, memory
+    from lcjax.plan.hardware import DEVICES
+    from lcjax.plan.shapes import Shape
+    from lcjax.plan.step import StepInputs, plan_step
+
+    s = Shape(L=32, D=4096, N=32, K=32, F=11008, V=32000)  # LLaMA-2-7B
+    assert comm.allgather_bytes(s, 32768 // 4, 4) == (402_653_184, 1_207_959_552)
+    assert comm.layer_comm(s, 8192, sp=4, tp=1, impl="allgather").seq_bwd == 1_207_959_552
+    assert memory.gathered_kv_bytes(s, 8192, 4) == 2 * 8192 * 4096 * (3 * 6 + 16)
+    assert comm.allgather_bytes(s, 1024, 1) == (0, 0) and memory.gathered_kv_bytes(s, 1024, 1) == 0
+    cfg = config_lib.load(None, ["mesh.sequence=4", "attention.impl=allgather"])
+    plans = {impl: plan_step(StepInputs.from_config(cfg, attention=impl), next(iter(DEVICES.values())))
+             for impl in ("ring", "allgather")}
+    assert plans["allgather"].memory.total > plans["ring"].memory.total
