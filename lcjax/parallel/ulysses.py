@@ -50,7 +50,7 @@ def _gather_sequence(x, axis_name, groups, group):
 def zigzag_group_order(local_len: int, group: int) -> np.ndarray:
     """Permutation of a group's gathered tokens [early_0, late_0, early_1, late_1, …] (each shard's two
     zigzag chunks of ``local_len``/2) into [early_0 … early_{U−1}, late_{U−1} … late_0]: the zigzag layout of
-    the ring across groups, whose half-block schedule then applies unchanged."""
+    the ring across groups, whose zigzag work balance then applies unchanged."""
     half = local_len // 2
     early = [np.arange(u * local_len, u * local_len + half) for u in range(group)]
     late = [np.arange(u * local_len + half, (u + 1) * local_len) for u in reversed(range(group))]
