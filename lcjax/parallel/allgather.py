@@ -75,6 +75,13 @@ def scatter_home(own, others, axis_name: str):
     return lax.psum_scatter(by_shard, axis_name, scatter_dimension=0)
 
 
+def _tie(q, k, v, pos, seg):
+    """The inputs tied together by an optimization barrier, so that XLA cannot hoist the (layer-invariant)
+    position/segment gathers and masks out of a layer scan and keep every layer's alive at once (as
+    lcjax.parallel.ring._ring_geometry does)."""
+    return lax.optimization_barrier((q, k, v, pos, seg))
+
+
 def _kw(plan: GatherPlan):
     return dict(causal=plan.causal, window=plan.window, scale=plan.scale, block_q=plan.block_q,
                 block_k=plan.block_k)
@@ -84,6 +91,7 @@ def _fwd(q, k, v, pos, seg, plan: GatherPlan):
     """Local block first (its K/V need no transfer), then the gathered rest; residuals O(T/P) with the
     checkpoint names ``attention``/``attention_lse`` as in the ring."""
     kernel, kw = get_kernel(plan.kernel), _kw(plan)
+    q, k, v, pos, seg = _tie(q, k, v, pos, seg)
     if lax.axis_size(plan.axis_name) == 1:
         out, lse = kernel.flash_forward(q, k, v, pos, pos, seg, seg, **kw)
         return out.astype(q.dtype), (q, k, v, pos, seg, out.astype(q.dtype), lse)
@@ -101,6 +109,7 @@ def _bwd(plan: GatherPlan, res, dout):
     ``plan.dkv_dtype``."""
     q, k, v, pos, seg, out, lse = res
     kernel, kw = get_kernel(plan.kernel), _kw(plan)
+    q, k, v, pos, seg = _tie(q, k, v, pos, seg)
     wire = jnp.dtype(plan.dkv_dtype)
     zeros_int = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
     if lax.axis_size(plan.axis_name) == 1:
