@@ -63,8 +63,8 @@ def _check(impl, layout, mesh_shape, kind, window, kernel="xla", jit_positions=F
     assert relative_error(out, lay(ref)) <= 1e-5
     np.testing.assert_array_equal(np.asarray(out), np.asarray(fwd(*qkv, *ps)))
     grads = jax.jit(jax.grad(lambda q, k, v, p, s: jnp.sum(call(q, k, v, p, s) * lay(do)), (0, 1, 2)))(*qkv, *ps)
-    for g, r in zip(grads, ref_grads):
-        assert relative_error(g, lay(r)) <= 1e-5
+    for g, r in zip(grads, ref_grads):  # a window of 1 makes dq exactly 0: then relative to 1
+        assert relative_error(g, lay(r)) <= 1e-5 or np.max(np.abs(np.asarray(g - lay(r)))) <= 1e-5
 
 
 IMPLS = ["ring", "ulysses", "hybrid", "allgather"]
@@ -102,10 +102,10 @@ def test_traced_positions_and_pallas(impl, layout, kernel):
 @pytest.mark.slow
 @pytest.mark.parametrize("impl,layout,mesh,kind,window", [
     (i, lay, m, kind, w) for i, lay, m, kind, w in itertools.product(
-        IMPLS, LAYOUTS, [(1, 2, 1), (1, 8, 1), (2, 2, 2)], ["hard", "loader"], [None, 1, 6, 20])
-    if not (i == "hybrid" and m[1] < 4)])
+        IMPLS, LAYOUTS, ["1x2x1", "1x8x1", "2x2x2"], ["hard", "loader"], [None, 1, 6, 20])
+    if not (i == "hybrid" and m != "1x8x1")])
 def test_full_matrix(impl, layout, mesh, kind, window):
-    _check(impl, layout, mesh, kind, window)
+    _check(impl, layout, tuple(int(x) for x in mesh.split("x")), kind, window)
 
 
 def test_is_ordered():
