@@ -127,6 +127,12 @@ def test_a_4k_window_over_128k_receives_at_most_two_blocks_of_kv():
     assert recv_tokens(p, t // p, layout="zigzag", causal=True, window=None) == 7 * t // p
     per_token = 2 * 8 * 128 * 2 + 8  # k and v of 8 kv heads × 128 in bf16, plus position and segment id
     assert recv_bytes(p, t, layout="zigzag", window=w) == (t // p) * per_token
+    from lcjax.parallel.sequence import forward_recv_bytes
+
+    recv = lambda impl, **kw: forward_recv_bytes(impl, p, t, window=w, heads=32, kv_heads=8, **kw)
+    assert recv("ring") == recv_bytes(p, t, layout="zigzag", window=w)
+    assert recv("allgather") == recv("ring", layout="striped") == 7 * (t // p) * per_token
+    assert recv("ulysses") == 7 * (t // p) * ((32 + 16) * 128 * 2 // 8 + 8) and recv("local") == 0
 
 
 def test_allgather_in_the_model_matches_dense():
