@@ -23,8 +23,8 @@ from lcjax.plan.shapes import Shape, param_elements_per_device
 @dataclass(frozen=True)
 class StepInputs:
     """What a step's cost depends on. Mesh sizes (data, sequence, model); ``compute_bytes`` 2 (bfloat16)
-    or 4 (float32); ``attention`` ring, ulysses, allgather or local; ``remat`` none, layer or full; ``optimizer_sharding``
-    none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
+    or 4 (float32); ``attention`` ring, ulysses, allgather or local; ``remat`` none, layer or full;
+    ``optimizer_sharding`` none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
     backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory);
     ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled)."""
 
