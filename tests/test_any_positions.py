@@ -164,3 +164,22 @@ def test_the_planner_knows_allgather():
     plans = {impl: plan_step(StepInputs.from_config(cfg, attention=impl), next(iter(DEVICES.values())))
              for impl in ("ring", "allgather")}
     assert plans["allgather"].memory.total > plans["ring"].memory.total
+
+
+def test_allgather_gathers_kv_heads_and_reduce_scatters_their_gradients():
+    """XLA's program for all-gather attention (forward + backward, 4 shards, GQA 8/2 heads): all-gathers of
+    the kv heads only (never the 8 query heads), one reduce-scatter home for dK/dV, no ring permutes."""
+    from jax.sharding import PartitionSpec as P
+
+    from lcjax.parallel.sequence import sequence_parallel_attention
+
+    q, k, v, _ = _qkv()
+    pos, seg = _tokens("hard")
+    spec = P(None, "sequence")
+    fn = jax.shard_map(lambda q, k, v, p, s: sequence_parallel_attention(q, k, v, p, s, impl="allgather",
+                                                                         axis_name="sequence", block_q=8, block_k=8),
+                       mesh=make_mesh(1, 4, 1), in_specs=(spec,) * 5, out_specs=spec)
+    text = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, pos, seg)), (0, 1, 2))).lower(q, k, v).as_text()
+    gathers = [line for line in text.splitlines() if "all_gather" in line and "tensor<" in line]
+    assert gathers and not any(f"x{N}x{H}x" in line for line in gathers)  # kv heads only
+    assert "reduce_scatter" in text and "collective_permute" not in text
