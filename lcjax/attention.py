@@ -42,10 +42,11 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
         check_heads(n // tp, kh // tp, sp if impl == "ulysses" else ulysses_size)
 
 
-def _ordered(positions, segment_ids, layout, shards, window) -> bool:
-    """May the ring send only what a window needs? Only for concrete positions that :func:`is_ordered`
-    accepts in their original order (traced ones: no, every block is sent; exact either way)."""
-    if window is None:
+def _ordered(positions, segment_ids, impl, layout, shards, window) -> bool:
+    """May the ring send only what a window needs (lcjax.parallel.ring.kv_sends)? Only for concrete
+    positions that :func:`is_ordered` accepts in their original order (traced ones: no, every block is
+    sent; exact either way)."""
+    if window is None or impl not in ("ring", "hybrid") or layout not in ("contiguous", "zigzag"):
         return False
     try:
         pos, seg = (unpermute(np.asarray(x), layout, shards) for x in (positions, segment_ids))
@@ -92,7 +93,7 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     check_divisible(q.shape[1], layout, sp)
     if segment_ids is None:
         segment_ids = jax.numpy.zeros_like(positions)
-    ordered = _ordered(positions, segment_ids, layout, sp, window)
+    ordered = _ordered(positions, segment_ids, impl, layout, sp, window)
     tokens, heads = P("data", "sequence"), P("data", "sequence", "model", None)
 
     def local(q, k, v, pos, seg):
