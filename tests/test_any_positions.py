@@ -41,20 +41,20 @@ def _qkv(t=T):
             jax.random.normal(ks[2], (B, t, K, H)), jax.random.normal(ks[3], (B, t, N, H)))
 
 
-def _check(impl, layout, mesh_shape, kind, window, kernel="xla", jit_positions=False):
+def _check(impl, layout, mesh_shape, kind, window, kernel="xla", jit_positions=False, causal=True):
     """Forward and dq, dk, dv through lcjax.attention.attention vs the dense reference (≤ 1e-5); the
     forward run twice is bitwise equal."""
     q, k, v, do = _qkv()
     pos, seg = _tokens(kind)
-    kw = dict(positions=pos, segment_ids=seg, window=window)
+    kw = dict(positions=pos, segment_ids=seg, window=window, causal=causal)
     ref = reference(q, k, v, **kw)
     ref_grads = jax.grad(lambda *a: jnp.sum(reference(*a, **kw) * do), (0, 1, 2))(q, k, v)
     mesh = make_mesh(*mesh_shape)
     sp = mesh_shape[1]
     lay = lambda x: permute(x, layout, sp)
-    run = lambda q, k, v, p, s: attention(q, k, v, positions=p, segment_ids=s, window=window, mesh=mesh,
-                                          impl=impl, layout=layout, kernel=kernel, block_q=8, block_k=8,
-                                          ulysses_size=2 if impl == "hybrid" else None)
+    run = lambda q, k, v, p, s: attention(q, k, v, positions=p, segment_ids=s, window=window, causal=causal,
+                                          mesh=mesh, impl=impl, layout=layout, kernel=kernel, block_q=8,
+                                          block_k=8, ulysses_size=2 if impl == "hybrid" else None)
     qkv, ps = (lay(q), lay(k), lay(v)), (lay(pos), lay(seg))
     # positions traced (jit arguments) or concrete (closed over: the entry checks whether they are ordered)
     call = (lambda q, k, v, p, s: run(q, k, v, p, s)) if jit_positions else (lambda q, k, v, p, s: run(q, k, v, *ps))
@@ -112,10 +112,11 @@ def test_traced_positions_and_pallas(impl, layout, kernel):
 @pytest.mark.slow
 @pytest.mark.parametrize("impl,layout,mesh,kind,window", [
     (i, lay, m, kind, w) for i, lay, m, kind, w in itertools.product(
-        IMPLS, LAYOUTS, ["1x2x1", "1x8x1", "2x2x2"], ["hard", "loader"], [None, 1, 6, 20])
+        IMPLS, LAYOUTS, ["1x2x1", "1x8x1", "2x2x2"], ["hard", "loader"], [None, 1, 6, 20, "noncausal"])
     if not (i == "hybrid" and m != "1x8x1")])
 def test_full_matrix(impl, layout, mesh, kind, window):
-    _check(impl, layout, tuple(int(x) for x in mesh.split("x")), kind, window)
+    causal = window != "noncausal"
+    _check(impl, layout, tuple(int(x) for x in mesh.split("x")), kind, window if causal else None, causal=causal)
 
 
 def test_is_ordered():
