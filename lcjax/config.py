@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
-ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid")
+ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid", "allgather")
 LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
 BALANCE_CHUNK = 128  # tokens per chunk of the balanced layout: the Triton kernels' H100 bf16 forward tile
 BALANCE_MIN_CHUNKS = 4  # chunks per sequence shard at least, for short windows (smaller chunks then)

@@ -86,7 +86,8 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                                     "Finite and > `model.rope.low_freq_factor` (llama3)."),
     "attention.impl": ("Attention over the `sequence` axis: `ring` (K/V travel by ppermute), `ulysses` "
                        "(all-to-all heads ⇄ sequence), `hybrid` (Ulysses inside groups of "
-                       "`attention.ulysses_size`, ring across them), `local` (no sequence parallelism).",
+                       "`attention.ulysses_size`, ring across them), `allgather` (K/V of every shard gathered, "
+                       "Llama 3 style; any layout and mask), `local` (no sequence parallelism).",
                        f"{choices('ATTENTION_IMPLS')}; `local` needs `mesh.sequence` = 1; `ulysses` and "
                        "`hybrid` need the query heads per model shard (and the kv heads, or the group "
                        "size) divisible by the Ulysses group."),

@@ -156,7 +156,8 @@ class Block(nnx.Module):
         o = sequence_parallel_attention(q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence,
                                         layout=attn.layout, causal=True, window=attn.window,
                                         block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
-                                        ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype)
+                                        ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype,
+                                        ordered=True)  # the loader's positions (a window then sends less)
         o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
         x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo, 1), axes.model)
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)

@@ -155,13 +155,26 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
     return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored, loss_tokens)
 
 
+def gathered_kv_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, compute_bytes: int = 2) -> int:
+    """Working set of all-gather attention (lcjax.parallel.allgather) in one layer's backward, the larger
+    pass: the other P−1 shards' K and V (compute dtype), their float32 dK, dV, and the P-block float32
+    buffer reduce-scattered home: 2·tokens·d_kv'·((P−1)·(cb + 4) + 4·P), d_kv' = local kv heads × H."""
+    if sp == 1:
+        return 0
+    kv = local_heads(s, tp)[1] * s.H
+    return 2 * tokens * kv * ((sp - 1) * (compute_bytes + 4) + 4 * sp)
+
+
 def memory_per_device(s: Shape, tokens: int, tp: int, group: int, *, optimizer_sharding: str = "none",
                       remat: str = "none", compute_bytes: int = 2, param_bytes: int = 4,
                       activation_model: str = "lcjax", stored_bytes: int | None = None,
-                      mlp_tokens: int | None = None, loss_tokens: int | None = None) -> MemoryBytes:
-    """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp))."""
+                      mlp_tokens: int | None = None, loss_tokens: int | None = None,
+                      attention_working: int = 0) -> MemoryBytes:
+    """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp)); ``attention_working``:
+    bytes an attention impl holds beyond its residuals while one layer runs (:func:`gathered_kv_bytes`),
+    counted with the activations."""
     params, grads, optimizer = state_bytes(s, tp, group, optimizer_sharding, param_bytes, compute_bytes)
     acts = activation_bytes(s, tokens, tp, compute_bytes, remat, model=activation_model,
                             param_bytes=param_bytes, stored_bytes=stored_bytes, mlp_tokens=mlp_tokens,
                             loss_tokens=loss_tokens)
-    return MemoryBytes(params, grads, optimizer, acts)
+    return MemoryBytes(params, grads, optimizer, acts + attention_working)

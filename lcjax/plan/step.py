@@ -16,15 +16,15 @@ from dataclasses import dataclass, replace
 from lcjax import config as config_lib
 from lcjax.plan import comm, flops, memory
 from lcjax.plan.hardware import Device
-from lcjax.plan.memory import MemoryBytes, memory_per_device
+from lcjax.plan.memory import MemoryBytes, gathered_kv_bytes, memory_per_device
 from lcjax.plan.shapes import Shape, param_elements_per_device
 
 
 @dataclass(frozen=True)
 class StepInputs:
     """What a step's cost depends on. Mesh sizes (data, sequence, model); ``compute_bytes`` 2 (bfloat16)
-    or 4 (float32); ``attention`` ring, ulysses or local; ``remat`` none, layer or full; ``optimizer_sharding``
-    none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
+    or 4 (float32); ``attention`` ring, ulysses, allgather or local; ``remat`` none, layer or full;
+    ``optimizer_sharding`` none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
     backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory);
     ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled)."""
 
@@ -121,7 +121,7 @@ def _attention_seconds(i: StepInputs, rate: float) -> tuple[float, float]:
     """(forward, backward) seconds of one layer's attention on one device; backward = 2.5× forward
     (FlashAttention-2 §4); a contiguous causal ring is slowed by (2P−1)/P."""
     fwd = flops.attention_forward_flops_per_token(i.shape, i.seq_len) * i.tokens_per_device / i.model / rate
-    if i.attention == "ring" and i.layout == "contiguous" and i.sequence > 1:
+    if i.attention in ("ring", "allgather") and i.layout == "contiguous" and i.sequence > 1:
         fwd *= (2 * i.sequence - 1) / i.sequence
     return fwd, 2.5 * fwd
 
@@ -134,7 +134,8 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     bw = dev.bandwidth(i.sequence * i.model)
     if i.attention == "ulysses":
         return tp_s + (lc.seq_fwd + lc.seq_bwd) / bw
-    hidden = (i.sequence - 1) / i.sequence
+    # the ring hides each hop under a block's attention; the all-gather only under the local block's
+    hidden = (i.sequence - 1) / i.sequence if i.attention == "ring" else 1 / i.sequence
     fwd, bwd = _attention_seconds(i, rate)
     return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
 
@@ -151,7 +152,9 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
     memory = memory_per_device(s, tokens, i.model, group, optimizer_sharding=i.optimizer_sharding,
                                remat=i.remat, compute_bytes=cb, param_bytes=i.param_bytes,
                                activation_model=i.activation_model, stored_bytes=i.stored_bytes,
-                               mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile))
+                               mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile),
+                               attention_working=(gathered_kv_bytes(s, tokens, i.sequence, i.model, cb)
+                                                  if i.attention == "allgather" else 0))
     lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
     if i.remat != "none":  # the recomputed forward communicates again (the ring only under ``layer``)
         lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=(2 if i.remat == "layer" else 1) * lc.seq_fwd)
