@@ -84,6 +84,16 @@ def compiled_bytes(memory_analysis) -> dict:
     return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
 
 
+def host_bytes(memory_analysis) -> dict:
+    """XLA's host-memory bytes of a compiled step (pinned host buffers, e.g. offloaded remat residuals):
+    the ``host_*`` fields of the memory analysis, argument, output, temp, alias and total (argument + output
+    + temp − alias); all 0 when the program places nothing in host memory or the backend has no such
+    fields."""
+    get = lambda name: int(getattr(memory_analysis, f"host_{name}_size_in_bytes", 0) or 0)
+    parts = {k: get(k) for k in ("argument", "output", "temp", "alias")}
+    return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
+
+
 def compiled_total(compiled) -> int | None:
     """Per-device bytes of a compiled program (:func:`compiled_bytes` total), None when the backend
     has no memory analysis."""

@@ -83,14 +83,15 @@ def compile_step(cfg, target: str = "cpu"):
 def xla_memory(cfg, target: str = "cpu", schedule: bool = False) -> dict:
     """Compile the train step of ``cfg`` for ``target`` (:func:`compile_step`); XLA's per-device bytes and
     parts, and with ``schedule`` the scheduled program's report (lcjax.plan.schedule.report)."""
+    from lcjax.memcheck import compiled_bytes, host_bytes
     from lcjax.plan.schedule import report
-    from lcjax.train.metrics import compiled_bytes
 
     compiled, seconds, backend = compile_step(cfg, target)
-    parts = compiled_bytes(compiled.memory_analysis())
-    total = parts.pop("total")
-    out = {"xla_bytes_per_device": total, "xla_parts": parts, "compile_s": seconds, "backend": backend,
-           "target": target}
+    analysis = compiled.memory_analysis()
+    parts, host = compiled_bytes(analysis), host_bytes(analysis)
+    total, host_total = parts.pop("total"), host.pop("total")
+    out = {"xla_bytes_per_device": total, "xla_parts": parts, "host_bytes_per_device": host_total,
+           "xla_host_parts": host, "compile_s": seconds, "backend": backend, "target": target}
     if schedule:
         out["schedule"] = report(compiled.as_text())
     return out
