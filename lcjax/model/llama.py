@@ -175,7 +175,8 @@ class Block(nnx.Module):
             causal=True, window=attn.window, block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
             ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype)
         o = head_chunked(attend, q, k, v, groups=head_chunks)
-        o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
+        if head_chunks == 1:  # (with head chunks the ring names each group's output itself)
+            o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
         mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)
 
         def out(x, o):  # [B, c, D], [B, c, N/tp, H] -> [B, c, D]
