@@ -23,6 +23,19 @@ HINTS = {
                 "mesh.model (--set)",
 }
 BYPASS = "--set train.check_memory=false skips this check"
+GPU_MEMORY_FRACTION = "0.95"  # of each GPU's memory for XLA's allocator (JAX's default preallocation: 0.75)
+
+
+def configure_gpu_allocator(environ=None) -> str:
+    """Let JAX's GPU allocator use 95 % of each GPU's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``) unless the
+    user set the fraction or turned preallocation off, so that a step whose compiled per-device bytes fit
+    under 95 % of the GPU (docs/memory.md) can run; JAX's default preallocates 75 %. Must run before JAX
+    initialises a backend (the CLI calls it first). Returns the fraction in effect ("" when preallocation
+    is off)."""
+    env = os.environ if environ is None else environ
+    if env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
+        return env.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+    return env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
 
 
 class DoesNotFit(ValueError):

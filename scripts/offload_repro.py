@@ -8,6 +8,13 @@ layer input named "input") saved on the device or offloaded by
 ``jax.checkpoint_policies.save_and_offload_only_these_names(offload_src="device", offload_dst="pinned_host")``,
 compiled (never run) on one deviceless GPU of the target; prints, per policy, XLA's memory analysis fields
 (device and host_* ones) and whether the compiled HLO holds host memory-space (S(5)) buffers.
+
+``offload_in_inner_loop`` is the one case XLA (jax 0.10.2) cannot compile for a GPU: a value offloaded
+from inside a loop nested in the scanned layer (what ``train.head_chunks`` > 1 with ``train.offload=saved``
+produces: the ring's residuals named inside the head-group ``lax.map``) fails in XLA's host offloader with
+"INTERNAL: during context [end-of-post-layout_assignment]: Expected instruction to have shape equal to
+..." (the loop's stacked residual is placed in host memory, S(5), where the loop's tuple shape expects
+device memory). lcjax.config rejects that combination.
 """
 
 from __future__ import annotations
@@ -39,12 +46,18 @@ def run(target: str, layers: int = 8, tokens: int = 4096, width: int = 1024) -> 
         "save_input": (jax.checkpoint_policies.nothing_saveable, False),
         "offload_input": (offload("input"), True),
     }
+    policies["offload_in_inner_loop"] = (offload("input", "x"), True)  # "x" named inside a lax.map
     out = {}
     for name, (policy, name_input) in policies.items():
-        def layer(x, w, name_input=name_input):
+        def layer(x, w, name_input=name_input, inner=name.endswith("inner_loop")):
             if name_input:  # every use of the layer input goes through the named copy
                 x = checkpoint_name(x, "input")
-            y = checkpoint_name(jnp.tanh(x @ w), "x")
+            if inner:  # as train.head_chunks: the named value is made in a loop over 4 column groups
+                parts = jax.lax.map(lambda wg: checkpoint_name(jnp.tanh(x @ wg), "x"),
+                                    w.reshape(width, 4, width // 4).transpose(1, 0, 2))
+                y = parts.transpose(1, 0, 2).reshape(tokens, width)
+            else:
+                y = checkpoint_name(jnp.tanh(x @ w), "x")
             return jnp.tanh(y @ w.T), None
 
         def loss(ws, x):
