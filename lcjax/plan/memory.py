@@ -152,7 +152,7 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
         working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, mlp_tokens, chunk_tokens,
                                              head_chunks)
         kept = working if mlp_tokens is None and chunk_tokens is None else lcjax_layer_residual_bytes(
-            s, tokens, tp, compute_bytes, stored, 0)
+            s, tokens, tp, compute_bytes, stored, 0, chunk_tokens, head_chunks)
         layer = kept + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
     if remat == "none":
         layers = s.L * layer
