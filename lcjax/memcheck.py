@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 HINTS = {
     "train": "fewer bytes per device: a larger mesh.sequence or mesh.model, train.remat=full, "
+             "train.offload=layer, train.head_chunks / train.seq_chunk, "
              "train.loss_tile / train.mlp_tile, train.fsdp=true or train.shard_optimizer=true, "
              "train.grad_accum, a shorter data.seq_len or smaller data.global_batch",
     "eval": "fewer bytes per device: shorter --lengths, a smaller --batch-size, a larger mesh.sequence or "
