@@ -471,10 +471,6 @@ def _memory(cfg: Config) -> str | None:
     if t.head_chunks < 1 or kv_local % t.head_chunks:
         return (f"train.head_chunks {t.head_chunks} must be >= 1 and divide the kv heads per model shard, "
                 f"max(model.n_kv_heads / mesh.model, 1) = {kv_local}")
-    if t.head_chunks > 1 and t.offload == "saved":
-        return (f"train.head_chunks {t.head_chunks} with train.offload 'saved': XLA cannot offload residuals "
-                f"saved inside the head-group loop (scripts/offload_repro.py); use train.offload layer or "
-                f"train.head_chunks 1")
     if t.head_chunks > 1 and cfg.attention.impl not in ("ring", "local"):
         return (f"train.head_chunks {t.head_chunks} needs attention.impl ring or local (the "
                 f"{cfg.attention.impl!r} all-to-all splits the heads itself)")

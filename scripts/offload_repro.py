@@ -14,7 +14,8 @@ from inside a loop nested in the scanned layer (what ``train.head_chunks`` > 1 w
 produces: the ring's residuals named inside the head-group ``lax.map``) fails in XLA's host offloader with
 "INTERNAL: during context [end-of-post-layout_assignment]: Expected instruction to have shape equal to
 ..." (the loop's stacked residual is placed in host memory, S(5), where the loop's tuple shape expects
-device memory). lcjax.config rejects that combination.
+device memory). lcjax works around it by unrolling the head groups under offload=saved
+(lcjax/model/chunking.py).
 """
 
 from __future__ import annotations

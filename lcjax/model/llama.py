@@ -149,11 +149,12 @@ class Block(nnx.Module):
         self.w_down = nnx.Param(_normal(rngs, (cfg.d_ff, d), std))
 
     def __call__(self, x, cos, sin, positions, segment_ids, *, cfg: ModelConfig, attn: AttentionSpec,
-                 axes: Axes, dtype, mlp_tile: int = 0, seq_chunk: int = 0, head_chunks: int = 1):
+                 axes: Axes, dtype, mlp_tile: int = 0, seq_chunk: int = 0, head_chunks: int = 1,
+                 unroll_heads: bool = False):
         """x [B, T/sp, D] -> [B, T/sp, D] (replicated over ``model``). ``seq_chunk``: tokens per chunk of
         everything but the attention (norm + QKV + RoPE before it; output projection + residual + norm +
         MLP after it), each chunk rematerialised; 0: whole. ``head_chunks``: the attention over that many
-        groups of heads in sequence (lcjax.model.chunking)."""
+        groups of heads in sequence (lcjax.model.chunking; ``unroll_heads``: unrolled rather than a loop)."""
         b, t, _ = x.shape
         hd = cfg.d_model // cfg.n_heads
         w = lambda p, dim: fsdp.gather(p[...].astype(dtype), axes.fsdp, dim)  # dim: the d_model dimension
@@ -174,7 +175,7 @@ class Block(nnx.Module):
             q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence, layout=attn.layout,
             causal=True, window=attn.window, block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
             ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype)
-        o = head_chunked(attend, q, k, v, groups=head_chunks)
+        o = head_chunked(attend, q, k, v, groups=head_chunks, unroll=unroll_heads)
         if head_chunks == 1:  # (with head chunks the ring names each group's output itself)
             o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
         mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)
@@ -213,7 +214,8 @@ class Llama(nnx.Module):
             if mem.offload != "none":  # every use of the input goes through the (offloaded) named copy
                 x = checkpoint_name(x, offload.LAYER_INPUT)
             return block(x, cos, sin, positions, segment_ids, cfg=cfg, attn=attn, axes=axes, dtype=dtype,
-                         mlp_tile=mem.mlp_tile, seq_chunk=mem.seq_chunk, head_chunks=mem.head_chunks), None
+                         mlp_tile=mem.mlp_tile, seq_chunk=mem.seq_chunk, head_chunks=mem.head_chunks,
+                         unroll_heads=mem.offload == "saved"), None  # XLA offloads no residual from a loop
 
         if mem.remat != "none":
             policy = (REMAT_POLICIES[mem.remat] if mem.offload == "none"
