@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lcjax
-from lcjax import checkpoints_cli, rundir
+from lcjax import checkpoints_cli, memcheck, rundir
 from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
 
@@ -372,6 +372,7 @@ def _plan(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    memcheck.configure_gpu_allocator()  # before any JAX backend starts (docs/memory.md)
     try:
         checkpoints_cli.quiet_libraries()
         return {"train": _train, "plan": _plan, "data": _data, "convert": _convert, "generate": _generate,

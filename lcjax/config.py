@@ -26,6 +26,7 @@ BALANCE_MIN_CHUNKS = 4  # chunks per sequence shard at least, for short windows 
 KERNELS = ("xla", "pallas", "pallas_triton")  # lcjax.kernels.flash_attention.api.KERNELS
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")
+OFFLOAD_MODES = ("none", "layer", "saved")  # lcjax.model.offload.OFFLOAD_MODES
 TOKENIZERS = ("bpe", "bytes")
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")  # lcjax.ops.rope.ROPE_TYPES
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
@@ -154,6 +155,13 @@ class TrainConfig:
     residuals and every matmul output — table in docs/memory.md); ``fsdp`` shards parameters, gradients and optimizer state over data x sequence (ZeRO-3);
     ``shard_optimizer`` shards gradients and optimizer state only (ZeRO-1/2); ``loss_tile`` / ``mlp_tile``
     compute the cross-entropy / MLP over the sequence in tiles of that many tokens per shard (0: whole).
+    ``offload``: where the residuals the remat policy saves live (none: device memory; layer: the layer
+    inputs in pinned host memory; saved: every saved residual in pinned host memory; needs ``remat`` other
+    than none). ``seq_chunk``: tokens per shard of each chunk of everything outside attention (norms,
+    QKV/RoPE, output projection, MLP, final norm; 0: whole), so a layer's working set outside attention is
+    O(seq_chunk) rather than O(seq_len / mesh.sequence). ``head_chunks``: the attention runs over that many
+    groups of heads one after another (1: all at once), so its float32 accumulators are those of
+    n_heads / head_chunks heads (ring or local attention; must divide the kv heads per model shard).
     ``grad_accum``: micro-batches per optimizer step (the global batch is split into that many, their
     gradients summed inside the jitted step; same update as the whole batch).
     """
@@ -174,6 +182,9 @@ class TrainConfig:
     shard_optimizer: bool = False
     loss_tile: int = 0
     mlp_tile: int = 0
+    offload: str = "none"
+    seq_chunk: int = 0
+    head_chunks: int = 1
     grad_accum: int = 1
     max_bad_steps: int = 5  # a run stops after this many non-finite (skipped) steps in a row
     check_memory: bool = True  # refuse a step whose compiled memory exceeds the devices' (lcjax.memcheck)
@@ -378,6 +389,7 @@ def _choices(cfg: Config) -> str | None:
         ("train.dtype", cfg.train.dtype, DTYPES),
         ("train.param_dtype", cfg.train.param_dtype, DTYPES),
         ("train.remat", cfg.train.remat, REMAT_POLICIES),
+        ("train.offload", cfg.train.offload, OFFLOAD_MODES),
     ):
         if value not in allowed:
             return f"{key} {value!r} must be one of {', '.join(allowed)}"
@@ -449,8 +461,19 @@ def _memory(cfg: Config) -> str | None:
         if on and m.d_model % group:
             return (f"{key}: model.d_model {m.d_model} must be divisible by mesh.data x mesh.sequence = "
                     f"{group} (parameters are sharded over it along d_model)")
+    if t.offload != "none" and t.remat == "none":
+        return (f"train.offload {t.offload!r} moves the residuals a remat policy saves: it needs train.remat "
+                f"layer, full, attention or dots (it is 'none')")
+    kv_local = max(m.n_kv_heads // cfg.mesh.model, 1)
+    if t.head_chunks < 1 or kv_local % t.head_chunks:
+        return (f"train.head_chunks {t.head_chunks} must be >= 1 and divide the kv heads per model shard, "
+                f"max(model.n_kv_heads / mesh.model, 1) = {kv_local}")
+    if t.head_chunks > 1 and cfg.attention.impl not in ("ring", "local"):
+        return (f"train.head_chunks {t.head_chunks} needs attention.impl ring or local (the "
+                f"{cfg.attention.impl!r} all-to-all splits the heads itself)")
     local = padded_seq_len(cfg.data.seq_len, cfg.attention.layout, cfg.mesh.sequence) // cfg.mesh.sequence
-    for key, tile in (("train.loss_tile", t.loss_tile), ("train.mlp_tile", t.mlp_tile)):
+    for key, tile in (("train.loss_tile", t.loss_tile), ("train.mlp_tile", t.mlp_tile),
+                      ("train.seq_chunk", t.seq_chunk)):
         if tile < 0 or (tile and local % tile):
             return (f"{key} {tile} must be 0 (no tiling) or divide the tokens per sequence shard, "
                     f"data.seq_len padded for the {cfg.attention.layout} layout / mesh.sequence = {local}")
@@ -540,7 +563,8 @@ def _curriculum(cfg: Config) -> str | None:
             return (f"{where}: global_batch must be a positive multiple of mesh.data = {dp} whose share per "
                     f"data shard train.grad_accum = {cfg.train.grad_accum} divides")
         local = padded_seq_len(seq_len, cfg.attention.layout, sp) // sp
-        for key, tile in (("train.loss_tile", cfg.train.loss_tile), ("train.mlp_tile", cfg.train.mlp_tile)):
+        for key, tile in (("train.loss_tile", cfg.train.loss_tile), ("train.mlp_tile", cfg.train.mlp_tile),
+                          ("train.seq_chunk", cfg.train.seq_chunk)):
             if tile and local % tile:
                 return f"{where}: {key} {tile} must divide the tokens per sequence shard, {local} (padded)"
         previous = until

@@ -178,6 +178,16 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                         "`mesh.sequence`."),
     "train.mlp_tile": ("Compute the MLP over tiles of this many tokens per shard; 0: untiled.",
                        "0, or a divisor of the padded `data.seq_len` / `mesh.sequence`."),
+    "train.offload": ("Where the residuals the remat policy saves live: `none` device memory, `layer` each "
+                      "layer's input in pinned host memory, `saved` every saved residual there (docs/memory.md, "
+                      "\"One node\").", "one of `none`, `layer`, `saved`; not `none` needs `train.remat` other "
+                      "than `none`."),
+    "train.seq_chunk": ("Tokens per shard of each chunk of everything outside attention (norms, QKV and RoPE, "
+                        "output projection, MLP); 0: whole.", "0, or a divisor of the padded `data.seq_len` / "
+                        "`mesh.sequence`."),
+    "train.head_chunks": ("Run the attention over this many groups of heads one after another (smaller "
+                          "float32 accumulators); 1: all at once.", ">= 1, divides the kv heads per model shard; "
+                          "> 1 needs `attention.impl` ring or local."),
     "train.grad_accum": ("Micro-batches per optimizer step: the global batch is split into that many and "
                          "their gradients summed inside the jitted step (the same update as the whole batch).",
                          ">= 1; divides the sequences per data shard, `data.global_batch` / `mesh.data`."),

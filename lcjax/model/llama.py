@@ -32,6 +32,8 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from lcjax.config import Config, ModelConfig, padded_vocab
+from lcjax.model import offload
+from lcjax.model.chunking import head_chunked
 from lcjax.ops import rope
 from lcjax.parallel import fsdp, tensor
 from lcjax.parallel.sequence import sequence_parallel_attention
@@ -47,12 +49,18 @@ class Axes(NamedTuple):
 
 
 class MemorySpec(NamedTuple):
-    """Static memory settings: the layer body's remat policy (none, full, dots, attention) and the tiles,
-    in tokens per shard, of the MLP and of the loss (0: untiled)."""
+    """Static memory settings: the layer body's remat policy (none, layer, full, attention, dots), where its
+    saved residuals live (``offload``: none, layer, saved; lcjax.model.offload), the tiles, in tokens per
+    shard, of the MLP and of the loss, and the sequence chunk of everything outside attention
+    (``seq_chunk``: norms, QKV/RoPE, output projection, MLP; 0: untiled), and the number of head groups the
+    attention runs in sequence (``head_chunks``, lcjax.model.chunking)."""
 
     remat: str = "none"
     mlp_tile: int = 0
     loss_tile: int = 0
+    offload: str = "none"
+    seq_chunk: int = 0
+    head_chunks: int = 1
 
 
 _RING_RESIDUALS = ("attention", "attention_lse")  # the ring's (out, lse), named in lcjax.parallel.ring
@@ -97,7 +105,8 @@ def _normal(rngs: nnx.Rngs, shape, std):
 
 
 def tiled_over_tokens(fn, *xs, tile: int):
-    """``fn(*xs)`` computed over tiles of ``tile`` tokens along axis 1 ([B, T, ...] inputs and output).
+    """``fn(*xs)`` computed over tiles of ``tile`` tokens along axis 1 ([B, T, ...] inputs; the output an
+    array or a tuple of arrays, each [B, T, ...]).
 
     Each tile is rematerialised in the backward pass, so only one tile's intermediates are alive at a time
     (e.g. the [B, tile, F] MLP activations or [B, tile, V/tp] logits). ``fn`` must act on each token
@@ -108,7 +117,7 @@ def tiled_over_tokens(fn, *xs, tile: int):
         return fn(*xs)
     tiles = [x.reshape(b, t // tile, tile, *x.shape[2:]).swapaxes(0, 1) for x in xs]
     _, ys = lax.scan(lambda carry, x: (carry, jax.checkpoint(fn)(*x)), None, tiles)
-    return ys.swapaxes(0, 1).reshape(b, t, *ys.shape[3:])
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(b, t, *y.shape[3:]), ys)
 
 
 def swiglu(h, w_gate, w_up, w_down, axis: str):
@@ -140,29 +149,43 @@ class Block(nnx.Module):
         self.w_down = nnx.Param(_normal(rngs, (cfg.d_ff, d), std))
 
     def __call__(self, x, cos, sin, positions, segment_ids, *, cfg: ModelConfig, attn: AttentionSpec,
-                 axes: Axes, dtype, mlp_tile: int = 0):
-        """x [B, T/sp, D] -> [B, T/sp, D] (replicated over ``model``)."""
+                 axes: Axes, dtype, mlp_tile: int = 0, seq_chunk: int = 0, head_chunks: int = 1,
+                 unroll_heads: bool = False):
+        """x [B, T/sp, D] -> [B, T/sp, D] (replicated over ``model``). ``seq_chunk``: tokens per chunk of
+        everything but the attention (norm + QKV + RoPE before it; output projection + residual + norm +
+        MLP after it), each chunk rematerialised; 0: whole. ``head_chunks``: the attention over that many
+        groups of heads in sequence (lcjax.model.chunking; ``unroll_heads``: unrolled rather than a loop)."""
         b, t, _ = x.shape
         hd = cfg.d_model // cfg.n_heads
         w = lambda p, dim: fsdp.gather(p[...].astype(dtype), axes.fsdp, dim)  # dim: the d_model dimension
         kv = lambda p: tensor.kv_columns(w(p, 0), n_kv_heads=cfg.n_kv_heads, n_heads=cfg.n_heads,
                                          head_dim=hd, axis=axes.model)
-        h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-        q = (h @ w(self.wq, 0)).reshape(b, t, -1, hd)
-        k = (h @ kv(self.wk)).reshape(b, t, -1, hd)
-        v = (h @ kv(self.wv)).reshape(b, t, -1, hd)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+
+        def qkv(x, cos, sin):  # [B, c, D] -> q [B, c, N/tp, H], k, v [B, c, K', H]
+            c = x.shape[1]
+            h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
+            q = (h @ w(self.wq, 0)).reshape(b, c, -1, hd)
+            k = (h @ kv(self.wk)).reshape(b, c, -1, hd)
+            v = (h @ kv(self.wv)).reshape(b, c, -1, hd)
+            return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+
+        q, k, v = tiled_over_tokens(qkv, x, cos, sin, tile=seq_chunk)
         q, k, v = (checkpoint_name(x, "qkv") for x in (q, k, v))
-        o = sequence_parallel_attention(q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence,
-                                        layout=attn.layout, causal=True, window=attn.window,
-                                        block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
-                                        ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype,
-                                        ordered=True)  # the loader's positions (a window then sends less)
-        o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
-        x = x + tensor.row_parallel(o.reshape(b, t, -1), w(self.wo, 1), axes.model)
-        h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
+        attend = lambda q, k, v: sequence_parallel_attention(
+            q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence, layout=attn.layout,
+            causal=True, window=attn.window, block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
+            ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype,
+            ordered=True)  # the loader's positions (a window then sends less)
+        o = head_chunked(attend, q, k, v, groups=head_chunks, unroll=unroll_heads)
+        if head_chunks == 1:  # (with head chunks the ring names each group's output itself)
+            o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
         mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)
-        return x + tiled_over_tokens(mlp, h, tile=mlp_tile)
+
+        def out(x, o):  # [B, c, D], [B, c, N/tp, H] -> [B, c, D]
+            x = x + tensor.row_parallel(o.reshape(*o.shape[:2], -1), w(self.wo, 1), axes.model)
+            return x + tiled_over_tokens(mlp, rms_norm(x, self.mlp_norm[...], cfg.norm_eps), tile=mlp_tile)
+
+        return tiled_over_tokens(out, x, o, tile=seq_chunk)
 
 
 class Llama(nnx.Module):
@@ -189,13 +212,19 @@ class Llama(nnx.Module):
 
         def layer(x, state):
             block = nnx.merge(graphdef, state)
+            if mem.offload != "none":  # every use of the input goes through the (offloaded) named copy
+                x = checkpoint_name(x, offload.LAYER_INPUT)
             return block(x, cos, sin, positions, segment_ids, cfg=cfg, attn=attn, axes=axes, dtype=dtype,
-                         mlp_tile=mem.mlp_tile), None
+                         mlp_tile=mem.mlp_tile, seq_chunk=mem.seq_chunk, head_chunks=mem.head_chunks,
+                         unroll_heads=mem.offload == "saved"), None  # XLA offloads no residual from a loop
 
         if mem.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[mem.remat], prevent_cse=False)
+            policy = (REMAT_POLICIES[mem.remat] if mem.offload == "none"
+                      else offload.offload_policy(mem.remat, mem.offload))
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
         x, _ = lax.scan(layer, x, stacked)
-        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        final = lambda x: rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        return tiled_over_tokens(final, x, tile=mem.seq_chunk)
 
     def _embedding(self, axes: Axes, dtype):
         """This shard's embedding rows [V/tp, D] in ``dtype`` (gathered along D under FSDP)."""

@@ -56,9 +56,11 @@ class TrainState(NamedTuple):
 
 
 def memory_spec(cfg: Config) -> MemorySpec:
-    """The static memory settings of a config (remat policy, MLP and loss tiles)."""
+    """The static memory settings of a config (remat policy and offload, MLP and loss tiles, sequence and
+    head chunks)."""
     t = cfg.train
-    return MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile)
+    return MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile, offload=t.offload,
+                      seq_chunk=t.seq_chunk, head_chunks=t.head_chunks)
 
 
 def zero_grads(cfg: Config) -> bool:
