@@ -163,11 +163,12 @@ def balance_records(args, impls, layouts) -> dict:
     return records
 
 
-def ring_blocks(shards: int, local: int, layout: str, window) -> int:
-    """Remote K/V blocks the ring receives per shard (lcjax.parallel.ring.ring_steps, less its own)."""
-    from lcjax.parallel.ring import ring_steps
+def ring_blocks(shards: int, local: int, layout: str, window) -> float:
+    """Remote K/V blocks (of ``local`` tokens; half blocks count ½) the ring receives per shard in the
+    forward: lcjax.parallel.ring.recv_tokens, the sends decided statically from layout, causal and window."""
+    from lcjax.parallel.ring import recv_tokens
 
-    return ring_steps(shards, local, layout=layout, causal=True, window=window) - 1
+    return recv_tokens(shards, local, layout=layout, causal=True, window=window) / local
 
 
 def inputs(args):

@@ -201,7 +201,7 @@ def kv_bytes(tokens: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
 
 
 def recv_bytes(impl: str, *, num_shards: int, local_len: int, heads: int, kv_heads: int, head_dim: int,
-               itemsize: int, remote_blocks: int | None = None) -> int:
+               itemsize: int, remote_blocks: float | None = None) -> int:
     """Bytes one shard receives over ``sequence`` in one attention forward (one sequence, one layer).
 
     ring, allgather: K/V blocks of T/P tokens (kv heads only) with positions and segment ids, from
@@ -215,7 +215,7 @@ def recv_bytes(impl: str, *, num_shards: int, local_len: int, heads: int, kv_hea
         per_token = head_dim * itemsize * (2 * heads + 2 * kv) // p + 8
         return (p - 1) * local_len * per_token
     blocks = p - 1 if remote_blocks is None else remote_blocks
-    return blocks * kv_bytes(local_len, kv_heads, head_dim, itemsize)
+    return int(round(blocks * kv_bytes(local_len, kv_heads, head_dim, itemsize)))
 
 
 def needed_kv_tokens(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, causal: bool = True,
