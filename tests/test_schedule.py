@@ -205,14 +205,17 @@ def test_train_step_collectives_in_loops_are_overlapped(mesh, overrides):
     """The demo's whole train step (T=4096, bf16, Pallas kernels) on H100 targets with lcjax's XLA flags:
     no collective inside a loop body (the layer loop, the ring) is exposed — ring K/V and dK/dV permutes,
     FSDP weight all-gathers, gradient reduce-scatters and TP all-reduces all have a kernel, matmul or loop
-    scheduled between start and done — and none is left synchronous. With FSDP at most one collective in the
-    whole step is exposed (the last gradient reduction); with XLA's defaults (``LCJAX_XLA_FLAGS=0``) the
-    same step leaves a gradient reduce-scatter and both all-reduces exposed (measured 2026-12-05)."""
+    scheduled between start and done — and none is left synchronous. With FSDP the only exposed ones are the
+    first layer's weight gathers before the forward and the backward loop (≤ 2) and the last gradient
+    reduction (≤ 1); with XLA's defaults (``LCJAX_XLA_FLAGS=0``) the same step left a gradient reduce-scatter
+    and both all-reduces exposed (measured 2026-12-05)."""
     rep = _compile_train_step(mesh, *overrides)
     rows = rep["collectives"]
     assert sum(r["in_loops"] for r in rows.values()) > 0, rep
     assert all(r["exposed_in_loops"] == 0 and r["synchronous"] == 0 for r in rows.values()), rows
     assert rows["collective-permute"]["exposed"] == 0, rows
     if "train.fsdp=true" in overrides:
-        assert sum(r["exposed"] for r in rows.values()) <= 1, rows
+        gathers = rows.get("all-gather", {}).get("exposed", 0)
+        reductions = sum(rows.get(k, {}).get("exposed", 0) for k in ("all-reduce", "reduce-scatter"))
+        assert gathers <= 2 and reductions <= 1, rows
     assert rep["conditionals"] == 0, rep
