@@ -33,7 +33,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from lcjax.kernels.flash_attention.api import get_kernel
-from lcjax.parallel.ring import DKV_DTYPES, merge
+from lcjax.parallel.ring import checked_segments, merge
 
 
 class GatherPlan(NamedTuple):
@@ -147,11 +147,6 @@ def allgather_attention(q, k, v, positions, segment_ids, *, axis_name, causal=Tr
     Raises:
       ValueError for a window without causal masking or an unknown ``dkv_dtype``.
     """
-    if window is not None and not causal:
-        raise ValueError("window requires causal attention")
-    if dkv_dtype not in DKV_DTYPES:
-        raise ValueError(f"attention.dkv_dtype {dkv_dtype!r} must be one of {', '.join(DKV_DTYPES)}")
-    if segment_ids is None:
-        segment_ids = jnp.zeros_like(positions)
+    segment_ids = checked_segments(positions, segment_ids, causal=causal, window=window, dkv_dtype=dkv_dtype)
     plan = GatherPlan(axis_name, causal, window, scale, block_q, block_k, kernel, dkv_dtype)
     return _allgather(q, k, v, positions, segment_ids, plan)

@@ -293,6 +293,17 @@ def _ring(q, k, v, q_pos, q_seg, plan):
 _ring.defvjp(_fwd, _bwd)
 
 
+def checked_segments(positions, segment_ids, *, causal: bool, window, dkv_dtype: str):
+    """The options shared by the per-shard sequence-parallel entries, checked; returns the segment ids
+    (zeros like ``positions`` when None: one document). Raises ValueError for a window without causal
+    masking or an unknown ``dkv_dtype``."""
+    if window is not None and not causal:
+        raise ValueError("window requires causal attention")
+    if dkv_dtype not in DKV_DTYPES:
+        raise ValueError(f"attention.dkv_dtype {dkv_dtype!r} must be one of {', '.join(DKV_DTYPES)}")
+    return jnp.zeros_like(positions) if segment_ids is None else segment_ids
+
+
 def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag", causal=True,
                    window=None, scale=None, block_q=None, block_k=None, kernel="xla", group=1,
                    dkv_dtype="float32", ordered=False):
@@ -319,12 +330,7 @@ def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag
     Raises:
       ValueError for a window without causal masking or an unknown ``dkv_dtype``.
     """
-    if window is not None and not causal:
-        raise ValueError("window requires causal attention")
-    if dkv_dtype not in DKV_DTYPES:
-        raise ValueError(f"attention.dkv_dtype {dkv_dtype!r} must be one of {', '.join(DKV_DTYPES)}")
-    if segment_ids is None:
-        segment_ids = jnp.zeros_like(positions)
+    segment_ids = checked_segments(positions, segment_ids, causal=causal, window=window, dkv_dtype=dkv_dtype)
     plan = RingPlan(axis_name, layout, causal, window, scale, block_q, block_k, kernel, group, dkv_dtype,
                     bool(ordered))
     return _ring(q, k, v, positions, segment_ids, plan)
