@@ -5,7 +5,7 @@ rules that relate keys to each other (divisibility by the mesh, head counts, lay
 :func:`validate`. Every problem is reported as one ``ValueError`` line naming the key and the rule, which
 the CLI prints and turns into exit code 2.
 
-This module imports no other lcjax module (DESIGN.md, "Layout of the repository"). OmegaConf is imported
+This module imports no other lcjax module (docs/design.md, "Layout of the repository"). OmegaConf is imported
 only by the functions that load or print YAML, so the dataclasses and :func:`validate` work on a host
 without it (the GPU host has jax, flax, optax and orbax but none of our data dependencies).
 """
@@ -231,7 +231,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole run configuration (DESIGN.md, "Config keys that scripts and checks use")."""
+    """The whole run configuration (docs/design.md, "Config keys that scripts and checks use")."""
 
     name: str = "run"
     mesh: MeshConfig = field(default_factory=MeshConfig)

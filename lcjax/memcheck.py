@@ -1,7 +1,7 @@
 """Refuse what cannot fit, before anything is allocated or written.
 
 A command compiles its step (train step, evaluation forward, generation prefill/decode) for abstract
-arrays first, then compares XLA's per-device bytes (argument + output + temporary − alias, DESIGN.md
+arrays first, then compares XLA's per-device bytes (argument + output + temporary − alias, docs/design.md
 "Numbers") with what the devices have: on an accelerator ``device.memory_stats()`` (``bytes_limit`` less
 ``bytes_in_use``); on CPU the host's available memory (``MemAvailable`` of /proc/meminfo), shared by the
 simulated devices of this process, plus whatever the host needs besides (``host_bytes``). The check is
@@ -91,7 +91,7 @@ def budget(devices, host_bytes: int = 0) -> Budget | None:
 
 def compiled_bytes(memory_analysis) -> dict:
     """XLA's per-device bytes of a compiled step: argument, output, temp, alias and total (argument +
-    output + temp − alias; DESIGN.md, "Numbers")."""
+    output + temp − alias; docs/design.md, "Numbers")."""
     ma = memory_analysis
     parts = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
              "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}

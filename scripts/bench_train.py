@@ -1,7 +1,7 @@
 """Train-step benchmark: tokens/s per device, step time, MFU and per-device memory of the real lcjax train
 step (lcjax.train.step.make_train_step) for one config over several meshes and attention impls.
 
-Shaped like the design notes' "Ring Attention vs all2all" table (DESIGN.md; ../shared/reference/anchors.md):
+Shaped like the design notes' "Ring Attention vs all2all" table (docs/design.md; docs/reference/anchors.md):
 one row per mesh × impl with tokens/s per device, step time, MFU and memory per device.
 
 - Batches are synthetic (random tokens, one document per sequence, positions 0…T−1 laid out in the
@@ -14,7 +14,7 @@ one row per mesh × impl with tokens/s per device, step time, MFU and memory per
   Peaks are the planner's presets (lcjax.plan.hardware); on simulated CPU devices the "cpu" preset is a
   rough 1e11 FLOP/s and all devices share the host's cores, so CPU MFU figures only compare rows.
 - Memory per device: argument + output + temp − alias bytes of XLA's ``compiled.memory_analysis()``
-  (DESIGN.md, "Numbers"), next to the planner's estimate; on a CPU backend both are CPU-backend figures
+  (docs/design.md, "Numbers"), next to the planner's estimate; on a CPU backend both are CPU-backend figures
   (bf16 widened to f32), labelled so. On a GPU the allocator's peak (``memory_stats``) is added.
 
     PYTHONPATH=. python scripts/bench_train.py --config configs/demo.yaml --meshes 1,8,1 1,4,2 \

@@ -8,7 +8,7 @@
 The step is compiled, never run, on a mesh of simulated host devices (at most 64): parameters, optimizer
 state and the batch are ``jax.ShapeDtypeStruct``s with their shardings and the model is built with
 ``nnx.eval_shape``, so nothing of a 7B model is allocated. XLA's per-device figure is argument + output +
-temporary − alias bytes of ``compiled.memory_analysis()`` (DESIGN.md, "Numbers"). ``--target cpu`` compiles
+temporary − alias bytes of ``compiled.memory_analysis()`` (docs/design.md, "Numbers"). ``--target cpu`` compiles
 for simulated host devices (at most 64): its figures only estimate a GPU's (the CPU compiler widens bfloat16
 arithmetic to float32 and schedules differently) and are labelled so. ``--target a100|h100|h200`` compiles
 for that GPU without one (the ``aot`` extra; XLA's real GPU pipeline on the CPU host, see

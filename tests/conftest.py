@@ -11,7 +11,7 @@ assert len(jax.devices()) == 8, "tests need 8 simulated devices; JAX was importe
 
 
 def relative_error(a, b) -> float:
-    """max|a − b| / max|b| (DESIGN.md, "Numbers")."""
+    """max|a − b| / max|b| (docs/design.md, "Numbers")."""
     import numpy as np
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

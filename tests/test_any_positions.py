@@ -1,4 +1,4 @@
-"""The public attention entry is exact for ANY positions and segment ids (DESIGN.md, "Attention"): padding
+"""The public attention entry is exact for ANY positions and segment ids (docs/design.md, "Attention"): padding
 with constant positions, one segment id reused for non-adjacent documents, windows, GQA — every impl ×
 layout against the dense reference, forward and gradients; plus the all-gather impl in the model, the
 ordered-positions check and the K/V a window sends (lcjax.parallel.ring.kv_sends)."""

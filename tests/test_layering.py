@@ -1,4 +1,4 @@
-"""The import layering of DESIGN.md: a module imports only from layers above it in the list."""
+"""The import layering of docs/design.md: a module imports only from layers above it in the list."""
 
 import ast
 from pathlib import Path
@@ -31,7 +31,7 @@ def test_layers_import_only_upwards():
         layer = _layer(".".join(rel.parts).removesuffix(".__init__"))
         if layer == "__init__":
             continue
-        assert layer in ORDER, f"{path}: layer {layer} is not in DESIGN.md's list"
+        assert layer in ORDER, f"{path}: layer {layer} is not in docs/design.md's list"
         for name in _imports(path):
             if not name.startswith("lcjax."):
                 continue

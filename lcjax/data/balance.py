@@ -1,7 +1,7 @@
 """Masked attention work per sequence shard, measured and balanced on the host (numpy only).
 
 A packed window holds documents of very different lengths; attention sees key j from query i when they
-share a segment id, (causal) pos_j ≤ pos_i and (window W) pos_i − pos_j < W (DESIGN.md). How much of that
+share a segment id, (causal) pos_j ≤ pos_i and (window W) pos_i − pos_j < W (docs/design.md). How much of that
 work each of the P sequence shards computes depends on the layout (which tokens a shard holds) and on the
 kernel's tiles: a kernel computes a whole (query tile × key tile) whenever the tiles' position and segment
 ranges do not prove it empty (lcjax.kernels.flash_attention.tiling, ``maybe``), so a tile is the unit of

@@ -1,7 +1,7 @@
 """PassKey prompts in tokens (Mohtashami & Jaggi 2023, "Landmark Attention", arXiv:2305.16300), shared by the
 evaluation (lcjax.eval.passkey) and the training mixture (``data.passkey_fraction``).
 
-A prompt is, as in the paper's code (shared/reference/formulas.md §4.1), the task description, filler, the
+A prompt is, as in the paper's code (docs/reference/formulas.md §4.1), the task description, filler, the
 information line "The pass key is N. Remember it. N is the pass key." at a chosen depth of the filler, more
 filler and the question "What is the pass key? The pass key is", the pieces joined by newlines; the answer
 " N" follows. N is a random 5-digit integer. Everything is built in tokens so a prompt hits its target

@@ -6,7 +6,7 @@ the float32 dq and travelling dK/dV in the backward; lcjax.parallel.ring) is tha
 The sequence stays sharded exactly as before (every group runs the whole ring); the K/V bytes sent per
 layer are unchanged (each group sends its own kv heads), in G times as many, smaller, transfers.
 
-GQA grouping: query head n uses kv head n // (N/K) (DESIGN.md), so group g takes the contiguous query heads
+GQA grouping: query head n uses kv head n // (N/K) (docs/design.md), so group g takes the contiguous query heads
 [g·N/G, (g+1)·N/G) and kv heads [g·K/G, (g+1)·K/G); G must divide the kv heads on the shard.
 
 Two forms: a ``lax.map`` over the groups (one loop; XLA runs the groups strictly one after another), or the

@@ -1,6 +1,6 @@
 """The dense attention reference: THE oracle every attention implementation is tested against.
 
-Masks come from positions and segment ids only (DESIGN.md, "Attention"): key j is visible to query i when
+Masks come from positions and segment ids only (docs/design.md, "Attention"): key j is visible to query i when
 (causal ⇒ pos_j ≤ pos_i), (window W ⇒ pos_i − pos_j < W) and (segments ⇒ seg_j = seg_i). It materialises
 the [T, S] score matrix, so it is for tests and short sequences only.
 """

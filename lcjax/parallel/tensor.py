@@ -6,7 +6,7 @@ embedding and the output layer are split over the vocabulary, and the cross-entr
 vocabulary shards with three all-reduces of [B, T] values, so the [B, T, V] logits are never gathered.
 
 Every function takes plain arrays and the TP axis name. Run inside ``shard_map``; with ``check_vma=True``
-JAX transposes ``psum`` correctly for autodiff (see DESIGN.md, "How one training step flows").
+JAX transposes ``psum`` correctly for autodiff (see docs/design.md, "How one training step flows").
 """
 
 from __future__ import annotations

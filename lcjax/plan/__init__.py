@@ -1,7 +1,7 @@
 """Analytic planner: per-device memory, communication, FLOPs and time of one lcjax training step.
 
 Pure Python; imports no JAX (tests/test_layering.py). Formulas, sources and worked numbers:
-/work/shared/reference/formulas.md; the documented checks and the XLA validation: docs/planner.md.
+docs/reference/formulas.md; the documented checks and the XLA validation: docs/planner.md.
 
 Modules: ``shapes`` (parameter counts), ``memory`` (bytes per device), ``flops`` (FLOPs per token),
 ``comm`` (bytes per layer), ``hardware`` (device presets), ``step`` (the step model and candidate meshes),

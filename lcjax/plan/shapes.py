@@ -1,8 +1,8 @@
 """Model shape and parameter counts of the lcjax LLaMA decoder, in plain integers (no JAX).
 
-Shape letters (DESIGN.md): L layers, D model width, N query heads, K kv heads, H = D/N head dim,
+Shape letters (docs/design.md): L layers, D model width, N query heads, K kv heads, H = D/N head dim,
 F MLP width, V vocabulary (true), Vp vocabulary padded to a multiple of 128 (what lcjax stores).
-Counts follow /work/shared/reference/formulas.md §0 (LLaMA-2-7B: 6,738,415,616 parameters).
+Counts follow docs/reference/formulas.md §0 (LLaMA-2-7B: 6,738,415,616 parameters).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def layer_params(s: Shape) -> int:
 def total_params(s: Shape, vocab: int | None = None) -> int:
     """All parameters: L layers + embedding V·D + untied head V·D + final norm D.
 
-    ``vocab``: defaults to the true V (the DESIGN.md convention); pass ``s.Vp`` for what is stored.
+    ``vocab``: defaults to the true V (the docs/design.md convention); pass ``s.Vp`` for what is stored.
     LLaMA-2-7B: 6,738,415,616.
     """
     v = s.V if vocab is None else vocab

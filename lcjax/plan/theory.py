@@ -1,6 +1,6 @@
 """The papers' closed forms, kept verbatim for the documented checks (docs/planner.md) and tests.
 
-Symbols as in each paper, mapped in /work/shared/reference/formulas.md §0/§1. These describe GPT-style
+Symbols as in each paper, mapped in docs/reference/formulas.md §0/§1. These describe GPT-style
 blocks (LayerNorm, GeLU MLP of width 4h, dropout) and Li et al.'s Adam-in-Megatron weight accounting;
 the lcjax-specific estimates live in lcjax.plan.memory.
 """

@@ -1,6 +1,6 @@
 """The training loop: everything with I/O (data, run directory, metrics, progress bar, checkpoints).
 
-Run directory layout (DESIGN.md, "Public contracts"): ``config.yaml`` (resolved), ``tokenizer/``,
+Run directory layout (docs/design.md, "Public contracts"): ``config.yaml`` (resolved), ``tokenizer/``,
 ``checkpoints/``, ``metrics.jsonl`` (one JSON object per optimizer step, appended across resumes).
 """
 
