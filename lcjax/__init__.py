@@ -2,8 +2,9 @@
 
 Importing the package (which every entry point does before JAX starts: the ``lcjax`` command, ``python -m
 lcjax.cli``, the scripts, the tests) also keeps a CUDA plugin that is installed on a host without a GPU (the
-``aot`` extra, for deviceless GPU compiles) from printing its initialisation errors: see
-:func:`cpu_unless_gpu`. Imports only the standard library.
+``aot`` extra, for deviceless GPU compiles) from printing its initialisation errors (:func:`cpu_unless_gpu`),
+and adds the XLA GPU flags that hide the train step's collectives under compute, after the user's own
+``XLA_FLAGS`` (:mod:`lcjax.xla_flags`; ``LCJAX_XLA_FLAGS=0`` turns that off). Imports only the standard library.
 """
 
 from __future__ import annotations
@@ -49,3 +50,7 @@ def _cuda_plugin_installed() -> bool:
 
 
 cpu_unless_gpu()
+
+from lcjax import xla_flags as _xla_flags  # noqa: E402  (standard library only)
+
+_xla_flags.apply()

@@ -7,10 +7,12 @@ It wraps the per-shard ring (lcjax.parallel.ring) in its own ``shard_map``: the 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lcjax.kernels.flash_attention.api import KERNELS, is_pallas
-from lcjax.ops.layout import check_divisible
+from lcjax.ops.layout import check_divisible, unpermute
+from lcjax.parallel.ring import is_ordered
 from lcjax.parallel.sequence import IMPLS, sequence_parallel
 from lcjax.parallel.spec import AttentionSpec
 from lcjax.parallel.ulysses import check_heads
@@ -41,6 +43,19 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
         check_heads(n // tp, kh // tp, sp if impl == "ulysses" else ulysses_size)
 
 
+def _ordered(positions, segment_ids, impl, layout, shards, window) -> bool:
+    """May the ring send only what a window needs (lcjax.parallel.ring.kv_sends)? Only for concrete
+    positions that :func:`is_ordered` accepts in their original order (traced ones: no, every block is
+    sent; exact either way)."""
+    if window is None or impl not in ("ring", "hybrid") or layout not in ("contiguous", "zigzag"):
+        return False
+    try:
+        pos, seg = (unpermute(np.asarray(x), layout, shards) for x in (positions, segment_ids))
+    except (ValueError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False  # traced, or a layout whose order only the caller knows
+    return is_ordered(pos, seg)
+
+
 def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None, scale=None, mesh=None,
               impl="ring", layout="zigzag", kernel="xla", ulysses_size=None, block_q=None, block_k=None,
               dkv_dtype="float32"):
@@ -54,7 +69,10 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
       scale: score scale (default 1/√H).
       mesh: a mesh with axes (data, sequence, model); None puts every device on ``sequence``.
       impl: "ring" (K/V travel around the ``sequence`` axis), "ulysses" (all-to-all: heads ⇄ sequence),
-        "hybrid" (Ulysses inside groups of ``ulysses_size`` shards, ring across groups) or "local".
+        "hybrid" (Ulysses inside groups of ``ulysses_size`` shards, ring across groups), "allgather" (K/V of
+        all shards gathered, Llama 3 style; any layout) or "local". Every impl and layout is exact for any
+        positions and segment ids; a ring with a window sends only the blocks the window can reach when the
+        (concrete) positions are ordered (lcjax.parallel.ring.kv_sends), every block otherwise.
       layout: "zigzag", "striped" or "contiguous": how the T tokens are spread over ``sequence``.
       kernel: "xla" (blockwise jnp), "pallas_triton" (Pallas Triton-backend kernels; interpret mode when not
         compiled for GPUs) or "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton").
@@ -76,10 +94,11 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     check_divisible(q.shape[1], layout, sp)
     if segment_ids is None:
         segment_ids = jax.numpy.zeros_like(positions)
+    ordered = _ordered(positions, segment_ids, impl, layout, sp, window)
     tokens, heads = P("data", "sequence"), P("data", "sequence", "model", None)
 
     spec = AttentionSpec(impl=impl, layout=layout, window=window, block_q=block_q, block_k=block_k, kernel=kernel,
-                         dkv_dtype=dkv_dtype, ulysses_size=ulysses_size, causal=causal, scale=scale)
+                         dkv_dtype=dkv_dtype, ulysses_size=ulysses_size, causal=causal, scale=scale, ordered=ordered)
     local = lambda q, k, v, pos, seg: sequence_parallel(q, k, v, pos, seg, spec, axis_name="sequence")
     fn = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads,
                        check_vma=not is_pallas(kernel))  # Pallas in interpret mode needs check_vma off

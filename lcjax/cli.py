@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lcjax
-from lcjax import checkpoints_cli, rundir
+from lcjax import checkpoints_cli, memcheck, rundir
 from lcjax import config as config_lib
 from lcjax.sharding.mesh import provision_host_devices
 
@@ -79,7 +79,7 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--seq-len", type=int, help="tokens per sequence (default data.seq_len)")
     plan.add_argument("--devices", type=int, help="device count (default the config's mesh size)")
     plan.add_argument("--device", default="h100", help="preset: a100, h100, h200, h800, cpu (default h100)")
-    plan.add_argument("--attention", choices=("ring", "ulysses", "local"),
+    plan.add_argument("--attention", choices=("ring", "ulysses", "allgather", "local"),
                       help="attention over sequence (default attention.impl)")
     plan.add_argument("--remat", help="none, layer or full (default: the config's train.remat; the "
                                       "selective policies count as full)")
@@ -382,6 +382,7 @@ def _plan(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lcjax`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    memcheck.configure_gpu_allocator()  # before any JAX backend starts (docs/memory.md)
     try:
         checkpoints_cli.quiet_libraries()
         return {"train": _train, "plan": _plan, "data": _data, "convert": _convert, "generate": _generate,

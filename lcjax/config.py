@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from lcjax.choices import (ATTENTION_IMPLS, AXES, DKV_DTYPES, DTYPES, KERNELS, LAYOUTS, REMAT_POLICIES,  # noqa: F401
-                           ROPE_TYPES)
+from lcjax.choices import (ATTENTION_IMPLS, AXES, DKV_DTYPES, DTYPES, KERNELS, LAYOUTS, OFFLOAD_MODES,  # noqa: F401
+                           REMAT_POLICIES, ROPE_TYPES)
 
+BALANCE_CHUNK = 128  # tokens per chunk of the balanced layout: the Triton kernels' H100 bf16 forward tile
+BALANCE_MIN_CHUNKS = 4  # chunks per sequence shard at least, for short windows (smaller chunks then)
 TOKENIZERS = ("bpe", "bytes")
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
 
@@ -149,6 +151,13 @@ class TrainConfig:
     residuals and every matmul output — table in docs/memory.md); ``fsdp`` shards parameters, gradients and optimizer state over data x sequence (ZeRO-3);
     ``shard_optimizer`` shards gradients and optimizer state only (ZeRO-1/2); ``loss_tile`` / ``mlp_tile``
     compute the cross-entropy / MLP over the sequence in tiles of that many tokens per shard (0: whole).
+    ``offload``: where the residuals the remat policy saves live (none: device memory; layer: the layer
+    inputs in pinned host memory; saved: every saved residual in pinned host memory; needs ``remat`` other
+    than none). ``seq_chunk``: tokens per shard of each chunk of everything outside attention (norms,
+    QKV/RoPE, output projection, MLP, final norm; 0: whole), so a layer's working set outside attention is
+    O(seq_chunk) rather than O(seq_len / mesh.sequence). ``head_chunks``: the attention runs over that many
+    groups of heads one after another (1: all at once), so its float32 accumulators are those of
+    n_heads / head_chunks heads (ring or local attention; must divide the kv heads per model shard).
     ``grad_accum``: micro-batches per optimizer step (the global batch is split into that many, their
     gradients summed inside the jitted step; same update as the whole batch).
     """
@@ -169,6 +178,9 @@ class TrainConfig:
     shard_optimizer: bool = False
     loss_tile: int = 0
     mlp_tile: int = 0
+    offload: str = "none"
+    seq_chunk: int = 0
+    head_chunks: int = 1
     grad_accum: int = 1
     max_bad_steps: int = 5  # a run stops after this many non-finite (skipped) steps in a row
     check_memory: bool = True  # refuse a step whose compiled memory exceeds the devices' (lcjax.memcheck)
@@ -373,6 +385,7 @@ def _choices(cfg: Config) -> str | None:
         ("train.dtype", cfg.train.dtype, DTYPES),
         ("train.param_dtype", cfg.train.param_dtype, DTYPES),
         ("train.remat", cfg.train.remat, REMAT_POLICIES),
+        ("train.offload", cfg.train.offload, OFFLOAD_MODES),
     ):
         if value not in allowed:
             return f"{key} {value!r} must be one of {', '.join(allowed)}"
@@ -407,11 +420,6 @@ def _sequence(cfg: Config) -> str | None:
     sp, a = cfg.mesh.sequence, cfg.attention
     if a.impl == "local" and sp > 1:
         return f"attention.impl 'local' needs mesh.sequence = 1, got {sp} (use 'ring')"
-    unit = 2 * sp if a.layout == "zigzag" else sp
-    if cfg.data.seq_len % unit:
-        how = "2 x mesh.sequence" if a.layout == "zigzag" else "mesh.sequence"
-        return (f"data.seq_len {cfg.data.seq_len} must be divisible by {how} = {unit} "
-                f"for the {a.layout} layout")
     if cfg.data.global_batch % cfg.mesh.data:
         return (f"data.global_batch {cfg.data.global_batch} must be divisible by "
                 f"mesh.data = {cfg.mesh.data}")
@@ -449,11 +457,22 @@ def _memory(cfg: Config) -> str | None:
         if on and m.d_model % group:
             return (f"{key}: model.d_model {m.d_model} must be divisible by mesh.data x mesh.sequence = "
                     f"{group} (parameters are sharded over it along d_model)")
-    local = cfg.data.seq_len // cfg.mesh.sequence
-    for key, tile in (("train.loss_tile", t.loss_tile), ("train.mlp_tile", t.mlp_tile)):
+    if t.offload != "none" and t.remat == "none":
+        return (f"train.offload {t.offload!r} moves the residuals a remat policy saves: it needs train.remat "
+                f"layer, full, attention or dots (it is 'none')")
+    kv_local = max(m.n_kv_heads // cfg.mesh.model, 1)
+    if t.head_chunks < 1 or kv_local % t.head_chunks:
+        return (f"train.head_chunks {t.head_chunks} must be >= 1 and divide the kv heads per model shard, "
+                f"max(model.n_kv_heads / mesh.model, 1) = {kv_local}")
+    if t.head_chunks > 1 and cfg.attention.impl not in ("ring", "local"):
+        return (f"train.head_chunks {t.head_chunks} needs attention.impl ring or local (the "
+                f"{cfg.attention.impl!r} all-to-all splits the heads itself)")
+    local = padded_seq_len(cfg.data.seq_len, cfg.attention.layout, cfg.mesh.sequence) // cfg.mesh.sequence
+    for key, tile in (("train.loss_tile", t.loss_tile), ("train.mlp_tile", t.mlp_tile),
+                      ("train.seq_chunk", t.seq_chunk)):
         if tile < 0 or (tile and local % tile):
             return (f"{key} {tile} must be 0 (no tiling) or divide the tokens per sequence shard, "
-                    f"data.seq_len / mesh.sequence = {local}")
+                    f"data.seq_len padded for the {cfg.attention.layout} layout / mesh.sequence = {local}")
     return None
 
 
@@ -492,6 +511,29 @@ def _data(cfg: Config) -> str | None:
     return None
 
 
+def balance_chunk(seq_len: int, num_shards: int) -> int:
+    """Tokens per chunk of the ``balanced`` layout for windows of ``seq_len`` tokens on ``num_shards``
+    sequence shards: BALANCE_CHUNK, or for short windows the largest power of two that gives every shard
+    at least BALANCE_MIN_CHUNKS chunks (so chunks and power-of-two kernel tiles nest; lcjax.data.balance
+    assigns chunks to shards)."""
+    fit = max(1, seq_len // (num_shards * BALANCE_MIN_CHUNKS))
+    return min(BALANCE_CHUNK, 1 << (fit.bit_length() - 1))
+
+
+def padded_seq_len(seq_len: int, layout: str, num_shards: int) -> int:
+    """The window length the loader feeds the model for ``data.seq_len`` = ``seq_len``: the smallest
+    length >= seq_len the layout splits evenly over ``num_shards`` (``mesh.sequence``) shards — a multiple
+    of 2·P for zigzag, of P·:func:`balance_chunk` for balanced, of P otherwise. The loader fills the extra
+    tokens with padding that no real token sees and that carries no loss (lcjax.data.loader.pad_window)."""
+    if layout == "zigzag":
+        unit = 2 * num_shards
+    elif layout == "balanced":
+        unit = num_shards * balance_chunk(seq_len, num_shards)
+    else:
+        unit = num_shards
+    return -(-seq_len // unit) * unit
+
+
 def stages(cfg: Config) -> list[tuple[int, int, int]]:
     """The curriculum as (until_step, seq_len, global_batch) stages, the last one (data.seq_len,
     data.global_batch) open-ended (until_step = train.steps or later)."""
@@ -502,7 +544,6 @@ def stages(cfg: Config) -> list[tuple[int, int, int]]:
 
 def _curriculum(cfg: Config) -> str | None:
     d, sp, dp = cfg.data, cfg.mesh.sequence, cfg.mesh.data
-    unit = 2 * sp if cfg.attention.layout == "zigzag" else sp
     previous = 0
     for i, stage in enumerate(d.curriculum):
         where = f"data.curriculum[{i}] {list(stage)}"
@@ -511,16 +552,17 @@ def _curriculum(cfg: Config) -> str | None:
         until, seq_len, batch = stage
         if until <= previous:
             return f"{where}: until_step must be > {previous} (stages in increasing order)"
-        if not 1 <= seq_len <= d.seq_len or seq_len % unit:
-            return (f"{where}: seq_len must be in [1, data.seq_len = {d.seq_len}] and divisible by "
-                    f"{unit} for the {cfg.attention.layout} layout on mesh.sequence = {sp}")
+        if not 1 <= seq_len <= d.seq_len:
+            return f"{where}: seq_len must be in [1, data.seq_len = {d.seq_len}]"
         per_shard = batch // dp if batch >= 1 and batch % dp == 0 else 0
         if not per_shard or per_shard % cfg.train.grad_accum:
             return (f"{where}: global_batch must be a positive multiple of mesh.data = {dp} whose share per "
                     f"data shard train.grad_accum = {cfg.train.grad_accum} divides")
-        for key, tile in (("train.loss_tile", cfg.train.loss_tile), ("train.mlp_tile", cfg.train.mlp_tile)):
-            if tile and (seq_len // sp) % tile:
-                return f"{where}: {key} {tile} must divide the tokens per sequence shard, {seq_len // sp}"
+        local = padded_seq_len(seq_len, cfg.attention.layout, sp) // sp
+        for key, tile in (("train.loss_tile", cfg.train.loss_tile), ("train.mlp_tile", cfg.train.mlp_tile),
+                          ("train.seq_chunk", cfg.train.seq_chunk)):
+            if tile and local % tile:
+                return f"{where}: {key} {tile} must divide the tokens per sequence shard, {local} (padded)"
         previous = until
     return None
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 HINTS = {
     "train": "fewer bytes per device: a larger mesh.sequence or mesh.model, train.remat=full, "
+             "train.offload=layer, train.head_chunks / train.seq_chunk, "
              "train.loss_tile / train.mlp_tile, train.fsdp=true or train.shard_optimizer=true, "
              "train.grad_accum, a shorter data.seq_len or smaller data.global_batch",
     "eval": "fewer bytes per device: shorter --lengths, a smaller --batch-size, a larger mesh.sequence or "
@@ -23,6 +24,19 @@ HINTS = {
                 "mesh.model (--set)",
 }
 BYPASS = "--set train.check_memory=false skips this check"
+GPU_MEMORY_FRACTION = "0.95"  # of each GPU's memory for XLA's allocator (JAX's default preallocation: 0.75)
+
+
+def configure_gpu_allocator(environ=None) -> str:
+    """Let JAX's GPU allocator use 95 % of each GPU's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``) unless the
+    user set the fraction or turned preallocation off, so that a step whose compiled per-device bytes fit
+    under 95 % of the GPU (docs/memory.md) can run; JAX's default preallocates 75 %. Must run before JAX
+    initialises a backend (the CLI calls it first). Returns the fraction in effect ("" when preallocation
+    is off)."""
+    env = os.environ if environ is None else environ
+    if env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
+        return env.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+    return env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
 
 
 class DoesNotFit(ValueError):
@@ -81,6 +95,16 @@ def compiled_bytes(memory_analysis) -> dict:
     ma = memory_analysis
     parts = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
              "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
+    return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
+
+
+def host_bytes(memory_analysis) -> dict:
+    """XLA's host-memory bytes of a compiled step (pinned host buffers, e.g. offloaded remat residuals):
+    the ``host_*`` fields of the memory analysis, argument, output, temp, alias and total (argument + output
+    + temp − alias); all 0 when the program places nothing in host memory or the backend has no such
+    fields."""
+    get = lambda name: int(getattr(memory_analysis, f"host_{name}_size_in_bytes", 0) or 0)
+    parts = {k: get(k) for k in ("argument", "output", "temp", "alias")}
     return {**parts, "total": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]}
 
 

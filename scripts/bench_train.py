@@ -18,7 +18,7 @@ one row per mesh × impl with tokens/s per device, step time, MFU and memory per
   (bf16 widened to f32), labelled so. On a GPU the allocator's peak (``memory_stats``) is added.
 
     PYTHONPATH=. python scripts/bench_train.py --config configs/demo.yaml --meshes 1,8,1 1,4,2 \
-        --impls ring,ulysses --steps 5 --warmup 2 --json train.json
+        --impls ring,ulysses,allgather --steps 5 --warmup 2 --json train.json
 
 Meshes of simulated CPU devices are provisioned before JAX starts (lcjax.sharding.mesh). Needs only jax,
 flax, optax and PyYAML (a flax dependency): without omegaconf the YAML is read by :func:`load_config`'s
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)")
     p.add_argument("--meshes", nargs="+", default=None, help="D,S,M meshes (default: the config's)")
-    p.add_argument("--impls", default=None, help="comma-separated attention impls (default: the config's)")
+    p.add_argument("--impls", default=None, help="comma-separated attention impls, of "
+                   f"{', '.join(config_lib.ATTENTION_IMPLS)} (default: the config's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device preset's peak")

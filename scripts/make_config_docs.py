@@ -44,7 +44,7 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                   "devices used."),
     "mesh.sequence": ("Devices along `sequence` (sequence parallel: every sequence's tokens are split over "
                       "them; attention over them by `attention.impl`).",
-                      ">= 1; `data.seq_len` divisible by it (by twice it for the zigzag layout); 1 for "
+                      ">= 1 (any `data.seq_len`: windows are padded to the layout); 1 for "
                       "`attention.impl: local`."),
     "mesh.model": ("Devices along `model` (tensor parallel: heads, MLP width and vocabulary are split over "
                    "them).", ">= 1; divides `model.n_heads`, `model.d_ff` and the padded vocabulary; divides "
@@ -86,13 +86,16 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                                     "Finite and > `model.rope.low_freq_factor` (llama3)."),
     "attention.impl": ("Attention over the `sequence` axis: `ring` (K/V travel by ppermute), `ulysses` "
                        "(all-to-all heads ⇄ sequence), `hybrid` (Ulysses inside groups of "
-                       "`attention.ulysses_size`, ring across them), `local` (no sequence parallelism).",
+                       "`attention.ulysses_size`, ring across them), `allgather` (K/V of every shard gathered, "
+                       "Llama 3 style; any layout and mask), `local` (no sequence parallelism).",
                        f"{choices('ATTENTION_IMPLS')}; `local` needs `mesh.sequence` = 1; `ulysses` and "
                        "`hybrid` need the query heads per model shard (and the kv heads, or the group "
                        "size) divisible by the Ulysses group."),
     "attention.layout": ("Order of the tokens across sequence shards: `zigzag` (2·SP chunks, shard i holds "
                          "chunks i and 2·SP−1−i: balanced causal work), `striped` (token t on shard t mod "
-                         "SP), `contiguous`.", f"{choices('LAYOUTS')}."),
+                         "SP), `contiguous`, `balanced` (the loader assigns 128-token chunks of each packed window to shards so "
+                         "the masked causal + document + window work is equal: lcjax.data.balance).",
+                         f"{choices('LAYOUTS')}."),
     "attention.kernel": ("The per-device blockwise attention kernel: `xla` (portable), `pallas_triton` (Pallas "
                          "Triton-backend flash kernels for GPUs; interpret mode elsewhere) or `pallas` (the best "
                          "verified Pallas kernel for the GPUs: today `pallas_triton`).", f"{choices('KERNELS')}."),
@@ -133,8 +136,10 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "data.tokenizer": ("`bpe` (byte-level BPE trained on the corpus and cached), `bytes` (256 bytes + EOS) "
                        "or a path to a Hugging Face tokenizer.json (or a folder holding one).",
                        f"{choices('TOKENIZERS')}, or a path (contains `/` or ends in `.json`)."),
-    "data.seq_len": ("T, tokens per training sequence (documents are packed into windows of T).",
-                     ">= 1; divisible by `mesh.sequence` (zigzag: by 2 x `mesh.sequence`)."),
+    "data.seq_len": ("T, tokens per training sequence (documents are packed into windows of T). The loader "
+                     "pads each window to what the layout needs (a multiple of `mesh.sequence`; zigzag: of "
+                     "2 x `mesh.sequence`; balanced: of `mesh.sequence` x its chunk) with padding that no real "
+                     "token sees and that carries no loss.", ">= 1 (any length, on any mesh)."),
     "data.global_batch": ("B, sequences per optimizer step, over all devices.",
                           ">= 1; divisible by `mesh.data`."),
     "data.seed": ("Seed of the data order (window shuffling).", ""),
@@ -169,10 +174,20 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                               "parameters replicated.", "Needs `model.d_model` divisible by `mesh.data` x "
                               "`mesh.sequence`."),
     "train.loss_tile": ("Compute the cross-entropy over tiles of this many tokens per shard (the logits "
-                        "never exist whole); 0: untiled.", "0, or a divisor of `data.seq_len` / "
+                        "never exist whole); 0: untiled.", "0, or a divisor of the padded `data.seq_len` / "
                         "`mesh.sequence`."),
     "train.mlp_tile": ("Compute the MLP over tiles of this many tokens per shard; 0: untiled.",
-                       "0, or a divisor of `data.seq_len` / `mesh.sequence`."),
+                       "0, or a divisor of the padded `data.seq_len` / `mesh.sequence`."),
+    "train.offload": ("Where the residuals the remat policy saves live: `none` device memory, `layer` each "
+                      "layer's input in pinned host memory, `saved` every saved residual there (docs/memory.md, "
+                      "\"One node\").", "one of `none`, `layer`, `saved`; not `none` needs `train.remat` other "
+                      "than `none`."),
+    "train.seq_chunk": ("Tokens per shard of each chunk of everything outside attention (norms, QKV and RoPE, "
+                        "output projection, MLP); 0: whole.", "0, or a divisor of the padded `data.seq_len` / "
+                        "`mesh.sequence`."),
+    "train.head_chunks": ("Run the attention over this many groups of heads one after another (smaller "
+                          "float32 accumulators); 1: all at once.", ">= 1, divides the kv heads per model shard; "
+                          "> 1 needs `attention.impl` ring or local."),
     "train.grad_accum": ("Micro-batches per optimizer step: the global batch is split into that many and "
                          "their gradients summed inside the jitted step (the same update as the whole batch).",
                          ">= 1; divides the sequences per data shard, `data.global_batch` / `mesh.data`."),

@@ -73,7 +73,8 @@ def compile_step(cfg, target: str = "cpu"):
     devices = None if target == "cpu" else deviceless_gpus(target, count)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model, devices=devices)
     graphdef, specs, optimizer, state = abstract_state(cfg, mesh)  # nothing allocated
-    shape = (cfg.data.global_batch, cfg.data.seq_len)
+    shape = (cfg.data.global_batch,  # the loader pads windows to what the layout needs
+             config_lib.padded_seq_len(cfg.data.seq_len, cfg.attention.layout, cfg.mesh.sequence))
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh)) for k in BATCH_FIELDS}
     t0 = time.perf_counter()
     compiled = make_train_step(graphdef, specs, mesh, cfg, optimizer).lower(state, batch).compile()
@@ -83,24 +84,26 @@ def compile_step(cfg, target: str = "cpu"):
 def xla_memory(cfg, target: str = "cpu", schedule: bool = False) -> dict:
     """Compile the train step of ``cfg`` for ``target`` (:func:`compile_step`); XLA's per-device bytes and
     parts, and with ``schedule`` the scheduled program's report (lcjax.plan.schedule.report)."""
+    from lcjax.memcheck import compiled_bytes, host_bytes
     from lcjax.plan.schedule import report
-    from lcjax.train.metrics import compiled_bytes
 
     compiled, seconds, backend = compile_step(cfg, target)
-    parts = compiled_bytes(compiled.memory_analysis())
-    total = parts.pop("total")
-    out = {"xla_bytes_per_device": total, "xla_parts": parts, "compile_s": seconds, "backend": backend,
-           "target": target}
+    analysis = compiled.memory_analysis()
+    parts, host = compiled_bytes(analysis), host_bytes(analysis)
+    total, host_total = parts.pop("total"), host.pop("total")
+    out = {"xla_bytes_per_device": total, "xla_parts": parts, "host_bytes_per_device": host_total,
+           "xla_host_parts": host, "compile_s": seconds, "backend": backend, "target": target}
     if schedule:
         out["schedule"] = report(compiled.as_text())
     return out
 
 
-def plan_memory(cfg, gpu: bool = False) -> dict:
+def plan_memory(cfg, gpu: bool = False, target: str = "cpu") -> dict:
     """The planner's per-device bytes for ``cfg`` with its remat and ZeRO settings (lcjax.plan), as on a
     GPU (activations in the compute dtype) and as on the CPU backend (bfloat16 kept as float32), with both
     activation estimates (lcjax.plan.memory). ``plan_bytes_per_device`` is the variant that matches the
-    compile target."""
+    compile target; ``plan_host_bytes_per_device`` and ``plan_offload`` the planner's host bytes and PCIe
+    time per layer against the layer's compute on ``target`` (lcjax.plan.offload)."""
     out = {}
     for model in ("lcjax", "formulas"):
         for name, stored in (("gpu", None), ("cpu", 4)):
@@ -108,12 +111,15 @@ def plan_memory(cfg, gpu: bool = False) -> dict:
             p = plan_lib.plan_step(inputs, plan_lib.device("cpu"))
             out[f"{model}_{name}"] = p.memory.as_dict()
     chosen = out["lcjax_gpu" if gpu else "lcjax_cpu"]
-    return {"plan_bytes_per_device": chosen["total"], "plan_parts": chosen, "plan_variants": out}
+    inputs = plan_lib.StepInputs.from_config(cfg, stored_bytes=None if gpu else 4)
+    off = plan_lib.plan_step(inputs, plan_lib.device(target)).offload
+    return {"plan_bytes_per_device": chosen["total"], "plan_parts": chosen, "plan_variants": out,
+            "plan_host_bytes_per_device": off.host_bytes, "plan_offload": off.as_dict()}
 
 
 def compare(cfg, target: str = "cpu", schedule: bool = False) -> dict:
     """Plan and XLA side by side, with the relative gap (plan − xla) / xla."""
-    out = {**plan_memory(cfg, gpu=target != "cpu"), **xla_memory(cfg, target, schedule)}
+    out = {**plan_memory(cfg, gpu=target != "cpu", target=target), **xla_memory(cfg, target, schedule)}
     out["relative_gap"] = (out["plan_bytes_per_device"] - out["xla_bytes_per_device"]) / out["xla_bytes_per_device"]
     if target == "cpu":
         out["label"] = ("CPU backend: XLA's figure and plan_bytes_per_device (plan_variants lcjax_cpu) both keep "
@@ -168,6 +174,12 @@ def main(argv=None) -> int:
               + " ".join(f"{k}={gb(v)}" for k, v in result["xla_parts"].items())
               + f" (compiled in {result['compile_s']:.1f} s)")
         print(f"gap (plan - xla) / xla = {result['relative_gap']:+.1%}")
+        off = result["plan_offload"]
+        print(f"host: xla {gb(result['host_bytes_per_device'])}, plan {gb(result['plan_host_bytes_per_device'])}; "
+              f"offload {off['bytes_per_layer'] / 1e9:.3f} GB per layer each way, "
+              f"{off['transfer_s_per_layer'] * 1e3:.1f} ms at PCIe vs {off['layer_forward_s'] * 1e3:.1f} ms "
+              f"forward / {off['layer_backward_s'] * 1e3:.1f} ms backward per layer: "
+              f"{'hidden' if off['hidden'] else 'exposed'}")
         for name, parts in result["plan_variants"].items():
             print(f"  plan variant {name}: total {gb(parts['total'])}, activations {gb(parts['activations'])}")
         if args.schedule:

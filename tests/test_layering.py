@@ -10,11 +10,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "lcjax"
 DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design.md"
-ORDER = ["choices", "rundir", "memcheck", "config", "ops", "kernels", "parallel", "sharding", "attention", "model",
-         "data", "checkpoint", "distributed", "generate", "plan", "eval", "train", "convert", "checkpoints_cli", "cli"]
+ORDER = ["choices", "xla_flags", "rundir", "memcheck", "config", "ops", "kernels", "parallel", "sharding", "attention",
+         "model", "data", "checkpoint", "distributed", "generate", "plan", "eval", "train", "convert", "checkpoints_cli", "cli"]
 JAX_LAYERS = {"ops", "kernels", "parallel", "sharding", "attention", "model", "data", "checkpoint", "generate"}
 # docs/design.md, "Forbidden directions besides 'upwards only'"
-NEVER = {"choices": set(ORDER), "config": set(ORDER) - {"choices"},
+NEVER = {"choices": set(ORDER), "xla_flags": set(ORDER), "config": set(ORDER) - {"choices"},
          "ops": {"config"}, "kernels": {"config"}, "parallel": {"config"}, "eval": {"train"}, "plan": JAX_LAYERS}
 
 

@@ -303,7 +303,6 @@ def test_curriculum_changes_shapes_and_resumes_exactly():
 
 @pytest.mark.parametrize("curriculum,message", [
     ("[[10,128,4],[5,256,4]]", "until_step must be > 10"),
-    ("[[10,100,4]]", "divisible by 8"),
     ("[[10,8192,4]]", "seq_len must be in [1, data.seq_len = 4096]"),
     ("[[10,128,3]]", "multiple of mesh.data = 2"),
     ("[[10,128]]", "must be [until_step, seq_len, global_batch]"),

@@ -96,6 +96,11 @@ def test_killed_run_resumes_bitwise(corpus, base_run, tmp_path):
     # SIGKILL at a random step, possibly in the middle of an asynchronous save
     proc = start()
     _wait_for_steps(proc, run_dir / "metrics.jsonl", rng.randint(1, 6))  # 6 steps before the end
+    ckpts = run_dir / "checkpoints"
+    deadline = time.monotonic() + 60  # a committed checkpoint to resume from (a kill before the first one
+    while time.monotonic() < deadline and not (ckpts.is_dir() and any(  # is refused, test_safety)
+            p.name.isdigit() for p in ckpts.iterdir())):
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     print(f"SIGKILL: {len(_records(run_dir))} steps logged, checkpoints "

@@ -168,3 +168,23 @@ def test_frequencies_match_transformers(name):
         inv_hf, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf_cfg, "cpu", seq_len=3 * max_pos)
         inv, _ = rope.scaled_frequencies(H, 5e5, max_position=3 * max_pos, **kw)
         np.testing.assert_allclose(inv, inv_hf.double().numpy(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("config,last", [("llama3_8b_4m.yaml", 4_194_303), ("llama2_7b_2m_node.yaml", 2_097_151)])
+def test_angles_exact_to_the_last_position_of_the_long_configs(config, last):
+    """The 4M and 2M configs' RoPE (as the model builds it: tables for data.seq_len positions) matches
+    float64 cos/sin to 1e-6 up to the last position; a float32 product pos·θ would be off by far more."""
+    from pathlib import Path
+
+    cfg = config_lib.load(Path(__file__).resolve().parents[1] / "configs/experiments" / config)
+    r, hd = cfg.model.rope, cfg.model.d_model // cfg.model.n_heads
+    assert cfg.data.seq_len == last + 1
+    kw = {k: v for k, v in vars(r).items() if k != "base"}
+    positions = np.array([[0, 1, 1023, 1024, 65_537, last - 1, last]], np.int32)
+    cos, sin = rope.cos_sin(jnp.asarray(positions), rope.rope_tables(cfg.data.seq_len, hd, r.base, **kw))
+    inv, m = rope.scaled_frequencies(hd, r.base, max_position=cfg.data.seq_len, **kw)
+    angle = positions[..., None].astype(np.float64) * inv
+    assert np.max(np.abs(np.asarray(cos, np.float64) - m * np.cos(angle))) < 1e-6
+    assert np.max(np.abs(np.asarray(sin, np.float64) - m * np.sin(angle))) < 1e-6
+    naive = np.float32(last) * inv.astype(np.float32)  # what the split angle avoids
+    assert np.max(np.abs(np.cos(naive.astype(np.float64)) - np.cos(last * inv))) > 1e-3

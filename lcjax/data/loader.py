@@ -2,18 +2,20 @@
 
 The stream is cut into consecutive windows of T+1 tokens that overlap by one: window w is
 ``stream[w·T : w·T + T + 1]``, its inputs the first T tokens and its labels the last T, so there are
-(len − 1) // T windows and every token but the first is a label exactly once per epoch; nothing is padded,
-and the only tokens an epoch leaves out of the labels are those of the final partial window
-(:func:`epoch_summary`). A window may hold the end of one document, whole documents and the start of
-another; each token carries its position and segment (document) id inside the window, so attention masks
-never cross documents (unless asked to).
+(len − 1) // T windows and every token but the first is a label exactly once per epoch; the only tokens
+an epoch leaves out of the labels are those of the final partial window (:func:`epoch_summary`). The
+stream is never padded; a window is, at its end, only to the length its layout needs on the mesh
+(:func:`pad_window`; T itself may be any length). A window may hold the end of one document, whole
+documents and the start of another; each token carries its position and segment (document) id inside the
+window, so attention masks never cross documents (unless asked to).
 
 The pipeline is a Grain ``MapDataset``: window indices shuffled with ``data.seed`` (a fresh permutation each
-epoch) → batched to the global batch → :class:`Rows` (this process's rows, packed) → :class:`LayOut` (the
-layout permutation of every field); the mesh only enters in the last step, so the same seed gives the same
-global batches on every mesh. The iterator position is the number of global batches delivered: restoring
-slices the ``MapDataset`` there, so a resumed loader continues exactly, whatever threads, worker processes
-or process count either side used.
+epoch) → batched to the global batch → :class:`Rows` (this process's rows, packed) → :class:`LayOut` (each
+window padded to what the layout needs, :func:`pad_window`, and permuted into it, every field alike);
+the mesh only enters in the last step, so the same seed gives the same global batches on every mesh. The
+iterator position is the number of global batches delivered: restoring slices the ``MapDataset`` there,
+so a resumed loader continues exactly, whatever threads, worker processes or process count either side
+used.
 
 Grain is imported inside the functions that use it: importing it imports JAX, which the rest of the data
 pipeline (and a CLI that provisions devices before JAX starts) should not pay for or trigger.
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lcjax.ops.layout import check_divisible, permute
+from lcjax.config import balance_chunk, padded_seq_len
+from lcjax.data.balance import balanced_permutation
+from lcjax.ops.layout import LAYOUTS, permutation
 
 FIELDS = ("tokens", "labels", "positions", "segment_ids", "loss_mask")
 
@@ -84,21 +88,70 @@ def window(stream: np.ndarray, doc_starts: np.ndarray | None, index: int, seq_le
     return {"tokens": chunk[:-1], "labels": chunk[1:], **extra}
 
 
-class LayOut:
-    """The layout permutation as one Grain map transform: every [B, T] array of a batch (tokens, labels,
-    positions, segment ids, loss mask alike) is permuted along T from natural order into ``layout`` order
-    for ``num_shards`` sequence shards (``attention.layout``, ``mesh.sequence``)."""
+def pad_window(window: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """A natural-order window (int32 [T] arrays named as :data:`FIELDS`) padded at its end to ``length``.
 
-    def __init__(self, layout: str, num_shards: int):
-        self.layout, self.num_shards = layout, num_shards
+    The padding is its own segment (id one above the window's largest, so no real token sees it and it
+    sees no real token) with positions 0, 1, … and no loss (``loss_mask`` 0, ``tokens`` and ``labels``
+    0): the loss, a mean over ``loss_mask``, is the unpadded window's.
+    """
+    extra = length - len(window["tokens"])
+    if extra <= 0:
+        return window
+    fill = {"positions": np.arange(extra), "segment_ids": np.full(extra, window["segment_ids"].max() + 1)}
+    return {name: np.concatenate([x, fill.get(name, np.zeros(extra, x.dtype)).astype(x.dtype)])
+            for name, x in window.items()}
+
+
+def order_window(window: dict[str, np.ndarray], layout: str, num_shards: int, *, chunk: int,
+                 attention_window: int | None = None) -> np.ndarray:
+    """int64 [T]: the permutation (``permuted = x[order]``) of one padded natural-order window into
+    ``layout``: the fixed one of lcjax.ops.layout, or for ``balanced`` chunks of ``chunk`` tokens
+    dispatched by their causal + document + ``attention_window`` work (lcjax.data.balance)."""
+    t = len(window["positions"])
+    if layout != "balanced" or num_shards == 1:
+        return permutation(t, layout, num_shards)
+    return balanced_permutation(window["positions"], window["segment_ids"], num_shards, chunk=chunk,
+                                window=attention_window)
+
+
+class LayOut:
+    """The layout as one Grain map transform on a batch of natural-order windows (dict of [B, T] arrays:
+    tokens, labels, positions, segment ids, loss mask): each row padded to
+    :func:`lcjax.config.padded_seq_len` (:func:`pad_window`), then permuted along T into ``layout`` order
+    for ``num_shards`` sequence shards (``attention.layout``, ``mesh.sequence``), all fields alike;
+    ``balanced`` decides each row's order from its own documents and ``attention_window``."""
+
+    def __init__(self, layout: str, num_shards: int, attention_window: int | None = None):
+        self.layout, self.num_shards, self.attention_window = layout, num_shards, attention_window
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: permute(array, self.layout, self.num_shards, axis=1) for name, array in batch.items()}
+        seq_len = batch["tokens"].shape[1]
+        padded = padded_seq_len(seq_len, self.layout, self.num_shards)
+        chunk = balance_chunk(seq_len, self.num_shards)
+        rows = []
+        for b in range(batch["tokens"].shape[0]):
+            row = pad_window({name: array[b] for name, array in batch.items()}, padded)
+            order = order_window(row, self.layout, self.num_shards, chunk=chunk,
+                                 attention_window=self.attention_window)
+            rows.append({name: x[order] for name, x in row.items()})
+        return {name: np.stack([row[name] for row in rows]) for name in batch}
 
 
-def lay_out(batch: dict[str, np.ndarray], layout: str, num_shards: int) -> dict[str, np.ndarray]:
-    """Every [B, T] array of ``batch`` permuted along T from natural order into ``layout`` order."""
-    return LayOut(layout, num_shards)(batch)
+def lay_out(batch: dict[str, np.ndarray], layout: str, num_shards: int,
+            attention_window: int | None = None) -> dict[str, np.ndarray]:
+    """Every [B, T] array of ``batch`` padded and permuted from natural order into ``layout`` (:class:`LayOut`)."""
+    return LayOut(layout, num_shards, attention_window)(batch)
+
+
+def windows_of_lengths(doc_lengths, seq_len: int) -> list[dict[str, np.ndarray]]:
+    """The packing of documents of ``doc_lengths`` tokens, as the loader packs a corpus: each document
+    followed by its EOS in one stream (lcjax.data.tokens), cut into windows of T + 1 tokens overlapping by
+    one (:func:`window`). Returns each window's ``positions``, ``segment_ids`` and ``loss_mask`` (int32 [T],
+    natural order); the final partial window is left out, as the loader leaves it."""
+    lengths = np.asarray(doc_lengths, np.int64) + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return [packing(boundaries(starts, w * seq_len, seq_len)) for w in range(num_windows(int(lengths.sum()), seq_len))]
 
 
 class Rows:
@@ -134,10 +187,11 @@ class Rows:
 class Loader:
     """An endless iterator of batches; its position can be saved and restored exactly.
 
-    ``next(loader)`` returns a dict of int32 numpy arrays [global_batch / process_count, seq_len] named as
-    :data:`FIELDS`, in layout order: this process's rows of the next global batch. ``get_state()`` returns
-    a flat dict of ints (JSON-serialisable; the trainer keeps it as ``TrainState.data_state`` in the Orbax
-    checkpoint): ``batch``, the number of global batches delivered, plus what identifies the data.
+    ``next(loader)`` returns a dict of int32 numpy arrays [global_batch / process_count, padded seq_len]
+    (lcjax.config.padded_seq_len) named as :data:`FIELDS`, in layout order: this process's rows of the next
+    global batch. ``get_state()`` returns a flat dict of ints (JSON-serialisable; the trainer keeps it as
+    ``TrainState.data_state`` in the Orbax checkpoint): ``batch``, the number of global batches delivered,
+    plus what identifies the data.
     ``set_state(state)`` on a loader made from the same token stream, seq_len, global_batch and seed
     continues with exactly the next batch, whatever the layout, number of shards, worker processes,
     prefetch depth or process count of either loader.
@@ -219,7 +273,7 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
                 doc_starts: np.ndarray | None = None, prefetch: int = 2, workers: int = 0,
                 process_index: int = 0, process_count: int = 1, stream: int | None = None,
                 vocab_size: int | None = None, tokenizer=None, passkey_fraction: float = 0.0,
-                passkey_synthetic: float = 0.5) -> Loader:
+                passkey_synthetic: float = 0.5, attention_window: int | None = None) -> Loader:
     """A :class:`Loader` of shuffled, packed batches from a token stream.
 
     Args:
@@ -227,7 +281,10 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
       seq_len: T, tokens per sequence (``data.seq_len``).
       global_batch: B, sequences per global batch (``data.global_batch``).
       seed: ``data.seed`` in [0, 2**32); each epoch is a fresh permutation of the windows drawn from it.
-      layout, num_shards: the sequence layout (contiguous, zigzag, striped) and ``mesh.sequence``.
+      layout, num_shards: the sequence layout (contiguous, zigzag, striped, balanced) and ``mesh.sequence``.
+        Batches are [B, padded T] with T padded to what the layout needs (lcjax.config.padded_seq_len;
+        :func:`pad_window`: padding sees and is seen by no real token and has no loss).
+      attention_window: ``attention.window`` (None: none), weighs the balanced layout's chunks.
       cross_document_attention: if True positions run 0…T−1 and segment ids are 1 across whole windows.
       doc_starts: int64 [num_docs] sorted document start offsets; None means one long document.
       prefetch: batches computed ahead (0: none); with ``workers`` = 0 by as many threads, else per worker.
@@ -244,9 +301,8 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
         depend on the seed and the global batch index only); ``tokenizer`` is needed when the fraction > 0.
 
     Batches span epochs without a gap; the loader never ends. Raises ValueError (one line naming the
-    data field) when seq_len or global_batch is below 1, the layout cannot split seq_len on num_shards,
-    the seed is out of range, the process slice is impossible, or the corpus has fewer windows than one
-    global batch.
+    data field) when seq_len or global_batch is below 1, the layout is unknown, the seed is out of range,
+    the process slice is impossible, or the corpus has fewer windows than one global batch.
     """
     import grain
 
@@ -267,7 +323,7 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
     if passkey_fraction > 0:
         dataset = dataset.map_with_index(_passkey_mix(tokenizer, seq_len, passkey_fraction, passkey_synthetic,
                                                       seed, process_index * rows))
-    dataset = dataset.map(LayOut(layout, num_shards))
+    dataset = dataset.map(LayOut(layout, num_shards, attention_window))
     identity = {"seed": seed, "seq_len": seq_len, "global_batch": global_batch, "num_windows": windows}
     identity.update({k: v for k, v in (("stream", stream), ("vocab_size", vocab_size)) if v is not None})
     return Loader(dataset, identity, prefetch=prefetch, workers=workers)
@@ -307,7 +363,10 @@ def _check(num_tokens: int, seq_len: int, global_batch: int, seed: int, layout: 
             raise ValueError(f"{name} {value} must be >= 1")
     if not 0 <= seed < 2**32:
         raise ValueError(f"data.seed {seed} must be in [0, 2**32)")
-    check_divisible(seq_len, layout, num_shards)
+    if layout not in LAYOUTS:
+        raise ValueError(f"attention.layout {layout!r} must be one of {', '.join(LAYOUTS)}")
+    if num_shards < 1:
+        raise ValueError(f"mesh.sequence {num_shards} must be >= 1")
     windows = num_windows(num_tokens, seq_len)
     if windows < global_batch:
         raise ValueError(

@@ -43,7 +43,8 @@ def run_sharded(local: Callable, mesh, *, in_specs, out_specs, kernel: str, vma:
 class ModelSettings(NamedTuple):
     """The static settings the per-shard model needs, built once from a config: attention (one
     :class:`AttentionSpec`, passed down unchanged to the kernel), mesh axis names, compute dtype (jnp
-    dtype of activations and matmuls) and memory settings (remat policy, MLP and loss tiles)."""
+    dtype of activations and matmuls) and memory settings (remat policy and offload, MLP and loss tiles,
+    sequence and head chunks)."""
 
     attn: AttentionSpec
     axes: Axes
@@ -56,5 +57,6 @@ def model_settings(cfg: Config, *, fsdp: bool = False) -> ModelSettings:
     (``train.fsdp``), else they are whole on every data/sequence shard."""
     t = cfg.train
     axes = Axes(*AXES, fsdp=rules.ZERO_AXES if fsdp else ())
-    mem = MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile)
+    mem = MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile, offload=t.offload,
+                     seq_chunk=t.seq_chunk, head_chunks=t.head_chunks)
     return ModelSettings(attention_spec(cfg), axes, jnp.dtype(t.dtype), mem)

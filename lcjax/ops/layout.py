@@ -8,6 +8,9 @@ mesh axis) holds the ``i``-th contiguous slice of T/P tokens of the permuted arr
   the same amount of causal attention work (Brandon et al. 2023, "Striped Attention", discuss the
   imbalance; the zigzag form is the one used by ring-flash-attention and Megatron context parallelism).
 - ``striped``: token t goes to shard t mod P (Brandon et al. 2023, arXiv:2311.09431, §3).
+- ``balanced``: decided per window by the data loader from the documents it packed
+  (lcjax.data.balance.balanced_permutation); the attention schedules treat it as an arbitrary order.
+  Without a window to balance (generation, PassKey prompts) :func:`permutation` keeps the natural order.
 
 For 16 tokens on 4 shards: zigzag gives 0 1 14 15 | 2 3 12 13 | 4 5 10 11 | 6 7 8 9; striped gives
 0 4 8 12 | 1 5 9 13 | 2 6 10 14 | 3 7 11 15.
@@ -25,7 +28,7 @@ from lcjax.choices import LAYOUTS  # noqa: F401  (re-exported: lcjax.ops.layout.
 def check_divisible(length: int, layout: str, num_shards: int) -> None:
     """Raise ValueError unless ``length`` tokens can be laid out on ``num_shards`` shards.
 
-    Zigzag needs T divisible by 2·P, striped and contiguous by P.
+    Zigzag needs T divisible by 2·P, striped, contiguous and balanced by P.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"attention.layout {layout!r} must be one of {', '.join(LAYOUTS)}")
@@ -41,11 +44,12 @@ def check_divisible(length: int, layout: str, num_shards: int) -> None:
 def permutation(length: int, layout: str, num_shards: int) -> np.ndarray:
     """Indices ``perm`` (int64 [T]) with ``permuted = x[perm]``: position k of the layout holds token perm[k].
 
+    ``balanced`` has no fixed permutation (the loader computes one per window): the natural order here.
     Raises ValueError for an unknown layout or a length the layout cannot split evenly.
     """
     check_divisible(length, layout, num_shards)
     idx = np.arange(length)
-    if layout == "contiguous" or num_shards == 1:
+    if layout in ("contiguous", "balanced") or num_shards == 1:
         return idx
     if layout == "striped":
         return idx.reshape(length // num_shards, num_shards).T.reshape(-1)

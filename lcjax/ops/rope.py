@@ -24,7 +24,8 @@ matches transformers' ``modeling_rope_utils`` (v5) of the same name, see docs/ro
   θ'_i = (1 − m)·θ_i/s + m·θ_i with m = (L/λ − low_freq_factor) / (high_freq_factor − low_freq_factor).
 
 Angles are exact far out: a float32 product pos · θ is wrong by up to 3e-2 rad at position 1M
-(docs/reference/jax-notes.md). We split pos = hi · C + lo (C = 1024), take cos/sin of hi·C·θ and lo·θ from small
+(float32's spacing at 1e6 is 6.25e-2, so rounding alone errs by up to 3.1e-2 for θ₀ = 1).
+We split pos = hi · C + lo (C = 1024), take cos/sin of hi·C·θ and lo·θ from small
 float64-built tables, and combine them with the angle-addition formulas in float32. The YaRN factor is
 folded into the ``lo`` tables, so it scales the combined cos and sin once. Angles are never bf16.
 """

@@ -22,7 +22,9 @@ class AttentionSpec(NamedTuple):
     per-device kernel's name (``lcjax.choices.KERNELS``); dkv_dtype: dtype of the dK/dV accumulators on the
     backward ring's wire (``lcjax.choices.DKV_DTYPES``); ulysses_size: the all-to-all group size of
     ``hybrid`` (None: the whole axis); causal: key position <= query position; scale: score scale (None:
-    1/√H).
+    1/√H); ordered: the caller vouches that within each segment positions grow at least as fast as the
+    token index in the original order (the loader's windows do; lcjax.parallel.ring.is_ordered), which lets
+    a ring with a window send less — every impl is exact for any positions without it.
     """
 
     impl: str = "ring"
@@ -35,6 +37,7 @@ class AttentionSpec(NamedTuple):
     ulysses_size: int | None = None
     causal: bool = True
     scale: float | None = None
+    ordered: bool = False
 
     def kernel_options(self) -> dict:
         """The keyword arguments of the kernels' ``flash_forward`` / ``flash_backward`` contract

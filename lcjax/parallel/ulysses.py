@@ -51,7 +51,7 @@ def _gather_sequence(x, axis_name, groups, group):
 def zigzag_group_order(local_len: int, group: int) -> np.ndarray:
     """Permutation of a group's gathered tokens [early_0, late_0, early_1, late_1, …] (each shard's two
     zigzag chunks of ``local_len``/2) into [early_0 … early_{U−1}, late_{U−1} … late_0]: the zigzag layout of
-    the ring across groups, whose half-block schedule then applies unchanged."""
+    the ring across groups, whose zigzag work balance then applies unchanged."""
     half = local_len // 2
     early = [np.arange(u * local_len, u * local_len + half) for u in range(group)]
     late = [np.arange(u * local_len + half, (u + 1) * local_len) for u in reversed(range(group))]
@@ -60,10 +60,10 @@ def zigzag_group_order(local_len: int, group: int) -> np.ndarray:
 
 def ulysses_attention(q, k, v, positions, segment_ids, *, axis_name, group=None, layout="zigzag",
                       causal=True, window=None, scale=None, block_q=None, block_k=None, kernel="xla",
-                      dkv_dtype="float32"):
+                      dkv_dtype="float32", ordered=False):
     """:func:`ulysses` with the spec's fields as keyword arguments (tests, benchmarks)."""
     spec = AttentionSpec(layout=layout, causal=causal, window=window, scale=scale, block_q=block_q,
-                         block_k=block_k, kernel=kernel, dkv_dtype=dkv_dtype)
+                         block_k=block_k, kernel=kernel, dkv_dtype=dkv_dtype, ordered=bool(ordered))
     return ulysses(q, k, v, positions, segment_ids, spec, axis_name=axis_name, group=group)
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from lcjax.plan.shapes import Shape, local_heads
 
-ATTENTION_IMPLS = ("ring", "ulysses", "local")
+ATTENTION_IMPLS = ("ring", "ulysses", "allgather", "local")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ def ring_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> tupl
     return fwd, fwd + sp * 2 * tokens * kv * 4
 
 
+def allgather_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> tuple[int, int]:
+    """All-gather context parallelism (Llama 3; lcjax.parallel.allgather), (forward, backward): forward an
+    all-gather of K and V, (P−1)/P of the gathered P·2·tokens·d_kv'·cb; backward the same all-gather again
+    plus a float32 reduce-scatter of dK, dV: + (P−1)·2·tokens·d_kv'·4. d_kv' = kv heads on this ``model``
+    shard × H. 7B, T=32768, P=4: 402,653,184 and 1,207,959,552."""
+    if sp == 1:
+        return 0, 0
+    kv = local_heads(s, tp)[1] * s.H
+    fwd = (sp - 1) * 2 * tokens * kv * cb
+    return fwd, fwd + (sp - 1) * 2 * tokens * kv * 4
+
+
 def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> int:
     """DeepSpeed-Ulysses, one direction (forward = backward): all-to-all of Q, K, V and of the output, the
     aggregate message (sequence-wide) being sp·tokens·(2·D' + 2·d_kv')·cb, so each device sends
@@ -68,12 +80,14 @@ def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> i
 
 
 def layer_comm(s: Shape, tokens: int, *, sp: int, tp: int, impl: str = "ring", cb: int = 2) -> LayerComm:
-    """:class:`LayerComm` of one layer on one device for attention ``impl`` (ring, ulysses or local)."""
+    """:class:`LayerComm` of one layer on one device for attention ``impl`` (ATTENTION_IMPLS)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} must be one of {', '.join(ATTENTION_IMPLS)}")
     tp_one = tp_bytes(s, tokens, tp, cb)
     if impl == "ring":
         fwd, bwd = ring_bytes(s, tokens, sp, tp, cb)
+    elif impl == "allgather":
+        fwd, bwd = allgather_bytes(s, tokens, sp, tp, cb)
     elif impl == "ulysses":
         fwd = bwd = ulysses_bytes(s, tokens, sp, tp, cb)
     else:

@@ -91,17 +91,22 @@ def layer_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: in
 
 
 def lcjax_layer_residual_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
-                               stored_bytes: int | None = None, mlp_tokens: int | None = None) -> int:
+                               stored_bytes: int | None = None, mlp_tokens: int | None = None,
+                               chunk_tokens: int | None = None, head_chunks: int = 1) -> int:
     """Bytes of the per-token residuals JAX keeps for one lcjax layer (``lcjax`` model, module doc):
     stored·(2D + (2N' + 2K')·H + 6F/tp) + 4·(4D + 2H + N'·H + N' + 4) + 8 per token (N', K' heads on the
     shard). LLaMA-2-7B, tp=1, bf16: 264,344 bytes per token (2.01× formulas §1.3). ``mlp_tokens``: with a
-    tiled MLP (``train.mlp_tile``) only that many tokens' six F-wide tensors exist at a time."""
+    tiled MLP (``train.mlp_tile``) only that many tokens' six F-wide tensors exist at a time.
+    ``chunk_tokens``: with ``train.seq_chunk`` the per-token terms outside attention (the matmul inputs 2D,
+    the float32 norm internals 4D, RoPE 2H, the norm scalars, the MLP) exist for one chunk; Q, K, V, O
+    stay whole. ``head_chunks``: the ring's float32 output and lse exist for N'/head_chunks heads."""
     n_loc, k_loc = local_heads(s, tp)
     stored = stored_bytes or compute_bytes
-    low = 2 * s.D + (2 * n_loc + 2 * k_loc) * s.H
-    f32 = 4 * s.D + 2 * s.H + n_loc * s.H + n_loc + 4
-    mlp = (tokens if mlp_tokens is None else min(mlp_tokens, tokens)) * stored * 6 * s.F // tp
-    return tokens * (stored * low + 4 * f32 + 8) + mlp
+    c = tokens if chunk_tokens is None else min(chunk_tokens, tokens)
+    whole = stored * (2 * n_loc + 2 * k_loc) * s.H + 4 * (n_loc * s.H + n_loc) // head_chunks + 8
+    chunked = stored * 2 * s.D + 4 * (4 * s.D + 2 * s.H + 4)
+    mlp = (c if mlp_tokens is None else min(mlp_tokens, c)) * stored * 6 * s.F // tp
+    return tokens * whole + c * chunked + mlp
 
 
 def cast_weight_bytes(s: Shape, tp: int = 1, compute_bytes: int = 2, param_bytes: int = 4,
@@ -124,7 +129,8 @@ def head_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int
 
 def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2, remat: str = "none", *,
                      model: str = "lcjax", param_bytes: int = 4, stored_bytes: int | None = None,
-                     mlp_tokens: int | None = None, loss_tokens: int | None = None) -> int:
+                     mlp_tokens: int | None = None, loss_tokens: int | None = None,
+                     chunk_tokens: int | None = None, head_chunks: int = 1) -> int:
     """All activation bytes of one device for ``tokens`` local tokens (estimate; module doc).
 
     remat ``none``: every layer keeps its residuals; ``layer``: each layer keeps only its input (Korthikanti
@@ -133,6 +139,7 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
     ``lcjax`` or ``formulas``. Plus the head's activations (and, for ``lcjax``, the working set).
     ``mlp_tokens`` / ``loss_tokens``: tokens per tile of a tiled MLP / loss (None: untiled); a tiled MLP
     keeps only its input per layer, its F-wide tensors exist for one tile of one layer at a time.
+    ``chunk_tokens`` / ``head_chunks``: :func:`lcjax_layer_residual_bytes` (the ``lcjax`` model only).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} must be one of {', '.join(REMAT_POLICIES)}")
@@ -142,8 +149,10 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
     if model == "formulas":
         layer, working = layer_activation_bytes(s, tokens, tp, stored), 0
     else:
-        working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, mlp_tokens)
-        kept = working if mlp_tokens is None else lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, 0)
+        working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, mlp_tokens, chunk_tokens,
+                                             head_chunks)
+        kept = working if mlp_tokens is None and chunk_tokens is None else lcjax_layer_residual_bytes(
+            s, tokens, tp, compute_bytes, stored, 0, chunk_tokens, head_chunks)
         layer = kept + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
     if remat == "none":
         layers = s.L * layer
@@ -155,13 +164,27 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
     return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored, loss_tokens)
 
 
+def gathered_kv_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, compute_bytes: int = 2) -> int:
+    """Working set of all-gather attention (lcjax.parallel.allgather) in one layer's backward, the larger
+    pass: the other P−1 shards' K and V (compute dtype), their float32 dK, dV, and the P-block float32
+    buffer reduce-scattered home: 2·tokens·d_kv'·((P−1)·(cb + 4) + 4·P), d_kv' = local kv heads × H."""
+    if sp == 1:
+        return 0
+    kv = local_heads(s, tp)[1] * s.H
+    return 2 * tokens * kv * ((sp - 1) * (compute_bytes + 4) + 4 * sp)
+
+
 def memory_per_device(s: Shape, tokens: int, tp: int, group: int, *, optimizer_sharding: str = "none",
                       remat: str = "none", compute_bytes: int = 2, param_bytes: int = 4,
                       activation_model: str = "lcjax", stored_bytes: int | None = None,
-                      mlp_tokens: int | None = None, loss_tokens: int | None = None) -> MemoryBytes:
-    """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp))."""
+                      mlp_tokens: int | None = None, loss_tokens: int | None = None,
+                      chunk_tokens: int | None = None, head_chunks: int = 1,
+                      attention_working: int = 0) -> MemoryBytes:
+    """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp)); ``attention_working``:
+    bytes an attention impl holds beyond its residuals while one layer runs (:func:`gathered_kv_bytes`),
+    counted with the activations."""
     params, grads, optimizer = state_bytes(s, tp, group, optimizer_sharding, param_bytes, compute_bytes)
     acts = activation_bytes(s, tokens, tp, compute_bytes, remat, model=activation_model,
                             param_bytes=param_bytes, stored_bytes=stored_bytes, mlp_tokens=mlp_tokens,
-                            loss_tokens=loss_tokens)
-    return MemoryBytes(params, grads, optimizer, acts)
+                            loss_tokens=loss_tokens, chunk_tokens=chunk_tokens, head_chunks=head_chunks)
+    return MemoryBytes(params, grads, optimizer, acts + attention_working)

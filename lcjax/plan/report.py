@@ -15,6 +15,8 @@ def candidate_dict(p: StepPlan, is_best: bool) -> dict:
     return {
         "mesh": {"data": i.data, "sequence": i.sequence, "model": i.model},
         "memory_bytes": p.memory.as_dict(),
+        "host_bytes": p.offload.host_bytes if p.offload else 0,
+        "offload": p.offload.as_dict() if p.offload else None,
         "activation_bytes_per_layer": layer_activations(p),
         "comm_bytes_per_layer": p.layer_comm.as_dict(),
         "comm_bytes_per_step_outside_layers": p.step_comm_bytes,

@@ -46,10 +46,34 @@ class Transfer:
     start: str
     done: str
     work: list = field(default_factory=list)  # names of the ops scheduled between start and done
+    bytes: int = 0  # bytes of the collective's result (what arrives on this device)
 
     @property
     def overlapped(self) -> bool:
         return bool(self.work)
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO result type such as ``bf16[1,8192,32,128]{3,2,1,0}`` or a tuple of them
+    (float8 types count 1 byte; unknown element types count 0)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size
+    return total
+
+
+def result_bytes(instr: "Instr") -> int:
+    """Bytes of an instruction's result: the type between ``=`` and the opcode on its line."""
+    head = instr.line.split("=", 1)[1] if "=" in instr.line else ""
+    return shape_bytes(head.split(f" {instr.op}(", 1)[0])
 
 
 def parse(text: str) -> dict[str, list[Instr]]:
@@ -113,7 +137,7 @@ def transfers(comps: dict[str, list[Instr]]) -> list[Transfer]:
             else:  # carried across a loop iteration: work before the done here (the start is elsewhere)
                 work = [x.name for x in instrs[:j] if is_work(x)]
                 src = src or "?"
-            found.append(Transfer(_kind(ins.op[:-5] + "-start"), comp, src, ins.name, work))
+            found.append(Transfer(_kind(ins.op[:-5] + "-start"), comp, src, ins.name, work, result_bytes(ins)))
     for name, (comp, i) in starts.items():  # a start whose done is in another computation
         if name not in seen and not any(t.start == name for t in found):
             instrs = comps[comp]
@@ -175,23 +199,37 @@ def named_kernels(comps: dict[str, list[Instr]]) -> dict[str, int]:
 def report(text: str) -> dict:
     """Summary of a scheduled HLO module (``compiled.as_text()``).
 
-    Returns a dict: ``collectives`` {kind: {"count", "overlapped", "exposed"}} for asynchronous
-    collectives plus ``synchronous`` ones; ``conditionals`` (total) and ``conditionals_in_loops``;
+    Returns a dict: ``collectives`` {kind: {"count", "overlapped", "exposed", "synchronous", "bytes",
+    "exposed_bytes", "in_loops", "exposed_in_loops"}} — asynchronous collectives counted overlapped or
+    exposed, synchronous ones (no start/done pair) apart; bytes are those of each collective's result, summed
+    over call sites (a site in a loop body counts once); ``in_loops`` counts sites inside ``while`` bodies (the
+    layer loop, the ring). Also ``conditionals`` (total) and ``conditionals_in_loops``;
     ``conditionals_beside_transfers`` (in a computation that also starts or finishes a collective);
-    ``kernels`` {library: call sites}; ``pallas_kernels`` {kernel name: call sites}; ``while_loops``; ``exposed`` [(kind, computation)].
+    ``kernels`` {library: call sites}; ``pallas_kernels`` {kernel name: call sites}; ``while_loops``;
+    ``exposed`` [(kind, computation)] of the exposed asynchronous ones.
     """
     comps = parse(text)
     moves = transfers(comps)
-    kinds: dict[str, dict] = {}
-    for t in moves:
-        row = kinds.setdefault(t.kind, {"count": 0, "overlapped": 0, "exposed": 0, "synchronous": 0})
-        row["count"] += 1
-        row["overlapped" if t.overlapped else "exposed"] += 1
-    for _, op in synchronous_collectives(comps):
-        row = kinds.setdefault(op, {"count": 0, "overlapped": 0, "exposed": 0, "synchronous": 0})
-        row["count"] += 1
-        row["synchronous"] += 1
     loops = loop_bodies(comps)
+    kinds: dict[str, dict] = {}
+
+    def count(kind, how, nbytes, comp):
+        row = kinds.setdefault(kind, dict.fromkeys(("count", "overlapped", "exposed", "synchronous", "bytes",
+                                                    "exposed_bytes", "in_loops", "exposed_in_loops"), 0))
+        row["count"] += 1
+        row[how] += 1
+        row["bytes"] += nbytes
+        row["in_loops"] += comp in loops
+        if how != "overlapped":
+            row["exposed_bytes"] += nbytes
+            row["exposed_in_loops"] += comp in loops
+
+    for t in moves:
+        count(t.kind, "overlapped" if t.overlapped else "exposed", t.bytes, t.computation)
+    for comp, instrs in comps.items():
+        for ins in instrs:
+            if ins.op in COLLECTIVES:
+                count(ins.op, "synchronous", result_bytes(ins), comp)
     conds = [(c, ins) for c, instrs in comps.items() for ins in instrs if ins.op == "conditional"]
     with_transfers = {t.computation for t in moves}
     return {
@@ -208,9 +246,12 @@ def report(text: str) -> dict:
 
 def markdown(rep: dict) -> str:
     """The report as a short markdown table (one row per collective kind) and a line of counts."""
-    rows = ["| collective | count | overlapped | exposed | synchronous |", "|---|---:|---:|---:|---:|"]
+    rows = ["| collective | count | overlapped | exposed | synchronous | in loops (exposed) | MB (exposed) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, r in sorted(rep["collectives"].items()):
-        rows.append(f"| {kind} | {r['count']} | {r['overlapped']} | {r['exposed']} | {r['synchronous']} |")
+        rows.append(f"| {kind} | {r['count']} | {r['overlapped']} | {r['exposed']} | {r['synchronous']} | "
+                    f"{r.get('in_loops', 0)} ({r.get('exposed_in_loops', 0)}) | "
+                    f"{r.get('bytes', 0) / 1e6:.1f} ({r.get('exposed_bytes', 0) / 1e6:.1f}) |")
     k = rep["kernels"]
     rows.append("")
     rows.append(f"conditionals: {rep['conditionals']} ({rep['conditionals_in_loops']} in loops, "

@@ -15,18 +15,20 @@ from dataclasses import dataclass, replace
 
 from lcjax import config as config_lib
 from lcjax.plan import comm, flops, memory
+from lcjax.plan import offload as offload_lib
 from lcjax.plan.hardware import Device
-from lcjax.plan.memory import MemoryBytes, memory_per_device
+from lcjax.plan.memory import MemoryBytes, gathered_kv_bytes, memory_per_device
 from lcjax.plan.shapes import Shape, param_elements_per_device
 
 
 @dataclass(frozen=True)
 class StepInputs:
     """What a step's cost depends on. Mesh sizes (data, sequence, model); ``compute_bytes`` 2 (bfloat16)
-    or 4 (float32); ``attention`` ring, ulysses or local; ``remat`` none, layer or full; ``optimizer_sharding``
-    none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
+    or 4 (float32); ``attention`` ring, ulysses, allgather or local; ``remat`` none, layer or full;
+    ``optimizer_sharding`` none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
     backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory);
-    ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled)."""
+    ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled); ``offload`` none, layer
+    or saved, ``seq_chunk`` and ``head_chunks`` as ``train.*`` (lcjax.plan.offload, lcjax.plan.memory)."""
 
     shape: Shape
     seq_len: int
@@ -44,6 +46,9 @@ class StepInputs:
     stored_bytes: int | None = None
     mlp_tile: int = 0
     loss_tile: int = 0
+    offload: str = "none"
+    seq_chunk: int = 0
+    head_chunks: int = 1
 
     @property
     def devices(self) -> int:
@@ -57,10 +62,11 @@ class StepInputs:
     @classmethod
     def from_config(cls, cfg: config_lib.Config, *, attention: str | None = None, remat: str | None = None,
                     optimizer_sharding: str | None = None, activation_model: str = "lcjax",
-                    stored_bytes: int | None = None) -> "StepInputs":
+                    stored_bytes: int | None = None, offload: str | None = None) -> "StepInputs":
         """Inputs of a (validated) lcjax config; ``attention`` overrides ``attention.impl``, ``remat`` and
         ``optimizer_sharding`` the config's (None: read from ``train.remat`` — the selective policies
-        counted as ``full``, a lower bound — and ``train.fsdp`` / ``train.shard_optimizer``)."""
+        counted as ``full``, a lower bound — and ``train.fsdp`` / ``train.shard_optimizer``), ``offload``
+        ``train.offload``."""
         t = cfg.train
         if remat is None:
             remat = t.remat if t.remat in ("none", "layer") else "full"
@@ -72,7 +78,9 @@ class StepInputs:
                    compute_bytes=4 if t.dtype == "float32" else 2,
                    param_bytes=4 if t.param_dtype == "float32" else 2, remat=remat,
                    optimizer_sharding=optimizer_sharding, activation_model=activation_model,
-                   stored_bytes=stored_bytes, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile)
+                   stored_bytes=stored_bytes, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile,
+                   offload=t.offload if offload is None else offload, seq_chunk=t.seq_chunk,
+                   head_chunks=t.head_chunks)
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class StepPlan:
     compute_s: float
     comm_exposed_s: float
     flops_per_token: dict
+    offload: offload_lib.OffloadPlan | None = None  # host bytes and PCIe time (lcjax.plan.offload)
 
     @property
     def step_time_s(self) -> float:
@@ -121,7 +130,7 @@ def _attention_seconds(i: StepInputs, rate: float) -> tuple[float, float]:
     """(forward, backward) seconds of one layer's attention on one device; backward = 2.5× forward
     (FlashAttention-2 §4); a contiguous causal ring is slowed by (2P−1)/P."""
     fwd = flops.attention_forward_flops_per_token(i.shape, i.seq_len) * i.tokens_per_device / i.model / rate
-    if i.attention == "ring" and i.layout == "contiguous" and i.sequence > 1:
+    if i.attention in ("ring", "allgather") and i.layout == "contiguous" and i.sequence > 1:
         fwd *= (2 * i.sequence - 1) / i.sequence
     return fwd, 2.5 * fwd
 
@@ -134,7 +143,8 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     bw = dev.bandwidth(i.sequence * i.model)
     if i.attention == "ulysses":
         return tp_s + (lc.seq_fwd + lc.seq_bwd) / bw
-    hidden = (i.sequence - 1) / i.sequence
+    # the ring hides each hop under a block's attention; the all-gather only under the local block's
+    hidden = (i.sequence - 1) / i.sequence if i.attention == "ring" else 1 / i.sequence
     fwd, bwd = _attention_seconds(i, rate)
     return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
 
@@ -151,17 +161,23 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
     memory = memory_per_device(s, tokens, i.model, group, optimizer_sharding=i.optimizer_sharding,
                                remat=i.remat, compute_bytes=cb, param_bytes=i.param_bytes,
                                activation_model=i.activation_model, stored_bytes=i.stored_bytes,
-                               mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile))
+                               mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile),
+                               chunk_tokens=_tile_tokens(i, i.seq_chunk), head_chunks=i.head_chunks,
+                               attention_working=(gathered_kv_bytes(s, tokens, i.sequence, i.model, cb)
+                                                  if i.attention == "allgather" else 0))
     lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
     if i.remat != "none":  # the recomputed forward communicates again (the ring only under ``layer``)
         lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=(2 if i.remat == "layer" else 1) * lc.seq_fwd)
     rate = dev.peak(cb) * dev.efficiency
+    off = offload_lib.plan_offload(s, i.seq_len, tokens, i.model, i.remat, i.offload,
+                                   i.stored_bytes or cb, rate, dev.host_bw)
+    memory = replace(memory, activations=memory.activations - off.device_bytes_saved)
     compute_s = flops.hardware_flops_per_token(s, i.seq_len, i.remat) * tokens / i.model / rate
     grads = comm.gradient_sync_bytes(param_elements_per_device(s, i.model) * 4, group, i.optimizer_sharding)
     embed = comm.all_reduce_bytes(tokens * s.D * cb, i.model)
     exposed = (s.L * _layer_exposed_seconds(i, lc, dev, rate) + grads / dev.bandwidth(i.devices)
                + (embed / dev.bandwidth(i.model) if i.model > 1 else 0.0))
-    return StepPlan(i, dev, memory, lc, grads + embed, compute_s, exposed, model_flops(s, i.seq_len))
+    return StepPlan(i, dev, memory, lc, grads + embed, compute_s, exposed, model_flops(s, i.seq_len), off)
 
 
 def mesh_factorisations(n: int) -> list[tuple[int, int, int]]:

@@ -21,7 +21,8 @@ def zeros_batch(cfg: Config, step: int) -> dict:
     """A batch of the shape of 1-based ``step``'s batches (for compiling ahead of it; data.curriculum)."""
     stages = config_lib.stages(cfg)
     _, seq_len, batch = stages[stage_index(stages, step)]
-    return {k: np.zeros((batch, seq_len), np.int32) for k in BATCH_FIELDS}
+    padded = config_lib.padded_seq_len(seq_len, cfg.attention.layout, cfg.mesh.sequence)  # as the loader pads
+    return {k: np.zeros((batch, padded), np.int32) for k in BATCH_FIELDS}
 
 
 def process_rows(sharding, global_shape: tuple[int, int]) -> slice:
@@ -87,7 +88,8 @@ def eval_batches(cfg: Config, heldout: Dataset, put) -> list[dict]:
     try:
         loader = heldout.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=0, prefetch=0,
                                 layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                                cross_document_attention=d.cross_document_attention)
+                                cross_document_attention=d.cross_document_attention,
+                                attention_window=cfg.attention.window)
     except ValueError as e:
         raise ValueError(f"eval.holdout {cfg.eval.holdout}: the held-out split is too small ({e})") from None
     batches = [put(next(loader)) for _ in range(cfg.eval.batches)]

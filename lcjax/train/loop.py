@@ -152,9 +152,9 @@ def _loader(cfg: Config, dataset):
     """The training loader of ``dataset``: ``data.curriculum``'s stages, the layout's token order."""
     d = cfg.data
     return curriculum_loader(dataset.loader, config_lib.stages(cfg), seed=d.seed, layout=cfg.attention.layout,
-                             num_shards=cfg.mesh.sequence, cross_document_attention=d.cross_document_attention,
-                             workers=d.workers, passkey_fraction=d.passkey_fraction,
-                             passkey_synthetic=d.passkey_synthetic)
+                             num_shards=cfg.mesh.sequence, attention_window=cfg.attention.window,
+                             cross_document_attention=d.cross_document_attention, workers=d.workers,
+                             passkey_fraction=d.passkey_fraction, passkey_synthetic=d.passkey_synthetic)
 
 
 def _set_up(run: _Run, heldout, *, resumed: bool) -> _Ready:
