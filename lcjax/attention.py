@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from lcjax.kernels.flash_attention.api import KERNELS, is_pallas
 from lcjax.ops.layout import check_divisible, unpermute
 from lcjax.parallel.ring import is_ordered
-from lcjax.parallel.sequence import IMPLS, sequence_parallel_attention
+from lcjax.parallel.sequence import IMPLS, sequence_parallel
+from lcjax.parallel.spec import AttentionSpec
 from lcjax.parallel.ulysses import check_heads
 from lcjax.sharding.mesh import AXES, make_mesh
 
@@ -96,12 +97,9 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     ordered = _ordered(positions, segment_ids, impl, layout, sp, window)
     tokens, heads = P("data", "sequence"), P("data", "sequence", "model", None)
 
-    def local(q, k, v, pos, seg):
-        return sequence_parallel_attention(q, k, v, pos, seg, impl=impl, axis_name="sequence", layout=layout,
-                                           causal=causal, window=window, scale=scale, block_q=block_q,
-                                           block_k=block_k, kernel=kernel, ulysses_size=ulysses_size,
-                                           dkv_dtype=dkv_dtype, ordered=ordered)
-
+    spec = AttentionSpec(impl=impl, layout=layout, window=window, block_q=block_q, block_k=block_k, kernel=kernel,
+                         dkv_dtype=dkv_dtype, ulysses_size=ulysses_size, causal=causal, scale=scale, ordered=ordered)
+    local = lambda q, k, v, pos, seg: sequence_parallel(q, k, v, pos, seg, spec, axis_name="sequence")
     fn = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads,
                        check_vma=not is_pallas(kernel))  # Pallas in interpret mode needs check_vma off
     return fn(q, k, v, positions, segment_ids)

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Save every ``every`` steps (and when forced), keep the newest ``keep``, restore the newest.
 
-    The saved item is any pytree of arrays (here lcjax.train.step.TrainState). Restoring takes an
+    The saved item is any pytree of arrays (here lcjax.train.state.TrainState). Restoring takes an
     abstract pytree (``jax.ShapeDtypeStruct`` leaves with shardings) and places every array on that
     sharding, whatever mesh wrote the checkpoint.
     """

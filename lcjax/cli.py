@@ -264,9 +264,8 @@ def default_run_dir(cfg: config_lib.Config) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def _train(args) -> int:
-    from lcjax import distributed
-
+def _check_train_flags(args) -> None:
+    """Raise ValueError (one line) for train flags that exclude or need each other."""
     if args.resume not in (False, True, "auto"):
         raise ValueError(f"--resume {args.resume!r}: the only value it takes is 'auto'")
     if args.resume and not args.run_dir:
@@ -282,9 +281,15 @@ def _train(args) -> int:
     if args.config is None and args.resume == "auto" and not (Path(args.run_dir) / "config.yaml").is_file():
         raise ValueError(f"--resume auto: --config is required (--run-dir {args.run_dir} holds no run to read it from)")
     if args.resume is True and args.config is None:
-        from lcjax.train.loop import check_run_dir  # names the run dir, not a --config never passed
+        from lcjax.train.run_files import check_run_dir  # names the run dir, not a --config never passed
 
         check_run_dir(Path(args.run_dir), resume=True)
+
+
+def _train(args) -> int:
+    from lcjax import distributed
+
+    _check_train_flags(args)
     cfg = config_lib.load(args.config or Path(args.run_dir) / "config.yaml", args.set)
     from lcjax.train.metrics import parse_profile  # imports no JAX
 
@@ -317,6 +322,11 @@ def _train(args) -> int:
     except NonFiniteError as e:
         print(f"lcjax: stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    return _report_train(result, run_dir)
+
+
+def _report_train(result: dict, run_dir: Path) -> int:
+    """Print how a training run ended (finished, preempted, stopped during set-up); the exit code, 0."""
     where = (f"{result['checkpoint_dir']}/{result['checkpoint']}" if result["checkpoint"] is not None
              else "nowhere (no step was completed, nothing written)")
     if result.get("set_up_only"):  # a signal before the first step: nothing was written

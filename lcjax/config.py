@@ -5,7 +5,8 @@ rules that relate keys to each other (divisibility by the mesh, head counts, lay
 :func:`validate`. Every problem is reported as one ``ValueError`` line naming the key and the rule, which
 the CLI prints and turns into exit code 2.
 
-This module imports no other lcjax module (docs/design.md, "Layout of the repository"). OmegaConf is imported
+This module imports no other lcjax module but :mod:`lcjax.choices`, the choice lists it validates against
+(docs/design.md, "Layout of the repository"). OmegaConf is imported
 only by the functions that load or print YAML, so the dataclasses and :func:`validate` work on a host
 without it (the GPU host has jax, flax, optax and orbax but none of our data dependencies).
 """
@@ -18,17 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-AXES = ("data", "sequence", "model")  # mesh axis names, always in this order
-ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid", "allgather")
-LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
+from lcjax.choices import (ATTENTION_IMPLS, AXES, DKV_DTYPES, DTYPES, KERNELS, LAYOUTS, OFFLOAD_MODES,  # noqa: F401
+                           REMAT_POLICIES, ROPE_TYPES)
+
 BALANCE_CHUNK = 128  # tokens per chunk of the balanced layout: the Triton kernels' H100 bf16 forward tile
 BALANCE_MIN_CHUNKS = 4  # chunks per sequence shard at least, for short windows (smaller chunks then)
-KERNELS = ("xla", "pallas", "pallas_triton")  # lcjax.kernels.flash_attention.api.KERNELS
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")
-OFFLOAD_MODES = ("none", "layer", "saved")  # lcjax.model.offload.OFFLOAD_MODES
 TOKENIZERS = ("bpe", "bytes")
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")  # lcjax.ops.rope.ROPE_TYPES
 VOCAB_MULTIPLE = 128  # the vocabulary is padded to a multiple of this whatever the mesh
 
 
@@ -384,7 +380,7 @@ def _choices(cfg: Config) -> str | None:
     for key, value, allowed in (
         ("attention.impl", cfg.attention.impl, ATTENTION_IMPLS),
         ("attention.layout", cfg.attention.layout, LAYOUTS),
-        ("attention.dkv_dtype", cfg.attention.dkv_dtype, ("float32", "bfloat16")),
+        ("attention.dkv_dtype", cfg.attention.dkv_dtype, DKV_DTYPES),
         ("attention.kernel", cfg.attention.kernel, KERNELS),
         ("train.dtype", cfg.train.dtype, DTYPES),
         ("train.param_dtype", cfg.train.param_dtype, DTYPES),

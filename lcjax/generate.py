@@ -1,15 +1,15 @@
 """Text generation with a KV cache: a sharded prefill of the prompts, then decoding token by token.
 
-Prefill runs the prompts through the training model in one ``shard_map`` over the whole mesh, exactly as a
-training step's forward does (the layers are :class:`lcjax.model.llama.Block` itself): prompts [B, T] in
+Prefill runs the prompts through the training model on the mesh (lcjax.model.sharded), exactly as a
+training step's forward does (the layers are :class:`lcjax.model.llama.Block` itself; the per-shard math is
+:mod:`lcjax.model.decode`): prompts [B, T] in
 the config's layout (zigzag …) split over ``sequence`` (ring, Ulysses or hybrid attention), batch over
 ``data``, heads, MLP width and vocabulary over ``model`` (TP). Besides the logits of every prompt's last
-token it returns the KV cache: each layer's roped keys and values, computed from the layer's input with the
-layer's own weights (one extra K/V projection per layer, so that the layer itself runs unchanged), and
+token it returns the KV cache: each layer's roped keys and values, the ones the layer itself computed, and
 left where they were made, in layout order and split over ``sequence`` (flash-decoding style, so the
 cache of a long prompt is divided by SP × TP, never gathered).
 
-Decoding runs one new token per prompt in a second ``shard_map`` over the same mesh. The new token (its
+Decoding runs one new token per prompt through the same layers on the same mesh. The new token (its
 query) is replicated over ``sequence``; every sequence shard attends it to its slice of the prompt's cache
 and the partial results are merged across ``sequence`` by the log-sum-exp rule (one ``pmax`` and one
 ``psum`` per layer), together with the keys of the tokens generated so far, which live in a small "tail"
@@ -42,17 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax import config as config_lib
 from lcjax.checkpoint import check_step, restore_params
 from lcjax.config import Config
-from lcjax.kernels.flash_attention.api import is_pallas
-from lcjax.model.llama import Axes, Llama, attention_spec, rms_norm, swiglu
-from lcjax.ops import rope
+from lcjax.model import decode
+from lcjax.model.llama import Llama
+from lcjax.model.sharded import model_settings, run_sharded
 from lcjax.ops.layout import permute
-from lcjax.parallel import tensor
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES, make_mesh
 
@@ -163,8 +161,7 @@ def _model(cfg: Config, mesh, graphdef, params, specs, compiled: dict | None = N
 
 
 def _fns(cfg: Config, mesh, graphdef, specs) -> dict:
-    check_vma = not is_pallas(cfg.attention.kernel)  # Pallas in interpret mode needs it off (train/step.py)
-    common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg, check_vma=check_vma)
+    common = dict(graphdef=graphdef, specs=specs, mesh=mesh, cfg=cfg)
     return {"prefill": _prefill_fn(**common, keep_cache=True), "logits": _prefill_fn(**common, keep_cache=False),
             "decode": _decode_fn(**common)}
 
@@ -215,148 +212,32 @@ def memory_needed(cfg: Config, mesh, graphdef, specs, abstract, *, batch: int, p
     return (None if None in totals else max(totals)), compiled
 
 
-# ------------------------------------------------------------------------------------- per-shard math
-
-
-def _cos_sin(m: config_lib.ModelConfig, positions, max_position: int):
-    """RoPE angles for int32 positions [B, T], called exactly as ``Llama.hidden`` calls them."""
-    return rope.cos_sin(positions, rope.rope_tables(max_position, m.d_model // m.n_heads, **vars(m.rope)))
-
-
-def _weight(p, dtype):
-    return p[...].astype(dtype)
-
-
-def _project_kv(block, x, cos, sin, m, axes: Axes, dtype):
-    """This shard's roped keys and values [B, T, K', H] of the layer input x [B, T, D] (Block's math)."""
-    b, t, _ = x.shape
-    hd = m.d_model // m.n_heads
-    h = rms_norm(x, block.attn_norm[...], m.norm_eps)
-    kv = lambda p: tensor.kv_columns(_weight(p, dtype), n_kv_heads=m.n_kv_heads, n_heads=m.n_heads,
-                                     head_dim=hd, axis=axes.model)
-    k = (h @ kv(block.wk)).reshape(b, t, -1, hd)
-    v = (h @ kv(block.wv)).reshape(b, t, -1, hd)
-    return rope.apply_rope(k, cos, sin), v
-
-
-def _head(model: Llama, dtype):
-    """This shard's output head [D, V/tp]."""
-    return (_weight(model.embed, dtype).T if model.cfg.tie_embeddings else _weight(model.lm_head, dtype))
-
-
-def _prefill_local(params, tokens, positions, lengths, *, graphdef, cfg: Config, max_position: int,
-                   keep_cache: bool):
-    """Per shard: tokens/positions [B/dp, T/sp] (layout order), lengths [B/dp] -> last-token logits float32
-    [B/dp, V/tp] and (keep_cache) keys/values [L, B/dp, T/sp, K', H]."""
-    m, axes, attn, dtype = cfg.model, Axes(), attention_spec(cfg), jnp.dtype(cfg.train.dtype)
-    model = nnx.merge(graphdef, params)
-    segment_ids = jnp.ones_like(tokens)  # padding sits after each prompt: causality already hides it
-    x = tensor.vocab_parallel_embed(tokens, _weight(model.embed, dtype), axes.model)
-    cos, sin = _cos_sin(m, positions, max_position)
-    block_def, stacked = nnx.split(model.layers)
-
-    def layer(x, state):
-        block = nnx.merge(block_def, state)
-        kv = _project_kv(block, x, cos, sin, m, axes, dtype) if keep_cache else None
-        return block(x, cos, sin, positions, segment_ids, cfg=m, attn=attn, axes=axes, dtype=dtype), kv
-
-    x, kv = lax.scan(layer, x, stacked)
-    last = positions == (lengths[:, None] - 1)  # each prompt's last token sits on exactly one shard
-    x_last = lax.psum(jnp.sum(jnp.where(last[..., None], x, 0).astype(jnp.float32), axis=1), axes.sequence)
-    h = rms_norm(x_last.astype(dtype), model.final_norm[...], m.norm_eps)
-    logits = jnp.einsum("bd,dv->bv", h, _head(model, dtype), preferred_element_type=jnp.float32)
-    return (logits, *kv) if keep_cache else logits
-
-
-def _decode_attention(q, cache_k, cache_v, cache_pos, tail_k, tail_v, lengths, step, *, window, axis):
-    """One query per row against this shard's prompt keys and the generated keys, merged over ``axis``.
-
-    q [B, 1, N', H]; cache_k/v [B, T/sp, K', H] with positions cache_pos [B, T/sp] (valid: < lengths);
-    tail_k/v [B, M, K', H] (valid: slots <= step). The query's position is lengths + step. Returns
-    float32 [B, 1, N', H].
-    """
-    b, _, n, hd = q.shape
-    kh = cache_k.shape[2]
-    qg = q.reshape(b, kh, n // kh, hd).astype(jnp.float32) / math.sqrt(hd)
-    q_pos = lengths + step  # [B]
-    slots = jnp.arange(tail_k.shape[1])
-    pre_ok = cache_pos < lengths[:, None]
-    tail_ok = (slots <= step)[None, :] & jnp.ones((b, 1), bool)
-    if window is not None:
-        pre_ok &= (q_pos[:, None] - cache_pos) < window
-        tail_ok &= (step - slots)[None, :] < window
-
-    def scores(k, ok):
-        s = jnp.einsum("bkgh,btkh->bkgt", qg, k.astype(jnp.float32))
-        return jnp.where(ok[:, None, None, :], s, -jnp.inf)
-
-    s_pre, s_tail = scores(cache_k, pre_ok), scores(tail_k, tail_ok)
-    peak = jnp.maximum(lax.pmax(jnp.max(s_pre, axis=-1), axis), jnp.max(s_tail, axis=-1))  # tail: finite
-    p_pre, p_tail = jnp.exp(s_pre - peak[..., None]), jnp.exp(s_tail - peak[..., None])
-    weighted = lambda p, v: jnp.einsum("bkgt,btkh->bkgh", p, v.astype(jnp.float32))
-    total = lax.psum(jnp.sum(p_pre, axis=-1), axis) + jnp.sum(p_tail, axis=-1)
-    out = lax.psum(weighted(p_pre, cache_v), axis) + weighted(p_tail, tail_v)
-    return (out / total[..., None]).reshape(b, 1, n, hd)
-
-
-def _decode_local(params, cache: Cache, tokens, *, graphdef, cfg: Config, max_position: int):
-    """Per shard: tokens [B/dp] (replicated over sequence) -> logits float32 [B/dp, V/tp] and the new
-    tail keys/values [L, B/dp, M, K', H]."""
-    m, axes, dtype = cfg.model, Axes(), jnp.dtype(cfg.train.dtype)
-    hd = m.d_model // m.n_heads
-    model = nnx.merge(graphdef, params)
-    b = tokens.shape[0]
-    x = tensor.vocab_parallel_embed(tokens[:, None], _weight(model.embed, dtype), axes.model)  # [B, 1, D]
-    cos, sin = _cos_sin(m, (cache.lengths + cache.step)[:, None], max_position)
-    block_def, stacked = nnx.split(model.layers)
-
-    def layer(x, xs):
-        state, cache_k, cache_v, tail_k, tail_v = xs
-        block = nnx.merge(block_def, state)
-        h = rms_norm(x, block.attn_norm[...], m.norm_eps)
-        q = rope.apply_rope((h @ _weight(block.wq, dtype)).reshape(b, 1, -1, hd), cos, sin)
-        k, v = _project_kv(block, x, cos, sin, m, axes, dtype)
-        tail_k = lax.dynamic_update_slice_in_dim(tail_k, k.astype(tail_k.dtype), cache.step, axis=1)
-        tail_v = lax.dynamic_update_slice_in_dim(tail_v, v.astype(tail_v.dtype), cache.step, axis=1)
-        o = _decode_attention(q, cache_k, cache_v, cache.positions, tail_k, tail_v, cache.lengths, cache.step,
-                              window=cfg.attention.window, axis=axes.sequence)
-        x = x + tensor.row_parallel(o.astype(dtype).reshape(b, 1, -1), _weight(block.wo, dtype), axes.model)
-        h = rms_norm(x, block.mlp_norm[...], m.norm_eps)
-        w = lambda p: _weight(p, dtype)
-        x = x + swiglu(h, w(block.w_gate), w(block.w_up), w(block.w_down), axes.model)
-        return x, (tail_k, tail_v)
-
-    x, (tail_k, tail_v) = lax.scan(layer, x, (stacked, cache.k, cache.v, cache.tail_k, cache.tail_v))
-    h = rms_norm(x[:, 0], model.final_norm[...], m.norm_eps)
-    logits = jnp.einsum("bd,dv->bv", h, _head(model, dtype), preferred_element_type=jnp.float32)
-    return logits, tail_k, tail_v
-
-
 # ------------------------------------------------------------------------------- jitted global functions
 
-def _prefill_fn(*, graphdef, specs, mesh, cfg: Config, check_vma: bool, keep_cache: bool) -> Callable:
+def _prefill_fn(*, graphdef, specs, mesh, cfg: Config, keep_cache: bool) -> Callable:
     """jit((params, tokens, positions, lengths, max_position) -> logits [B, Vp] (and keys, values))."""
-    batch, rows = P(DATA, SEQUENCE), P(DATA)
+    batch, rows, settings = P(DATA, SEQUENCE), P(DATA), model_settings(cfg)
 
     def run(params, tokens, positions, lengths, max_position):
-        local = lambda *a: _prefill_local(*a, graphdef=graphdef, cfg=cfg, max_position=max_position,
-                                          keep_cache=keep_cache)
+        local = lambda *a: decode.prefill_local(*a, graphdef=graphdef, run=settings, max_position=max_position,
+                                                keep_cache=keep_cache)
         out_specs = (P(DATA, MODEL), CACHE_SPEC, CACHE_SPEC) if keep_cache else P(DATA, MODEL)
-        return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch, rows), out_specs=out_specs,
-                             check_vma=check_vma)(params, tokens, positions, lengths)
+        return run_sharded(local, mesh, in_specs=(specs, batch, batch, rows), out_specs=out_specs,
+                           kernel=cfg.attention.kernel)(params, tokens, positions, lengths)
 
     return jax.jit(run, static_argnums=4)
 
 
-def _decode_fn(*, graphdef, specs, mesh, cfg: Config, check_vma: bool) -> Callable:
+def _decode_fn(*, graphdef, specs, mesh, cfg: Config) -> Callable:
     """jit((params, cache, tokens [B], max_position) -> (logits [B, Vp], cache)); the cache is donated."""
     cache_specs = Cache(CACHE_SPEC, CACHE_SPEC, P(DATA, SEQUENCE), P(DATA), TAIL_SPEC, TAIL_SPEC, P())
+    settings = model_settings(cfg)
 
     def run(params, cache, tokens, max_position):
-        local = lambda *a: _decode_local(*a, graphdef=graphdef, cfg=cfg, max_position=max_position)
-        logits, tail_k, tail_v = jax.shard_map(
-            local, mesh=mesh, in_specs=(specs, cache_specs, P(DATA)),
-            out_specs=(P(DATA, MODEL), TAIL_SPEC, TAIL_SPEC), check_vma=check_vma)(params, cache, tokens)
+        local = lambda *a: decode.decode_local(*a, graphdef=graphdef, run=settings, max_position=max_position)
+        logits, tail_k, tail_v = run_sharded(
+            local, mesh, in_specs=(specs, cache_specs, P(DATA)), out_specs=(P(DATA, MODEL), TAIL_SPEC, TAIL_SPEC),
+            kernel=cfg.attention.kernel)(params, cache, tokens)
         return logits, cache._replace(tail_k=tail_k, tail_v=tail_v, step=cache.step + 1)
 
     return jax.jit(run, static_argnums=3, donate_argnums=1)

@@ -315,7 +315,8 @@ def test_state_restores_exactly():
 
 def test_state_of_other_data_is_refused():
     state = _loader(seed=1).get_state()
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match=r"^data\.seed: the checkpoint's data state has 1 but this run has 2; "
+                                         r"the data iterator cannot be restored$"):
         _loader(seed=2).set_state(state)
 
 

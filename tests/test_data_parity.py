@@ -11,7 +11,8 @@ from flax import nnx
 from conftest import relative_error
 from lcjax import config as config_lib
 from lcjax.data.loader import make_loader
-from lcjax.model.llama import Axes
+from lcjax.model.llama import Axes, attention_spec
+from lcjax.model.sharded import run_sharded
 from lcjax.ops.layout import unpermute
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES, make_mesh
@@ -40,7 +41,7 @@ def _config(mesh, *extra, seq_len=T):
 
 def _token_losses_fn(cfg, mesh, graphdef, specs, seq_len):
     """jit(shard_map) of Llama.token_losses: params, batch [B, T] in layout order -> losses [B, T]."""
-    attn = step_lib.attention_spec(cfg)
+    attn = attention_spec(cfg)
 
     def local(params, batch):
         model = nnx.merge(graphdef, params)
@@ -48,8 +49,8 @@ def _token_losses_fn(cfg, mesh, graphdef, specs, seq_len):
                                   max_position=seq_len, attn=attn, axes=Axes(*AXES))
 
     fields = ("tokens", "labels", "positions", "segment_ids")
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in fields}),
-                                 out_specs=rules.BATCH, check_vma=step_lib.needs_check_vma(cfg)))
+    return jax.jit(run_sharded(local, mesh, in_specs=(specs, {k: rules.BATCH for k in fields}),
+                               out_specs=rules.BATCH, kernel=cfg.attention.kernel))
 
 
 def _batch(cfg):

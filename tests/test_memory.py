@@ -84,15 +84,18 @@ def test_sharded_optimizer_steps_equal_the_unsharded_ones():
         for batch in _batches(cfg, mesh, 3):
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-        results[name] = (losses, nnx.to_pure_dict(state.params), state.opt_state[1][0].mu)
+        adam = state.opt_state[1][0]
+        results[name] = (losses, nnx.to_pure_dict(state.params), (adam.mu, adam.nu, adam.count))
         if name != "none":  # the step keeps the layout it was given
             assert _spec(state.params["layers"]["wq"][...])[1] == (ZERO if name == "fsdp" else None)
-    ref_losses, ref_params, ref_mu = results["none"]
+    ref_losses, ref_params, (ref_mu, ref_nu, ref_count) = results["none"]
     for name in ("fsdp", "zero"):
-        losses, params, mu = results[name]
+        losses, params, (mu, nu, count) = results[name]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         assert max(jax.tree.leaves(jax.tree.map(relative_error, params, ref_params))) <= 1e-4
-        assert max(jax.tree.leaves(jax.tree.map(relative_error, mu, ref_mu))) <= 1e-4
+        assert max(jax.tree.leaves(jax.tree.map(relative_error, mu, ref_mu))) <= 1e-4  # first moments
+        assert max(jax.tree.leaves(jax.tree.map(relative_error, nu, ref_nu))) <= 1e-4  # second moments
+        assert int(count) == int(ref_count) == 3
 
 
 @pytest.mark.slow

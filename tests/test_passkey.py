@@ -60,7 +60,7 @@ def test_corpus_filler_and_too_short_lengths():
     assert prompt.length == 512 and "return x" in TOKENIZER.decode(prompt.tokens)
     with pytest.raises(ValueError, match="too short"):
         pk.build_prompt(encode, length=100, depth=0.5, key=11111)
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(ValueError, match=r"^depth 1\.5 must be in \[0, 1\] \(0-100 %\)$"):
         pk.build_prompt(encode, length=512, depth=1.5, key=11111)
 
 

@@ -115,7 +115,7 @@ def test_killed_run_resumes_bitwise(corpus, base_run, tmp_path):
 
 
 def test_metrics_of_redone_steps_and_cut_lines_are_dropped(tmp_path):
-    from lcjax.train.loop import keep_metrics_up_to
+    from lcjax.train.run_files import keep_metrics_up_to
 
     path = tmp_path / "metrics.jsonl"
     lines = [{"step": 1}, {"step": 2}, {"step": 2, "skipped": True}, {"step": 3}]
@@ -197,7 +197,7 @@ def test_init_optimizer_restores_the_moments_on_another_mesh(corpus, base_run, t
     """--init-optimizer: the source's AdamW moments and count, resharded onto (2, 2, 2) with ZeRO-1, bitwise;
     the schedule restarts with the new run. Through a whole run: after one update the moments are those of
     a fresh optimizer plus b1 (b2) times the source's, and its checkpoint's Adam count is the source's + 1."""
-    from lcjax.train.loop import load_init_opt_state
+    from lcjax.train.init_from import load_init_opt_state
 
     cfg = _cfg(corpus, "train.steps=1", "checkpoint.every=1", *ZERO1)
     source, target = _opt_state(base_run, cfg)

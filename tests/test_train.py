@@ -1,6 +1,7 @@
 """End to end: train through the loop and the CLI on a small corpus (this repository's own source)."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,11 @@ def test_run_dir_contents_and_loss_drop(straight_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
     assert set(records[0]) >= {"step", "loss", "grad_norm", "lr", "tokens_per_sec", "step_time_s"}
-    assert records[-1]["loss"] < 0.95 * records[0]["loss"]
+    # the model starts at the uniform guess, ln V nats (init_std is small), and 12 updates take it well below
+    # it: the last four losses average at least 0.3 nats under the first four (measured 6.17 -> 5.60)
+    uniform, losses = math.log(512), [r["loss"] for r in records]
+    assert abs(losses[0] - uniform) < 0.1, losses
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3 and losses[-1] < uniform - 0.4, losses
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [8, 12]  # every 4, keep 2
     assert config_lib.load(run_dir / "config.yaml").train.steps == 12

@@ -6,20 +6,18 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lcjax import config as config_lib
 from lcjax.config import AttentionConfig, Config, MeshConfig, ModelConfig
-from lcjax.kernels.flash_attention.api import is_pallas
-from lcjax.model.llama import Axes
+from lcjax.model.llama import head_logits
+from lcjax.model.sharded import model_settings, run_sharded
 from lcjax.ops.layout import permute, unpermute
 from lcjax.sharding import rules
 from lcjax.sharding.mesh import AXES, make_mesh
 from lcjax.train.state import model_graph, param_shardings
-from lcjax.train.step import attention_spec, compute_dtype
 
 
 class CausalLM:
@@ -63,18 +61,16 @@ class CausalLM:
         return unpermute(logits, layout, sp)[:b, :t, : self.cfg.model.vocab_size]
 
     def _logits_fn(self, max_position: int):
-        cfg, graphdef, axes = self.cfg, self.graphdef, Axes(*AXES)
-        attn, dtype = attention_spec(cfg), compute_dtype(cfg)
+        cfg, graphdef, run = self.cfg, self.graphdef, model_settings(self.cfg)
 
         def local(params, tokens, positions, segment_ids):
             model = nnx.merge(graphdef, params)
-            h = model.hidden(tokens, positions, segment_ids, max_position=max_position, attn=attn, axes=axes,
-                             dtype=dtype)
-            head = model.embed[...].T if cfg.model.tie_embeddings else model.lm_head[...]
-            return jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
+            h = model.hidden(tokens, positions, segment_ids, max_position=max_position, attn=run.attn,
+                             axes=run.axes, dtype=run.dtype)
+            return head_logits(h, model.head(run.axes, run.dtype))
 
-        fn = jax.shard_map(local, mesh=self.mesh, in_specs=(self.specs, rules.BATCH, rules.BATCH, rules.BATCH),
-                           out_specs=P(*AXES), check_vma=not is_pallas(cfg.attention.kernel))
+        fn = run_sharded(local, self.mesh, in_specs=(self.specs, rules.BATCH, rules.BATCH, rules.BATCH),
+                         out_specs=P(*AXES), kernel=cfg.attention.kernel)
         return jax.jit(fn)
 
 

@@ -19,11 +19,11 @@ from jax.sharding import PartitionSpec as P
 from lcjax.checkpoint import restore_params
 from lcjax.config import Config
 from lcjax.generate import abstract_params
-from lcjax.kernels.flash_attention.api import is_pallas
-from lcjax.model.llama import Axes, attention_spec, tiled_over_tokens
+from lcjax.model.llama import head_logits, tiled_over_tokens
+from lcjax.model.sharded import model_settings, run_sharded
 from lcjax.parallel import tensor
 from lcjax.sharding import rules
-from lcjax.sharding.mesh import AXES, make_mesh
+from lcjax.sharding.mesh import make_mesh
 
 FIELDS = ("tokens", "positions", "segment_ids")
 EVAL_TILE = 1024  # tokens per shard whose logits are alive at once when train.loss_tile is 0
@@ -49,17 +49,22 @@ def token_tile(tokens: int, cfg: Config) -> int:
 def _tiled_fn(graphdef, cfg: Config, reduce):
     """Per-shard (params, batch, *per_token) -> ``reduce(logits, *per_token)`` over token tiles, where logits
     are float32 [B/dp, tile, V/tp] and per_token arrays are [B/dp, T/sp]; a batch of any length."""
-    axes, attn, dtype = Axes(*AXES), attention_spec(cfg), jnp.dtype(cfg.train.dtype)
+    run = model_settings(cfg)
+    axes = run.axes
 
-    def run(params, batch, *per_token):
+    def tiled(params, batch, *per_token):
         model = nnx.merge(graphdef, params)
         length = batch["tokens"].shape[1] * lax.axis_size(axes.sequence)
         h = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"],
-                         max_position=max(length, cfg.data.seq_len), attn=attn, axes=axes, dtype=dtype)
-        head = model.embed[...].astype(dtype).T if cfg.model.tie_embeddings else model.lm_head[...].astype(dtype)
-        fn = lambda h, *xs: reduce(jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32), *xs)
+                         max_position=max(length, cfg.data.seq_len), attn=run.attn, axes=axes, dtype=run.dtype)
+        head = model.head(axes, run.dtype)
+        fn = lambda h, *xs: reduce(head_logits(h, head), *xs)
         return tiled_over_tokens(fn, h, *per_token, tile=token_tile(h.shape[1], cfg))
-    return run
+    return tiled
+
+
+def _specs(names) -> dict:
+    return {k: rules.BATCH for k in names}
 
 
 def make_answer_misses(graphdef, specs, mesh, cfg: Config):
@@ -76,9 +81,8 @@ def make_answer_misses(graphdef, specs, mesh, cfg: Config):
         miss = jnp.sum(jnp.where(hit, 0, batch["loss_mask"]), axis=1)
         return lax.psum(miss, "sequence")
 
-    names = (*FIELDS, "labels", "loss_mask")
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in names}),
-                                 out_specs=P("data"), check_vma=not is_pallas(cfg.attention.kernel)))
+    in_specs = (specs, _specs((*FIELDS, "labels", "loss_mask")))
+    return jax.jit(run_sharded(local, mesh, in_specs=in_specs, out_specs=P("data"), kernel=cfg.attention.kernel))
 
 
 def make_argmax(graphdef, specs, mesh, cfg: Config):
@@ -86,5 +90,5 @@ def make_argmax(graphdef, specs, mesh, cfg: Config):
     batch: ``tokens``, ``positions``, ``segment_ids`` int32 [B, T] in layout order."""
     v = cfg.model.vocab_size
     local = _tiled_fn(graphdef, cfg, lambda logits: tensor.vocab_parallel_argmax(logits, vocab_size=v, axis="model"))
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, {k: rules.BATCH for k in FIELDS}),
-                                 out_specs=rules.BATCH, check_vma=not is_pallas(cfg.attention.kernel)))
+    return jax.jit(run_sharded(local, mesh, in_specs=(specs, _specs(FIELDS)), out_specs=rules.BATCH,
+                               kernel=cfg.attention.kernel))

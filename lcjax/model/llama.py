@@ -36,7 +36,8 @@ from lcjax.model import offload
 from lcjax.model.chunking import head_chunked
 from lcjax.ops import rope
 from lcjax.parallel import fsdp, tensor
-from lcjax.parallel.sequence import sequence_parallel_attention
+from lcjax.parallel.sequence import sequence_parallel
+from lcjax.parallel.spec import AttentionSpec  # noqa: F401  (the model's attention settings: lcjax.parallel.spec)
 
 
 class Axes(NamedTuple):
@@ -78,26 +79,13 @@ REMAT_POLICIES = {
 }
 
 
-class AttentionSpec(NamedTuple):
-    """Static attention settings passed down to the per-shard attention (plain values, hashable)."""
-
-    impl: str = "ring"
-    layout: str = "zigzag"
-    window: int | None = None
-    block_q: int | None = None  # None: the kernel's own (tuned) tiles
-    block_k: int | None = None
-    kernel: str = "xla"
-    dkv_dtype: str = "float32"
-    ulysses_size: int | None = None
-
-
 def attention_spec(cfg: Config) -> AttentionSpec:
     """The static attention settings of a config (``cfg.attention``), as training, generation and the
-    evaluations pass them to :meth:`Llama.hidden`."""
+    evaluations pass them to :meth:`Llama.hidden`. ``ordered``: the model's positions come from the loader,
+    prompts or evaluations, which restart at each document and grow by one (a window then sends less)."""
     a = cfg.attention
     return AttentionSpec(impl=a.impl, layout=a.layout, window=a.window, block_q=a.block_q, block_k=a.block_k,
-                         kernel=a.kernel, ulysses_size=a.ulysses_size,
-                         dkv_dtype=a.dkv_dtype)
+                         kernel=a.kernel, dkv_dtype=a.dkv_dtype, ulysses_size=a.ulysses_size, ordered=True)
 
 
 def _normal(rngs: nnx.Rngs, shape, std):
@@ -118,6 +106,12 @@ def tiled_over_tokens(fn, *xs, tile: int):
     tiles = [x.reshape(b, t // tile, tile, *x.shape[2:]).swapaxes(0, 1) for x in xs]
     _, ys = lax.scan(lambda carry, x: (carry, jax.checkpoint(fn)(*x)), None, tiles)
     return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(b, t, *y.shape[3:]), ys)
+
+
+def head_logits(h, head):
+    """Logits float32 [..., V/tp] of hidden states h [..., D] through this shard's head [D, V/tp]
+    (:meth:`Llama.head`), accumulated in float32 whatever the compute dtype."""
+    return jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
 
 
 def swiglu(h, w_gate, w_up, w_down, axis: str):
@@ -148,44 +142,69 @@ class Block(nnx.Module):
         self.w_up = nnx.Param(_normal(rngs, (d, cfg.d_ff), std))
         self.w_down = nnx.Param(_normal(rngs, (cfg.d_ff, d), std))
 
-    def __call__(self, x, cos, sin, positions, segment_ids, *, cfg: ModelConfig, attn: AttentionSpec,
-                 axes: Axes, dtype, mlp_tile: int = 0, seq_chunk: int = 0, head_chunks: int = 1,
-                 unroll_heads: bool = False):
-        """x [B, T/sp, D] -> [B, T/sp, D] (replicated over ``model``). ``seq_chunk``: tokens per chunk of
-        everything but the attention (norm + QKV + RoPE before it; output projection + residual + norm +
-        MLP after it), each chunk rematerialised; 0: whole. ``head_chunks``: the attention over that many
-        groups of heads in sequence (lcjax.model.chunking; ``unroll_heads``: unrolled rather than a loop)."""
-        b, t, _ = x.shape
+    def qkv(self, x, cos, sin, *, cfg: ModelConfig, axes: Axes, dtype, seq_chunk: int = 0):
+        """The roped queries [B, T, N/tp, H] and keys [B, T, K', H] and the values [B, T, K', H] of this
+        shard's heads, from the layer input x [B, T, D] (K' = K/tp, or the one kv head its query heads use
+        when K < tp). cos, sin: RoPE angles of the tokens' positions (lcjax.ops.rope.cos_sin).
+        ``seq_chunk``: computed over chunks of that many tokens, each rematerialised (0: whole)."""
         hd = cfg.d_model // cfg.n_heads
-        w = lambda p, dim: fsdp.gather(p[...].astype(dtype), axes.fsdp, dim)  # dim: the d_model dimension
-        kv = lambda p: tensor.kv_columns(w(p, 0), n_kv_heads=cfg.n_kv_heads, n_heads=cfg.n_heads,
-                                         head_dim=hd, axis=axes.model)
+        kv = lambda p: tensor.kv_columns(_gathered(p, axes, dtype, 0), n_kv_heads=cfg.n_kv_heads,
+                                         n_heads=cfg.n_heads, head_dim=hd, axis=axes.model)
 
-        def qkv(x, cos, sin):  # [B, c, D] -> q [B, c, N/tp, H], k, v [B, c, K', H]
-            c = x.shape[1]
+        def chunk(x, cos, sin):  # [B, c, D] -> q [B, c, N/tp, H], k, v [B, c, K', H]
+            b, c, _ = x.shape
             h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
-            q = (h @ w(self.wq, 0)).reshape(b, c, -1, hd)
+            q = (h @ _gathered(self.wq, axes, dtype, 0)).reshape(b, c, -1, hd)
             k = (h @ kv(self.wk)).reshape(b, c, -1, hd)
             v = (h @ kv(self.wv)).reshape(b, c, -1, hd)
             return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
 
-        q, k, v = tiled_over_tokens(qkv, x, cos, sin, tile=seq_chunk)
-        q, k, v = (checkpoint_name(x, "qkv") for x in (q, k, v))
-        attend = lambda q, k, v: sequence_parallel_attention(
-            q, k, v, positions, segment_ids, impl=attn.impl, axis_name=axes.sequence, layout=attn.layout,
-            causal=True, window=attn.window, block_q=attn.block_q, block_k=attn.block_k, kernel=attn.kernel,
-            ulysses_size=attn.ulysses_size, dkv_dtype=attn.dkv_dtype,
-            ordered=True)  # the loader's positions (a window then sends less)
-        o = head_chunked(attend, q, k, v, groups=head_chunks, unroll=unroll_heads)
-        if head_chunks == 1:  # (with head chunks the ring names each group's output itself)
-            o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
+        return tiled_over_tokens(chunk, x, cos, sin, tile=seq_chunk)
+
+    def finish(self, x, o, *, cfg: ModelConfig, axes: Axes, dtype, mlp_tile: int = 0, seq_chunk: int = 0):
+        """The layer output [B, T, D] from its input x and the attention output o [B, T, N/tp, H] (in
+        ``dtype``): row-parallel output projection (``psum`` over ``model``), then the residual SwiGLU MLP
+        over tiles of ``mlp_tile`` tokens (0: untiled); all of it over chunks of ``seq_chunk`` tokens, each
+        rematerialised (0: whole)."""
+        w = lambda p, dim: _gathered(p, axes, dtype, dim)  # dim: the d_model dimension
         mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)
 
-        def out(x, o):  # [B, c, D], [B, c, N/tp, H] -> [B, c, D]
+        def chunk(x, o):  # [B, c, D], [B, c, N/tp, H] -> [B, c, D]
             x = x + tensor.row_parallel(o.reshape(*o.shape[:2], -1), w(self.wo, 1), axes.model)
             return x + tiled_over_tokens(mlp, rms_norm(x, self.mlp_norm[...], cfg.norm_eps), tile=mlp_tile)
 
-        return tiled_over_tokens(out, x, o, tile=seq_chunk)
+        return tiled_over_tokens(chunk, x, o, tile=seq_chunk)
+
+    def __call__(self, x, cos, sin, attend, *, cfg: ModelConfig, axes: Axes, dtype, mlp_tile: int = 0,
+                 seq_chunk: int = 0):
+        """x [B, T/sp, D] -> ([B, T/sp, D] replicated over ``model``, aux). ``attend(q, k, v)`` -> (o, aux):
+        the attention of this shard's roped queries to keys and values (:meth:`qkv`), o [B, T/sp, N/tp, H]
+        in ``dtype``; training attends over the sequence shards, the KV-cache decode over the cache, and aux
+        carries what the caller keeps (the cache) or None. ``mlp_tile``, ``seq_chunk``: :meth:`finish`."""
+        q, k, v = self.qkv(x, cos, sin, cfg=cfg, axes=axes, dtype=dtype, seq_chunk=seq_chunk)
+        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+        o, aux = attend(q, k, v)
+        return self.finish(x, o, cfg=cfg, axes=axes, dtype=dtype, mlp_tile=mlp_tile, seq_chunk=seq_chunk), aux
+
+
+def _gathered(p, axes: Axes, dtype, dim: int):
+    """Parameter ``p`` in ``dtype``, all-gathered along its d_model dimension ``dim`` under FSDP."""
+    return fsdp.gather(p[...].astype(dtype), axes.fsdp, dim)
+
+
+def sequence_attend(positions, segment_ids, attn: AttentionSpec, axes: Axes, head_chunks: int = 1,
+                    unroll_heads: bool = False):
+    """The training attention of a layer, ``attend(q, k, v, _) -> (o, None)`` for :meth:`Llama.run_layers`:
+    sequence-parallel attention (lcjax.parallel.sequence) of this shard's tokens, over ``head_chunks``
+    groups of heads in sequence (lcjax.model.chunking; ``unroll_heads``: unrolled rather than a loop), the
+    output named ``attention`` for the remat policies (with head groups the ring names each group's own)."""
+    def attend(q, k, v, _):
+        one = lambda q, k, v: sequence_parallel(q, k, v, positions, segment_ids, attn, axis_name=axes.sequence)
+        o = head_chunked(one, q, k, v, groups=head_chunks, unroll=unroll_heads)
+        if head_chunks == 1:
+            o = checkpoint_name(o, "attention")  # Ulysses: the output after its all-to-all back
+        return o, None
+    return attend
 
 
 class Llama(nnx.Module):
@@ -203,30 +222,49 @@ class Llama(nnx.Module):
 
     def hidden(self, tokens, positions, segment_ids, *, max_position: int, attn: AttentionSpec,
                axes: Axes, dtype=jnp.float32, mem: MemorySpec = MemorySpec()):
-        """Final-norm hidden states [B, T/sp, D] for per-shard tokens/positions/segment ids [B, T/sp]."""
+        """Final-norm hidden states [B, T/sp, D] for per-shard tokens/positions/segment ids [B, T/sp]
+        (``mem``: remat, offload, tiles and chunks, :class:`MemorySpec`)."""
         cfg = self.cfg
         hd = cfg.d_model // cfg.n_heads
-        x = tensor.vocab_parallel_embed(tokens, self._embedding(axes, dtype), axes.model)
+        x = tensor.vocab_parallel_embed(tokens, self.embedding(axes, dtype), axes.model)
         cos, sin = rope.cos_sin(positions, rope.rope_tables(max_position, hd, **vars(cfg.rope)))
+        attend = sequence_attend(positions, segment_ids, attn, axes, mem.head_chunks,
+                                 unroll_heads=mem.offload == "saved")  # XLA offloads no residual from a loop
+        x, _ = self.run_layers(x, cos, sin, attend, axes=axes, dtype=dtype, mem=mem)
+        final = lambda x: rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        return tiled_over_tokens(final, x, tile=mem.seq_chunk)
+
+    def run_layers(self, x, cos, sin, attend, per_layer=None, *, axes: Axes, dtype, mem: MemorySpec = MemorySpec()):
+        """The L layers run in turn (``lax.scan`` over the stacked layer parameters) on x [B, T, D]: layer l
+        calls ``attend(q, k, v, per_layer[l])`` -> (o, aux_l) (see :meth:`Block.__call__`; ``per_layer``: a
+        pytree with a leading L axis, e.g. that layer's KV cache, or None). Returns (x after the last layer,
+        the aux_l stacked along a leading L axis). ``mem.remat`` rematerialises each layer's body, keeping
+        its saved residuals where ``mem.offload`` says (lcjax.model.offload)."""
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, state):
+        def layer(x, xs):
+            state, extra = xs
             block = nnx.merge(graphdef, state)
             if mem.offload != "none":  # every use of the input goes through the (offloaded) named copy
                 x = checkpoint_name(x, offload.LAYER_INPUT)
-            return block(x, cos, sin, positions, segment_ids, cfg=cfg, attn=attn, axes=axes, dtype=dtype,
-                         mlp_tile=mem.mlp_tile, seq_chunk=mem.seq_chunk, head_chunks=mem.head_chunks,
-                         unroll_heads=mem.offload == "saved"), None  # XLA offloads no residual from a loop
+            return block(x, cos, sin, lambda q, k, v: attend(q, k, v, extra), cfg=self.cfg, axes=axes, dtype=dtype,
+                         mlp_tile=mem.mlp_tile, seq_chunk=mem.seq_chunk)
 
         if mem.remat != "none":
             policy = (REMAT_POLICIES[mem.remat] if mem.offload == "none"
                       else offload.offload_policy(mem.remat, mem.offload))
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        x, _ = lax.scan(layer, x, stacked)
-        final = lambda x: rms_norm(x, self.final_norm[...], cfg.norm_eps)
-        return tiled_over_tokens(final, x, tile=mem.seq_chunk)
+        return lax.scan(layer, x, (stacked, per_layer))
 
-    def _embedding(self, axes: Axes, dtype):
+    def head(self, axes: Axes = Axes(), dtype=jnp.float32):
+        """This shard's output head [D, V/tp] in ``dtype``, vocabulary-parallel over ``model``: the
+        embedding's transpose when ``model.tie_embeddings``, else ``lm_head`` (gathered along D under
+        FSDP). Every caller (loss, evaluation, generation, conversion) takes the head from here."""
+        if self.cfg.tie_embeddings:
+            return self.embedding(axes, dtype).T
+        return fsdp.gather(self.lm_head[...].astype(dtype), axes.fsdp, 0)
+
+    def embedding(self, axes: Axes = Axes(), dtype=jnp.float32):
         """This shard's embedding rows [V/tp, D] in ``dtype`` (gathered along D under FSDP)."""
         return fsdp.gather(self.embed[...].astype(dtype), axes.fsdp, 1)
 
@@ -236,15 +274,11 @@ class Llama(nnx.Module):
         tiles of ``mem.loss_tile`` tokens (the [B, T/sp, V/tp] logits never exist whole when tiled)."""
         h = self.hidden(tokens, positions, segment_ids, max_position=max_position, attn=attn, axes=axes,
                         dtype=dtype, mem=mem)
-        if self.cfg.tie_embeddings:
-            head = self._embedding(axes, dtype).T
-        else:
-            head = fsdp.gather(self.lm_head[...].astype(dtype), axes.fsdp, 0)
+        head = self.head(axes, dtype)
 
         def losses(h, labels):
-            logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
-            return tensor.vocab_parallel_cross_entropy(logits, labels, vocab_size=self.cfg.vocab_size,
-                                                       axis=axes.model)
+            return tensor.vocab_parallel_cross_entropy(head_logits(h, head), labels,
+                                                       vocab_size=self.cfg.vocab_size, axis=axes.model)
         return tiled_over_tokens(losses, h, labels, tile=mem.loss_tile)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import jax
 
-OFFLOAD_MODES = ("none", "layer", "saved")  # lcjax.config.OFFLOAD_MODES
+from lcjax.choices import OFFLOAD_MODES  # noqa: E402,F401
 LAYER_INPUT = "layer_input"  # checkpoint_name of the scanned layer's input
 RING_RESIDUALS = ("attention", "attention_lse")  # the ring's (out, lse), named in lcjax.parallel.ring
 SAVED_NAMES = {  # the names each remat policy keeps (besides the layer input, always a residual)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
+from lcjax.choices import LAYOUTS  # noqa: F401  (re-exported: lcjax.ops.layout.LAYOUTS)
 
 
 def check_divisible(length: int, layout: str, num_shards: int) -> None:
@@ -53,6 +53,8 @@ def permutation(length: int, layout: str, num_shards: int) -> np.ndarray:
         return idx
     if layout == "striped":
         return idx.reshape(length // num_shards, num_shards).T.reshape(-1)
+    if layout != "zigzag":
+        raise ValueError(f"attention.layout {layout!r} has no fixed permutation")
     chunks = idx.reshape(2 * num_shards, length // (2 * num_shards))
     order = [c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)]
     return chunks[order].reshape(-1)

@@ -37,8 +37,9 @@ import math
 import numpy as np
 import jax.numpy as jnp
 
+from lcjax.choices import ROPE_TYPES  # noqa: F401  (re-exported: lcjax.ops.rope.ROPE_TYPES)
+
 SPLIT = 1024
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
 
 
 def yarn_correction_range(head_dim: int, base: float, original_max_position: int, beta_fast: float = 32.0,

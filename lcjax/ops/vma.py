@@ -1,4 +1,4 @@
-"""Varying-manual-axes helpers for code that may run inside ``shard_map(..., check_vma=True)``.
+"""Varying-manual-axes helpers for code that may run inside a ``jax.shard_map`` with ``check_vma=True``.
 
 Under ``check_vma`` a value built from constants (``jnp.zeros``) is *invariant* over the mesh axes, while
 one derived from a sharded input is *varying*; ``scan``/``cond`` carries must agree. Kernels take plain

@@ -34,19 +34,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lcjax.kernels.flash_attention.api import get_kernel
 from lcjax.parallel.ring import checked_segments, merge
+from lcjax.parallel.spec import AttentionSpec
 
 
 class GatherPlan(NamedTuple):
-    """Static settings of one all-gather attention (hashable: a non-differentiable custom VJP argument)."""
+    """Static settings of one all-gather attention (hashable: a non-differentiable custom VJP argument):
+    the attention spec, unchanged, and the axis K/V are gathered over."""
 
+    spec: AttentionSpec
     axis_name: str
-    causal: bool
-    window: int | None
-    scale: float | None
-    block_q: int | None
-    block_k: int | None
-    kernel: str = "xla"
-    dkv_dtype: str = "float32"
 
 
 def _rotation(idx, size: int, start: int):
@@ -83,14 +79,13 @@ def _tie(q, k, v, pos, seg):
 
 
 def _kw(plan: GatherPlan):
-    return dict(causal=plan.causal, window=plan.window, scale=plan.scale, block_q=plan.block_q,
-                block_k=plan.block_k)
+    return plan.spec.kernel_options()
 
 
 def _fwd(q, k, v, pos, seg, plan: GatherPlan):
     """Local block first (its K/V need no transfer), then the gathered rest; residuals O(T/P) with the
     checkpoint names ``attention``/``attention_lse`` as in the ring."""
-    kernel, kw = get_kernel(plan.kernel), _kw(plan)
+    kernel, kw = get_kernel(plan.spec.kernel), _kw(plan)
     q, k, v, pos, seg = _tie(q, k, v, pos, seg)
     if lax.axis_size(plan.axis_name) == 1:
         out, lse = kernel.flash_forward(q, k, v, pos, pos, seg, seg, **kw)
@@ -106,11 +101,11 @@ def _fwd(q, k, v, pos, seg, plan: GatherPlan):
 
 def _bwd(plan: GatherPlan, res, dout):
     """dq at home; the dK/dV of the gathered blocks reduce-scattered back to their owners in
-    ``plan.dkv_dtype``."""
+    ``plan.spec.dkv_dtype``."""
     q, k, v, pos, seg, out, lse = res
-    kernel, kw = get_kernel(plan.kernel), _kw(plan)
+    kernel, kw = get_kernel(plan.spec.kernel), _kw(plan)
     q, k, v, pos, seg = _tie(q, k, v, pos, seg)
-    wire = jnp.dtype(plan.dkv_dtype)
+    wire = jnp.dtype(plan.spec.dkv_dtype)
     zeros_int = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
     if lax.axis_size(plan.axis_name) == 1:
         dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, pos, pos, seg, seg, **kw)
@@ -133,20 +128,28 @@ _allgather.defvjp(_fwd, _bwd)
 
 def allgather_attention(q, k, v, positions, segment_ids, *, axis_name, causal=True, window=None, scale=None,
                         block_q=None, block_k=None, kernel="xla", dkv_dtype="float32"):
+    """:func:`allgather` with the spec's fields as keyword arguments (tests, benchmarks)."""
+    spec = AttentionSpec(impl="allgather", causal=causal, window=window, scale=scale, block_q=block_q,
+                         block_k=block_k, kernel=kernel, dkv_dtype=dkv_dtype)
+    return allgather(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
+
+
+def allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name):
     """Attention of this shard's queries to the whole sequence, by gathering K/V over ``axis_name``.
 
     Args:
       q: [B, T/P, N', H]; k, v: [B, T/P, K', H] (GQA: query head n uses kv head n // (N'/K')).
-      positions, segment_ids: int32 [B, T/P] of this shard's tokens, in any layout order (any values).
+      positions, segment_ids: int32 [B, T/P] of this shard's tokens, in any layout order (any values;
+        segment_ids None: one document).
+      spec: the attention settings (causal, window, scale as in lcjax.ops.attention.reference; block_q,
+        block_k: the kernel's tiles (None: its own); kernel; dkv_dtype: dtype of the dK/dV reduce-scatter,
+        "float32" or "bfloat16"). ``spec.impl``, ``layout`` and ``ordered`` are not read here.
       axis_name: the mesh axis the sequence is sharded over.
-      causal, window, scale: as in lcjax.ops.attention.reference (scale None = 1/√H).
-      block_q, block_k: the kernel's tiles (None: its own); kernel: "xla" or a Pallas kernel name.
-      dkv_dtype: dtype of the dK/dV reduce-scatter, "float32" (default) or "bfloat16".
     Returns:
       [B, T/P, N', H] in q's dtype.
     Raises:
       ValueError for a window without causal masking or an unknown ``dkv_dtype``.
     """
-    segment_ids = checked_segments(positions, segment_ids, causal=causal, window=window, dkv_dtype=dkv_dtype)
-    plan = GatherPlan(axis_name, causal, window, scale, block_q, block_k, kernel, dkv_dtype)
-    return _allgather(q, k, v, positions, segment_ids, plan)
+    segment_ids = checked_segments(positions, segment_ids, causal=spec.causal, window=spec.window,
+                                   dkv_dtype=spec.dkv_dtype)
+    return _allgather(q, k, v, positions, segment_ids, GatherPlan(spec, axis_name))

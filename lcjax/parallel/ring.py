@@ -40,11 +40,12 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from lcjax.choices import DKV_DTYPES
 from lcjax.kernels.flash_attention import xla
 from lcjax.kernels.flash_attention.api import get_kernel
+from lcjax.parallel.spec import AttentionSpec
 
 NEG_INF = -jnp.inf
-DKV_DTYPES = ("float32", "bfloat16")
 PARTS = ("all", "early", "late")  # which part of a visiting block a send carries (zigzag: its two chunks)
 
 
@@ -60,24 +61,14 @@ def merge(out_a, lse_a, out_b, lse_b):
 
 
 class RingPlan(NamedTuple):
-    """Static description of one ring (hashable: a non-differentiable argument of the custom VJP).
+    """Static description of one ring (hashable: a non-differentiable argument of the custom VJP): the
+    attention spec, unchanged, the axis the ring runs over (None: no sequence parallelism) and ``group``:
+    > 1 runs one ring per position inside consecutive groups of that size (hybrid Ulysses × ring: shard
+    d = g·group + u is at ring position g of ring u)."""
 
-    ``group`` > 1 runs one ring per position inside consecutive groups of that size (hybrid Ulysses ×
-    ring: shard d = g·group + u is at ring position g of ring u). ``ordered``: the caller vouches for
-    ordered positions (module docstring), which lets a window send less.
-    """
-
+    spec: AttentionSpec
     axis_name: str | None
-    layout: str
-    causal: bool
-    window: int | None
-    scale: float | None
-    block_q: int
-    block_k: int
-    kernel: str = "xla"
     group: int = 1
-    dkv_dtype: str = "float32"
-    ordered: bool = False
 
 
 def _perm(size: int, group: int, hops: int):
@@ -205,10 +196,10 @@ def _setup(plan: RingPlan, q, q_pos, q_seg):
     and the backward."""
     idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
     n = q.shape[1]
-    block_q, block_k = tiles(plan.kernel, plan.layout, n, plan.block_q, plan.block_k)
-    kw = dict(causal=plan.causal, window=plan.window, scale=plan.scale, block_q=block_q, block_k=block_k)
-    sends = kv_sends(ring, n, layout=plan.layout, causal=plan.causal, window=plan.window, ordered=plan.ordered)
-    return get_kernel(plan.kernel), kw, size, sends, is_full_ring(sends, ring), q, q_pos, q_seg
+    block_q, block_k = tiles(plan.spec.kernel, plan.spec.layout, n, plan.spec.block_q, plan.spec.block_k)
+    kw = dict(causal=plan.spec.causal, window=plan.spec.window, scale=plan.spec.scale, block_q=block_q, block_k=block_k)
+    sends = kv_sends(ring, n, layout=plan.spec.layout, causal=plan.spec.causal, window=plan.spec.window, ordered=plan.spec.ordered)
+    return get_kernel(plan.spec.kernel), kw, size, sends, is_full_ring(sends, ring), q, q_pos, q_seg
 
 
 def _fwd(q, k, v, q_pos, q_seg, plan: RingPlan):
@@ -249,11 +240,11 @@ def _bwd(plan: RingPlan, res, dout):
     """Backward ring, double-buffered: at the start of step s each shard sends on the K/V block it holds
     (block s+1 of its successor) and the finished dK/dV accumulator of step s−1, computes step s's
     gradients, then receives; every transfer is hidden under a step's kernels except the last hop that
-    brings each block's dK/dV home. dK/dV travel in ``plan.dkv_dtype`` (float32 unless lowered). With
+    brings each block's dK/dV home. dK/dV travel in ``plan.spec.dkv_dtype`` (float32 unless lowered). With
     sparse :func:`kv_sends`, each received part's dK/dV goes straight back by the same hops."""
     q, k, v, q_pos, q_seg, out, lse = res
     kernel, kw, size, sends, ring, q, q_pos, q_seg = _setup(plan, q, q_pos, q_seg)
-    wire = jnp.dtype(plan.dkv_dtype)
+    wire = jnp.dtype(plan.spec.dkv_dtype)
     kv = (k, v, q_pos, q_seg)
     grads = lambda kv: kernel.flash_backward(q, kv[0], kv[1], out, lse, dout, q_pos, kv[2], q_seg, kv[3], **kw)
     to_wire = lambda x: jax.tree.map(lambda a: a.astype(wire), x)
@@ -307,33 +298,42 @@ def checked_segments(positions, segment_ids, *, causal: bool, window, dkv_dtype:
 def ring_attention(q, k, v, positions, segment_ids, *, axis_name, layout="zigzag", causal=True,
                    window=None, scale=None, block_q=None, block_k=None, kernel="xla", group=1,
                    dkv_dtype="float32", ordered=False):
+    """:func:`ring` with the spec's fields as keyword arguments (tests, benchmarks; the model passes its
+    :class:`AttentionSpec` to :func:`ring` itself). ``layout``: "zigzag", "striped", "contiguous" (or any
+    other order: every block is then sent); ``kernel``: a name of lcjax.kernels.flash_attention.api.KERNELS;
+    the rest as :class:`AttentionSpec`."""
+    spec = AttentionSpec(layout=layout, causal=causal, window=window, scale=scale, block_q=block_q,
+                         block_k=block_k, kernel=kernel, dkv_dtype=dkv_dtype, ordered=bool(ordered))
+    return ring(q, k, v, positions, segment_ids, spec, axis_name=axis_name, group=group)
+
+
+def ring(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name, group: int = 1):
     """Attention of this shard's queries to the whole sequence held across ``axis_name``.
 
     Args:
       q: [B, T/P, N', H]; k, v: [B, T/P, K', H] (N' divisible by K'; GQA query head n uses kv head n//G).
       positions, segment_ids: int32 [B, T/P], original token positions and document ids of this shard's
-        tokens, in ``layout`` order (masks come from them only; any values).
+        tokens, in ``spec.layout`` order (masks come from them only; any values; segment_ids None: one
+        document).
+      spec: the attention settings (layout: zigzag + causal uses the balanced half-block schedule where the
+        actual position ranges allow; causal, window, scale as in lcjax.ops.attention.reference; block_q,
+        block_k: the kernel's tiles (None: the kernel's own); kernel; dkv_dtype: the dtype dK/dV accumulators
+        travel in during the backward ring, "float32" or "bfloat16", which halves the backward's bytes and
+        rounds the partial sums once per hop, docs/parallelism.md; ordered: the caller vouches that within
+        each segment positions grow at least as fast as the token index in the original order (the
+        loader's documents do) — only then does a window send less (:func:`kv_sends`); False is exact for
+        any positions). ``spec.impl`` is not read here.
       axis_name: the mesh axis the sequence is sharded over (None: no sequence parallelism).
-      layout: "zigzag", "striped" or "contiguous" (or any other order: every block is then sent).
-      causal, window, scale: as in lcjax.ops.attention.reference (scale None = 1/√H).
-      block_q, block_k: the kernel's tile sizes (None: the kernel's own).
-      kernel: the per-device kernel, "xla" or "pallas" (lcjax.kernels.flash_attention.api).
       group: run one ring per position inside consecutive groups of this many shards (hybrid
         Ulysses × ring); 1 for a plain ring over the whole axis.
-      dkv_dtype: the dtype dK/dV accumulators travel in during the backward ring, "float32" (default) or
-        "bfloat16" (half the backward's bytes; rounds the partial sums once per hop, docs/parallelism.md).
-      ordered: the caller vouches that within each segment positions grow at least as fast as the token
-        index in the original order (the loader's documents do); only then does a window send less
-        (:func:`kv_sends`). False (default) is exact for any positions.
     Returns:
       [B, T/P, N', H] in q's dtype.
     Raises:
       ValueError for a window without causal masking or an unknown ``dkv_dtype``.
     """
-    segment_ids = checked_segments(positions, segment_ids, causal=causal, window=window, dkv_dtype=dkv_dtype)
-    plan = RingPlan(axis_name, layout, causal, window, scale, block_q, block_k, kernel, group, dkv_dtype,
-                    bool(ordered))
-    return _ring(q, k, v, positions, segment_ids, plan)
+    segment_ids = checked_segments(positions, segment_ids, causal=spec.causal, window=spec.window,
+                                   dkv_dtype=spec.dkv_dtype)
+    return _ring(q, k, v, positions, segment_ids, RingPlan(spec, axis_name, group))
 
 
 def is_ordered(positions, segment_ids) -> bool:

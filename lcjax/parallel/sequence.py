@@ -1,45 +1,66 @@
-"""One per-shard entry for every sequence-parallel strategy (what the model and lcjax.attention call)."""
+"""One per-shard entry for every sequence-parallel strategy (what the model and lcjax.attention call):
+a table from ``spec.impl`` to its implementation, each taking the :class:`AttentionSpec` unchanged."""
 
 from __future__ import annotations
 
-from lcjax.parallel.allgather import allgather_attention
-from lcjax.parallel.ring import ring_attention
-from lcjax.parallel.ulysses import ulysses_attention
+from lcjax.parallel.allgather import allgather
+from lcjax.parallel.ring import ring
+from lcjax.parallel.spec import AttentionSpec
+from lcjax.parallel.ulysses import ulysses
 
-IMPLS = ("local", "ring", "ulysses", "hybrid", "allgather")
+
+def _local(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
+    return ring(q, k, v, positions, segment_ids, spec, axis_name=None)
+
+
+def _ring(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
+    return ring(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
+
+
+def _ulysses(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
+    return ulysses(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
+
+
+def _hybrid(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
+    if spec.ulysses_size is None:
+        raise ValueError("attention.impl 'hybrid' needs attention.ulysses_size")
+    return ulysses(q, k, v, positions, segment_ids, spec, axis_name=axis_name, group=spec.ulysses_size)
+
+
+def _allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
+    if axis_name is None:  # no sequence axis: nothing to gather
+        return ring(q, k, v, positions, segment_ids, spec, axis_name=None)
+    return allgather(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
+
+
+# spec.impl -> implementation; its keys are lcjax.choices.ATTENTION_IMPLS (tests/test_choices.py)
+IMPLEMENTATIONS = {"local": _local, "ring": _ring, "ulysses": _ulysses, "hybrid": _hybrid, "allgather": _allgather}
+IMPLS = tuple(IMPLEMENTATIONS)
+
+
+def sequence_parallel(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name):
+    """Attention of this shard's queries to the whole sequence sharded over ``axis_name``.
+
+    spec.impl: "local" (no sequence parallelism: the axis must have size 1 or be None), "ring" (K/V travel
+    by ppermute), "ulysses" (all-to-all over the whole axis), "hybrid" (all-to-all inside groups of
+    ``spec.ulysses_size`` shards, ring across them), "allgather" (K/V gathered over the axis, Llama 3 style:
+    lcjax.parallel.allgather). Shapes: q [B, T/P, N', H]; k, v [B, T/P, K', H];
+    positions, segment_ids int32 [B, T/P] in ``spec.layout`` order; returns [B, T/P, N', H] in q's dtype
+    (lcjax.parallel.ring.ring). Raises ValueError for an unknown impl or heads the impl cannot divide.
+    """
+    if spec.impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention.impl {spec.impl!r} must be one of {', '.join(IMPLS)}")
+    return IMPLEMENTATIONS[spec.impl](q, k, v, positions, segment_ids, spec, axis_name)
 
 
 def sequence_parallel_attention(q, k, v, positions, segment_ids, *, impl, axis_name, layout="zigzag",
                                 causal=True, window=None, scale=None, block_q=None, block_k=None,
                                 kernel="xla", ulysses_size=None, dkv_dtype="float32", ordered=False):
-    """Attention of this shard's queries to the whole sequence sharded over ``axis_name``.
-
-    impl: "local" (no sequence parallelism: the axis must have size 1 or be None), "ring" (K/V travel by
-    ppermute), "ulysses" (all-to-all over the whole axis), "hybrid" (all-to-all inside groups of
-    ``ulysses_size`` shards, ring across them), "allgather" (K/V gathered over the axis, Llama 3 style:
-    lcjax.parallel.allgather). ``ordered``: the caller vouches for ordered positions, which lets a ring
-    with a window send less (lcjax.parallel.ring.kv_sends); every impl is exact for any positions without
-    it. Other arguments and shapes: lcjax.parallel.ring.
-    Raises ValueError for an unknown impl or heads the impl cannot divide.
-    """
-    if impl == "allgather" and axis_name is not None:
-        return allgather_attention(q, k, v, positions, segment_ids, axis_name=axis_name, causal=causal,
-                                   window=window, scale=scale, block_q=block_q, block_k=block_k, kernel=kernel,
-                                   dkv_dtype=dkv_dtype)
-    common = dict(layout=layout, causal=causal, window=window, scale=scale, block_q=block_q, block_k=block_k,
-                  kernel=kernel, dkv_dtype=dkv_dtype, ordered=ordered)
-    if impl in ("local", "allgather"):
-        return ring_attention(q, k, v, positions, segment_ids, axis_name=None, **common)
-    if impl == "ring":
-        return ring_attention(q, k, v, positions, segment_ids, axis_name=axis_name, **common)
-    if impl == "ulysses":
-        return ulysses_attention(q, k, v, positions, segment_ids, axis_name=axis_name, **common)
-    if impl == "hybrid":
-        if ulysses_size is None:
-            raise ValueError("attention.impl 'hybrid' needs attention.ulysses_size")
-        return ulysses_attention(q, k, v, positions, segment_ids, axis_name=axis_name, group=ulysses_size,
-                                 **common)
-    raise ValueError(f"attention.impl {impl!r} must be one of {', '.join(IMPLS)}")
+    """:func:`sequence_parallel` with the spec's fields as keyword arguments (tests, benchmarks)."""
+    spec = AttentionSpec(impl=impl, layout=layout, window=window, block_q=block_q, block_k=block_k,
+                         kernel=kernel, dkv_dtype=dkv_dtype, ulysses_size=ulysses_size, causal=causal, scale=scale,
+                         ordered=bool(ordered))
+    return sequence_parallel(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
 
 
 def forward_recv_bytes(impl: str, n_shards: int, seq_len: int, *, layout: str = "zigzag", causal: bool = True,

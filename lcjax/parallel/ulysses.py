@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lcjax.parallel.ring import ring_attention
+from lcjax.parallel.ring import ring
+from lcjax.parallel.spec import AttentionSpec
 
 
 def check_heads(n_heads: int, n_kv_heads: int, group: int) -> None:
@@ -60,10 +61,17 @@ def zigzag_group_order(local_len: int, group: int) -> np.ndarray:
 def ulysses_attention(q, k, v, positions, segment_ids, *, axis_name, group=None, layout="zigzag",
                       causal=True, window=None, scale=None, block_q=None, block_k=None, kernel="xla",
                       dkv_dtype="float32", ordered=False):
+    """:func:`ulysses` with the spec's fields as keyword arguments (tests, benchmarks)."""
+    spec = AttentionSpec(layout=layout, causal=causal, window=window, scale=scale, block_q=block_q,
+                         block_k=block_k, kernel=kernel, dkv_dtype=dkv_dtype, ordered=bool(ordered))
+    return ulysses(q, k, v, positions, segment_ids, spec, axis_name=axis_name, group=group)
+
+
+def ulysses(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name, group=None):
     """Sequence-parallel attention by all-to-all over groups of ``group`` shards of ``axis_name``
     (default: the whole axis, pure Ulysses), with a ring across the groups when there are several.
 
-    Args: as lcjax.parallel.ring.ring_attention; ``group`` must divide the axis size.
+    Args: as lcjax.parallel.ring.ring (``spec`` passed on unchanged); ``group`` must divide the axis size.
     Returns: [B, T/P, N', H] in q's dtype, this shard's tokens in layout order.
     Raises: ValueError when the heads cannot be divided over the group.
     """
@@ -79,14 +87,12 @@ def ulysses_attention(q, k, v, positions, segment_ids, *, axis_name, group=None,
     q, k, v = heads_to_sequence(q), heads_to_sequence(k), heads_to_sequence(v)
     positions = _gather_sequence(positions, axis_name, groups, group)
     segment_ids = _gather_sequence(segment_ids, axis_name, groups, group)
-    reorder = layout == "zigzag" and group < size
+    reorder = spec.layout == "zigzag" and group < size
     if reorder:
         order = zigzag_group_order(q.shape[1] // group, group)
         q, k, v = (jnp.take(x, order, axis=1) for x in (q, k, v))
         positions, segment_ids = jnp.take(positions, order, axis=1), jnp.take(segment_ids, order, axis=1)
-    out = ring_attention(q, k, v, positions, segment_ids, axis_name=axis_name, layout=layout, causal=causal,
-                         window=window, scale=scale, block_q=block_q, block_k=block_k, kernel=kernel,
-                         group=group, dkv_dtype=dkv_dtype, ordered=ordered)
+    out = ring(q, k, v, positions, segment_ids, spec, axis_name=axis_name, group=group)
     if reorder:
         out = jnp.take(out, np.argsort(order), axis=1)
     return lax.all_to_all(out, axis_name, 1, 2, axis_index_groups=groups, tiled=True)

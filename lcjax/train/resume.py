@@ -13,7 +13,7 @@ from pathlib import Path
 from lcjax import config as config_lib
 from lcjax.checkpoint import saved_steps
 from lcjax.config import Config
-from lcjax.train.loop import check_resume_compatible
+from lcjax.train.run_files import check_resume_compatible
 
 FRESH, CONTINUE, DONE = "fresh", "continue", "done"
 

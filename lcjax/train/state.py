@@ -4,6 +4,8 @@ alongside, split over data × sequence under FSDP or ZeRO-1/2 (``train.fsdp``, `
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,19 @@ from lcjax.config import Config
 from lcjax.model.llama import Llama
 from lcjax.sharding import rules
 from lcjax.train.optim import make_optimizer
-from lcjax.train.step import TrainState, as_float32, grad_specs_of
+from lcjax.train.step import as_float32, grad_specs_of
+
+
+class TrainState(NamedTuple):
+    """The whole training state, one pytree: model parameters (nnx.State of global sharded arrays),
+    optimizer state, the number of optimizer updates applied (int32 scalar), and the data iterator's state
+    (dict of int64 scalars, passed through the step untouched; the loop refreshes it). Built here
+    (:func:`init_state`, :func:`abstract_state`); the step (lcjax.train.step) maps it to its successor."""
+
+    params: Any
+    opt_state: Any
+    step: Any
+    data_state: Any
 
 
 def model_graph(cfg: Config):

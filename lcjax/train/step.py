@@ -23,8 +23,6 @@ and the loss, the softmax statistics and the ring's accumulators are float32.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,49 +31,19 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax.config import Config
-from lcjax.kernels.flash_attention.api import is_pallas
-from lcjax.model.llama import Axes, MemorySpec, attention_spec
+from lcjax.model import sharded
+from lcjax.model.sharded import ModelSettings, model_settings
 from lcjax.parallel import fsdp
 from lcjax.sharding import rules
-from lcjax.sharding.mesh import AXES
 from lcjax.train.optim import schedule
 
 BATCH_FIELDS = ("tokens", "labels", "positions", "segment_ids", "loss_mask")
-
-
-class TrainState(NamedTuple):
-    """The whole training state, one pytree: model parameters (nnx.State of global sharded arrays),
-    optimizer state, the number of optimizer updates applied (int32 scalar), and the data iterator's state
-    (dict of int64 scalars, passed through the step untouched; the loop refreshes it)."""
-
-    params: Any
-    opt_state: Any
-    step: Any
-    data_state: Any
-
-
-
-def memory_spec(cfg: Config) -> MemorySpec:
-    """The static memory settings of a config (remat policy and offload, MLP and loss tiles, sequence and
-    head chunks)."""
-    t = cfg.train
-    return MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile, offload=t.offload,
-                      seq_chunk=t.seq_chunk, head_chunks=t.head_chunks)
+BATCH_SPECS = {k: rules.BATCH for k in BATCH_FIELDS}
 
 
 def zero_grads(cfg: Config) -> bool:
     """Whether gradients and optimizer state are split over data × sequence (FSDP or ZeRO-1/2)."""
     return cfg.train.fsdp or cfg.train.shard_optimizer
-
-
-def needs_check_vma(cfg: Config) -> bool:
-    """check_vma for the training shard_map: on, except around Pallas kernels (interpret mode needs it off)."""
-    return not is_pallas(cfg.attention.kernel)
-
-
-def compute_dtype(cfg: Config):
-    """jnp dtype of activations and matmuls (``train.dtype``); parameters stay float32."""
-    return jnp.dtype(cfg.train.dtype)
 
 
 def _over_replicated_axes(op, tree, specs):
@@ -118,12 +86,10 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
     (sharded P('data', 'sequence')). loss: float32 scalar, mean cross-entropy per target token (nats).
     grads: like params, sharded by :func:`grad_specs_of` (split over data × sequence under ZeRO).
     """
-    fsdp_axes = rules.ZERO_AXES if cfg.train.fsdp else ()
-    axes, attn, dtype = Axes(*AXES, fsdp=fsdp_axes), attention_spec(cfg), compute_dtype(cfg)
-    mem = memory_spec(cfg)
+    run = model_settings(cfg, fsdp=cfg.train.fsdp)
+    axes = run.axes
     grad_specs = grad_specs_of(specs, cfg, mesh)
-    check_vma = needs_check_vma(cfg) if check_vma is None else check_vma
-    seq_len = cfg.data.seq_len
+    check_vma = sharded.check_vma(cfg.attention.kernel) if check_vma is None else check_vma
     tp_correction = 1.0 if check_vma else 1.0 / mesh.shape[axes.model]
 
     def local(params, batch):
@@ -131,10 +97,7 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
         count = lax.psum(jnp.sum(mask), (axes.data, axes.sequence))
 
         def loss_fn(p):
-            model = nnx.merge(graphdef, p)
-            losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"],
-                                        batch["segment_ids"], max_position=seq_len, attn=attn, axes=axes,
-                                        dtype=dtype, mem=mem)
+            losses = _token_losses(nnx.merge(graphdef, p), batch, cfg.data.seq_len, run)
             return jnp.sum(losses * mask) / jnp.maximum(count, 1.0)
 
         p = _vary(params, specs) if check_vma else params
@@ -143,29 +106,30 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
         loss = lax.psum(loss, (axes.data, axes.sequence)) / tp_correction
         return loss, grads, count
 
-    batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
-    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), grad_specs, P()),
-                         check_vma=check_vma)
+    return sharded.run_sharded(local, mesh, in_specs=(specs, BATCH_SPECS), out_specs=(P(), grad_specs, P()),
+                               kernel=cfg.attention.kernel, vma=check_vma)
+
+
+def _token_losses(model, batch: dict, seq_len: int, run: ModelSettings):
+    """Per-token cross-entropy float32 [B/dp, T/sp] of a per-shard batch (:meth:`Llama.token_losses`)."""
+    return model.token_losses(batch["tokens"], batch["labels"], batch["positions"], batch["segment_ids"],
+                              max_position=seq_len, attn=run.attn, axes=run.axes, dtype=run.dtype, mem=run.mem)
 
 
 def make_eval_loss(graphdef, specs, mesh, cfg: Config):
     """A jitted function (params, batch) -> (summed cross-entropy in nats, target-token count), float32
     scalars over the whole global batch: the forward pass only (validation)."""
-    fsdp_axes = rules.ZERO_AXES if cfg.train.fsdp else ()
-    axes, attn, dtype = Axes(*AXES, fsdp=fsdp_axes), attention_spec(cfg), compute_dtype(cfg)
-    mem, seq_len = memory_spec(cfg), cfg.data.seq_len
+    run = model_settings(cfg, fsdp=cfg.train.fsdp)
+    axes = run.axes
 
     def local(params, batch):
-        model = nnx.merge(graphdef, params)
-        losses = model.token_losses(batch["tokens"], batch["labels"], batch["positions"], batch["segment_ids"],
-                                    max_position=seq_len, attn=attn, axes=axes, dtype=dtype, mem=mem)
+        losses = _token_losses(nnx.merge(graphdef, params), batch, cfg.data.seq_len, run)
         mask = batch["loss_mask"].astype(jnp.float32)
         reduce = lambda x: lax.psum(jnp.sum(x), (axes.data, axes.sequence))
         return reduce(losses * mask), reduce(mask)
 
-    batch_specs = {k: rules.BATCH for k in BATCH_FIELDS}
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_specs), out_specs=(P(), P()),
-                                 check_vma=needs_check_vma(cfg)))
+    return jax.jit(sharded.run_sharded(local, mesh, in_specs=(specs, BATCH_SPECS), out_specs=(P(), P()),
+                                       kernel=cfg.attention.kernel))
 
 
 def micro_batches(batch: dict, accum: int) -> dict:
@@ -238,19 +202,19 @@ def make_train_step(graphdef, specs, mesh, cfg: Config, optimizer: optax.Gradien
 
     executable = [None]
 
-    def arrays_of(state: TrainState):
+    def arrays_of(state):
         return state.params, state.opt_state, state.step
 
-    def run(state: TrainState, batch):
+    def run(state, batch):
         if executable[0] is None:
             executable[0] = jitted(arrays_of(state))
         (params, opt_state, step), metrics = executable[0](arrays_of(state), batch)
-        return TrainState(params, opt_state, step, state.data_state), metrics
+        return state._replace(params=params, opt_state=opt_state, step=step), metrics
 
-    def lower(state: TrainState, batch):
+    def lower(state, batch):
         return jitted(arrays_of(state)).lower(arrays_of(state), batch)
 
-    def compile_for(state: TrainState, batch):
+    def compile_for(state, batch):
         """Compile ahead of the first step (so step times exclude compilation); returns the executable."""
         executable[0] = lower(state, batch).compile()
         return executable[0]

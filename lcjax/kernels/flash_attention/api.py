@@ -10,23 +10,23 @@ kernels); integers override them.
 
 from __future__ import annotations
 
-import importlib
+from lcjax.kernels.flash_attention import pallas_triton, xla
 
-KERNELS = {"xla": "lcjax.kernels.flash_attention.xla",
+# name -> kernel module; its keys are lcjax.choices.KERNELS (tests/test_choices.py)
+KERNELS = {"xla": xla,
            # "pallas": the best verified Pallas kernel for GPUs; today the Triton-backend kernels
-           "pallas": "lcjax.kernels.flash_attention.pallas_triton",
-           "pallas_triton": "lcjax.kernels.flash_attention.pallas_triton"}
-PALLAS_KERNELS = frozenset(name for name, module in KERNELS.items() if ".pallas" in module)
+           "pallas": pallas_triton,
+           "pallas_triton": pallas_triton}
 
 
 def is_pallas(name: str) -> bool:
-    """Whether kernel ``name`` is a Pallas kernel (a ``shard_map`` around it needs ``check_vma=False``:
-    Pallas in interpret mode does not track varying manual axes)."""
-    return name in PALLAS_KERNELS
+    """Whether kernel ``name`` is a Pallas kernel (its module sets ``PALLAS = True``; a ``shard_map``
+    around it needs ``check_vma=False``: Pallas in interpret mode does not track varying manual axes)."""
+    return name in KERNELS and getattr(KERNELS[name], "PALLAS", False)
 
 
 def get_kernel(name: str):
     """The module implementing kernel ``name`` (a key of KERNELS); raises ValueError for another name."""
     if name not in KERNELS:
         raise ValueError(f"attention.kernel {name!r} must be one of {', '.join(KERNELS)}")
-    return importlib.import_module(KERNELS[name])
+    return KERNELS[name]

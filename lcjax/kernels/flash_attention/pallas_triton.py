@@ -54,6 +54,8 @@ from jax.experimental.pallas import triton as pltriton
 from lcjax.kernels.flash_attention import tiling, triton_tiles
 from lcjax.kernels.flash_attention.platform import resolve_interpret, target_device
 
+PALLAS = True  # a Pallas kernel: a shard_map around it needs check_vma off (lcjax.kernels.flash_attention.api)
+
 NEG_INF = float("-inf")
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)

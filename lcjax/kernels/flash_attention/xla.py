@@ -132,6 +132,21 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
     return _merge_blocks(out), _merge_blocks(lse)
 
 
+def _block_grads(qb, kb, vb, dob, lb, db, mask, scale):
+    """One (query block, key block) pair's gradient contributions (Dao et al. 2022, FlashAttention, Alg. 4):
+    P = exp(S − lse) under ``mask``, dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − Δ) · scale, dK = dSᵀ Q, dQ = dS K.
+    qb, dob [B, bq, K, G, H]; kb, vb [B, bk, K, H]; lb, db (lse, Δ) [B, K, G, bq]; mask [.., bq, bk].
+    Returns (dk [B, bk, K, H], dv [B, bk, K, H], dq [B, bq, K, G, H]), float32."""
+    lse_safe = jnp.where(lb == NEG_INF, 0.0, lb)
+    p = jnp.where(mask, jnp.exp(_scores(qb, kb, scale) - lse_safe[..., None]), 0.0)
+    dv = jnp.einsum("bkgqs,bqkgh->bskh", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqkgh,bskh->bkgqs", dob, vb, preferred_element_type=jnp.float32)
+    ds = p * (dp - db[..., None]) * scale
+    dk = jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+    return dk, dv, dq
+
+
 def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None,
                    scale=None, block_q=None, block_k=None):
     """Gradients of blockwise attention given the final ``out`` and ``lse`` (which may already include
@@ -168,17 +183,8 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
             def compute(carry):
                 dk, dv = carry
                 mask = block_mask(qp, kp, qsg, ksg, causal, window)
-                lse_safe = jnp.where(lb == NEG_INF, 0.0, lb)
-                p = jnp.where(mask, jnp.exp(_scores(qb, kb, scale) - lse_safe[..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(dob.dtype), dob,
-                                     preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgh,bskh->bkgqs", dob, vb, preferred_element_type=jnp.float32)
-                ds = p * (dp - db[..., None]) * scale
-                dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(qb.dtype), qb,
-                                     preferred_element_type=jnp.float32)
-                dqb = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kb.dtype), kb,
-                                 preferred_element_type=jnp.float32)
-                return (dk, dv), dqb
+                dk_b, dv_b, dqb = _block_grads(qb, kb, vb, dob, lb, db, mask, scale)
+                return (dk + dk_b, dv + dv_b), dqb
 
             visible = block_may_be_visible(qp, kp, qsg, ksg, causal, window)
             zero_dq = vary_tree_like(jnp.zeros((b, bq, kh, g, h), jnp.float32), *refs)
