@@ -158,6 +158,10 @@ class TrainConfig:
     O(seq_chunk) rather than O(seq_len / mesh.sequence). ``head_chunks``: the attention runs over that many
     groups of heads one after another (1: all at once), so its float32 accumulators are those of
     n_heads / head_chunks heads (ring or local attention; must divide the kv heads per model shard).
+    ``grad_reduce_dtype``: the dtype gradients travel in when they are summed over data × sequence (the
+    all-reduce, or the ZeRO-1/2 reduce-scatter; float32, or bfloat16 for half the bytes, each shard's
+    partial rounded once; docs/performance.md has its measured effect on the loss). Under ``fsdp`` the
+    reduce-scatter is the transpose of the per-layer weight all-gather and runs in ``dtype``.
     ``grad_accum``: micro-batches per optimizer step (the global batch is split into that many, their
     gradients summed inside the jitted step; same update as the whole batch).
     """
@@ -181,6 +185,7 @@ class TrainConfig:
     offload: str = "none"
     seq_chunk: int = 0
     head_chunks: int = 1
+    grad_reduce_dtype: str = "float32"
     grad_accum: int = 1
     max_bad_steps: int = 5  # a run stops after this many non-finite (skipped) steps in a row
     check_memory: bool = True  # refuse a step whose compiled memory exceeds the devices' (lcjax.memcheck)
@@ -384,6 +389,7 @@ def _choices(cfg: Config) -> str | None:
         ("attention.kernel", cfg.attention.kernel, KERNELS),
         ("train.dtype", cfg.train.dtype, DTYPES),
         ("train.param_dtype", cfg.train.param_dtype, DTYPES),
+        ("train.grad_reduce_dtype", cfg.train.grad_reduce_dtype, DTYPES),
         ("train.remat", cfg.train.remat, REMAT_POLICIES),
         ("train.offload", cfg.train.offload, OFFLOAD_MODES),
     ):

@@ -1,6 +1,8 @@
 """Gradient accumulation (train.grad_accum): micro-batches inside the jitted step give the update of the
 whole batch (float32), also when the micro-batches hold different numbers of target tokens."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -50,3 +52,41 @@ def test_accumulated_step_equals_the_large_batch(mesh_shape, extra):
 def test_accumulation_that_does_not_divide_the_data_shard_is_refused():
     with pytest.raises(ValueError, match="train.grad_accum 3 must divide"):
         config_lib.load(None, ["data.global_batch=8", "mesh.data=2", "train.grad_accum=3"])
+
+
+def _grads(*extra):
+    cfg = config_lib.load(None, ["mesh.data=2", "mesh.sequence=2", "mesh.model=2", "model.n_layers=2",
+                                 "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
+                                 f"model.vocab_size={V}", f"data.seq_len={T}", f"data.global_batch={B}", *extra])
+    mesh = make_mesh(2, 2, 2)
+    graphdef, specs, _, state = init_state(cfg, mesh, {})
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, V, (B, T + 1)).astype(np.int32)
+    raw = dict(tokens=stream[:, :-1], labels=stream[:, 1:], positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+               segment_ids=np.ones((B, T), np.int32), loss_mask=np.ones((B, T), np.int32))
+    batch = {k: jax.device_put(permute(v, cfg.attention.layout, 2), step_lib.batch_sharding(mesh))
+             for k, v in raw.items()}
+    fn = jax.jit(step_lib.make_loss_and_grads(graphdef, specs, mesh, cfg))
+    hlo = fn.lower(state.params, batch).as_text()  # StableHLO: CPU's compiler widens bf16 reductions
+    loss, grads, _ = fn(state.params, batch)
+    return float(loss), nnx.to_pure_dict(grads), hlo
+
+
+@pytest.mark.parametrize("extra", [(), ("train.shard_optimizer=true",)])
+def test_bfloat16_gradient_reduction_rounds_only_the_sum(extra):
+    """train.grad_reduce_dtype=bfloat16: the data × sequence sums run in bfloat16 (half the bytes), so the
+    gradients differ from float32's by bf16 rounding of the shards' partials and of the sum (≈ 2⁻⁸
+    relative), not more; the forward is untouched."""
+    f32_loss, f32_grads, f32_hlo = _grads(*extra)
+    bf16_loss, bf16_grads, bf16_hlo = _grads("train.grad_reduce_dtype=bfloat16", *extra)
+    assert bf16_loss == f32_loss
+    errors = jax.tree.leaves(jax.tree.map(relative_error, bf16_grads, f32_grads))
+    assert 0 < max(errors) <= 1e-2, errors  # rounded (not float32), but only by bf16's rounding
+    kind = "reduce_scatter" if extra else "all_reduce"
+    count = lambda hlo: len(re.findall(rf'stablehlo\.{kind}"[^\n]*\n\s*\^bb0\(%\w+: tensor<bf16>', hlo))
+    assert count(bf16_hlo) > 0 and count(f32_hlo) == 0
+
+
+def test_gradient_reduction_dtype_is_refused_unless_a_float():
+    with pytest.raises(ValueError, match="train.grad_reduce_dtype 'int8' must be one of float32, bfloat16"):
+        config_lib.load(None, ["train.grad_reduce_dtype=int8"])

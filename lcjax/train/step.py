@@ -59,16 +59,18 @@ def _vary(tree, specs):
     return _over_replicated_axes(lambda x, axes: lax.pcast(x, axes, to="varying"), tree, specs)
 
 
-def _reduce_grads(grads, specs, grad_specs):
+def _reduce_grads(grads, specs, grad_specs, wire_dtype=jnp.float32):
     """Sum each gradient over the mesh axes its parameter is replicated over, exactly once: by a
     reduce-scatter over data × sequence along d_model where ``grad_specs`` splits what ``specs`` does not
-    (ZeRO-1/2), by a ``psum`` over the remaining replicated axes."""
+    (ZeRO-1/2), by a ``psum`` over the remaining replicated axes. The sums run in ``wire_dtype``
+    (``train.grad_reduce_dtype``); the result is in the gradient's own dtype."""
     def reduce(g, spec, grad_spec):
+        dtype, g = g.dtype, g.astype(wire_dtype)
         dim = rules.zero_dim(spec, grad_spec)
         if dim is not None:
             g = fsdp.reduce_scatter(g, rules.ZERO_AXES, dim)
         axes = rules.replicated_axes(grad_spec)
-        return lax.psum(g, axes) if axes else g
+        return (lax.psum(g, axes) if axes else g).astype(dtype)
     return jax.tree.map(reduce, grads, specs, grad_specs)
 
 
@@ -102,7 +104,7 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
 
         p = _vary(params, specs) if check_vma else params
         loss, grads = jax.value_and_grad(lambda q: loss_fn(q) * tp_correction)(p)
-        grads = _reduce_grads(grads, specs, grad_specs)
+        grads = _reduce_grads(grads, specs, grad_specs, jnp.dtype(cfg.train.grad_reduce_dtype))
         loss = lax.psum(loss, (axes.data, axes.sequence)) / tp_correction
         return loss, grads, count
 
