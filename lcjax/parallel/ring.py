@@ -191,12 +191,14 @@ def _ring_geometry(plan: RingPlan, q, q_pos, q_seg):
 
 
 def tiles(kernel: str, layout: str, local_len: int, block_q, block_k):
-    """(block_q, block_k) a ring step passes to ``kernel``: for the XLA kernel in the zigzag layout the
-    tiles are fitted to the half block so that no tile straddles the two chunks (the kernel then skips the
-    invisible chunk pairs exactly); otherwise as given."""
-    if kernel != "xla" or layout != "zigzag" or local_len % 2:
+    """(block_q, block_k) a ring step passes to ``kernel``: for the XLA and cuDNN kernels in the zigzag
+    layout the tiles are fitted to the half block so that no tile straddles the two chunks (the XLA kernel
+    then skips the invisible chunk pairs exactly; cuDNN's default tile is the half block itself, whose pairs
+    are empty, full or diagonal); otherwise as given."""
+    if kernel not in ("xla", "cudnn") or layout != "zigzag" or local_len % 2:
         return block_q, block_k
-    fit = lambda b: xla.fit_block(local_len // 2, xla.DEFAULT_BLOCK if b is None else int(b))
+    default = xla.DEFAULT_BLOCK if kernel == "xla" else local_len // 2
+    fit = lambda b: xla.fit_block(local_len // 2, default if b is None else int(b))
     return fit(block_q), fit(block_k)
 
 
