@@ -207,7 +207,10 @@ def _setup(plan: RingPlan, q, q_pos, q_seg):
     and the backward."""
     idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
     n = q.shape[1]
-    block_q, block_k = tiles(plan.kernel, plan.layout, n, plan.block_q, plan.block_k)
+    # one ring position holds the whole sequence: the cuDNN kernel's tile is then all of it (a zigzag split
+    # would cut a window at an offset from the diagonal)
+    layout = "contiguous" if plan.kernel == "cudnn" and ring == 1 else plan.layout
+    block_q, block_k = tiles(plan.kernel, layout, n, plan.block_q, plan.block_k)
     kw = dict(causal=plan.causal, window=plan.window, scale=plan.scale, block_q=block_q, block_k=block_k)
     sends = kv_sends(ring, n, layout=plan.layout, causal=plan.causal, window=plan.window, ordered=plan.ordered)
     return get_kernel(plan.kernel), kw, size, sends, is_full_ring(sends, ring), q, q_pos, q_seg
