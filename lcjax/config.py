@@ -620,6 +620,9 @@ def _cudnn(cfg: Config) -> str | None:
     if head_dim % 8 or head_dim > 256:
         return (f"attention.kernel 'cudnn' needs a head dim (model.d_model / model.n_heads) that is a multiple "
                 f"of 8 and <= 256, got {head_dim}")
+    if a.block_q != a.block_k:
+        return (f"attention.kernel 'cudnn' needs attention.block_q = attention.block_k (square tiles), got "
+                f"{a.block_q} and {a.block_k}")
     if not cfg.data.cross_document_attention:
         return ("attention.kernel 'cudnn' needs data.cross_document_attention: true (the mask between packed "
                 "documents is not expressible with cuDNN's masks here)")

@@ -180,6 +180,15 @@ def test_public_entry_refuses_what_cudnn_cannot_express(change, match):
                   layout=c["layout"], kernel="cudnn", window=c["window"])
 
 
+def test_kernel_refuses_tiles_it_cannot_mask():
+    q, k, v, _ = _inputs(b=1, t=64)
+    with pytest.raises(ValueError, match="square tiles"):
+        cudnn.check_inputs(q, k, v, 16, 32)
+    with pytest.raises(ValueError, match="more than 64"):
+        cudnn.check_inputs(q, k, v, 4, 4)
+    assert cudnn.check_inputs(q, k, v, 32, 32) == (32, 32) and cudnn.check_inputs(q, k, v) == (64, 64)
+
+
 def test_a_cpu_program_is_refused_at_trace_time():
     q, k, v, _ = _inputs(b=1, t=16)
     pos = jnp.arange(16, dtype=jnp.int32)[None]
@@ -205,6 +214,7 @@ def test_config_rules():
         (lambda c: replace(c, data=replace(c.data, seq_len=4097)), "padded"),
         (lambda c: replace(c, attention=replace(c.attention, window=512)), "attention.window"),
         (lambda c: replace(c, attention=replace(c.attention, layout="striped")), "contiguous or zigzag"),
+        (lambda c: replace(c, attention=replace(c.attention, block_q=64)), "square tiles"),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -108,11 +108,14 @@ def check_arrays(q, k, v) -> None:
 def check_inputs(q, k, v, block_q=None, block_k=None) -> tuple[int, int]:
     """:func:`check_arrays`, then the tiles (block_q, block_k) for q [B, T, N, H] and k, v [B, S, K, H]:
     None is the whole length, integers are clipped to divisors of the lengths (``xla.fit_block``);
-    ValueError for more than :data:`MAX_TILE_PAIRS` tile pairs."""
+    ValueError for tiles that are not square when T = S, or more than :data:`MAX_TILE_PAIRS` tile pairs."""
     check_arrays(q, k, v)
     t, s = q.shape[1], k.shape[1]
     bq = t if block_q is None else fit_block(t, int(block_q))
     bk = s if block_k is None else fit_block(s, int(block_k))
+    if bq != bk and t == s:
+        raise ValueError(f"attention.kernel 'cudnn' needs square tiles (block_q = block_k): a diagonal pair "
+                         f"of {bq} x {bk} is not cuDNN's causal mask")
     if (t // bq) * (s // bk) > MAX_TILE_PAIRS:
         raise ValueError(f"attention.kernel 'cudnn': tiles {bq} x {bk} cut {t} x {s} into "
                          f"{(t // bq) * (s // bk)} pairs, more than {MAX_TILE_PAIRS}; use larger "
