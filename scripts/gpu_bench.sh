@@ -3,8 +3,8 @@
 # limits sum to 470 s), run from the source tree (PYTHONPATH=., no pip install):
 #
 #   OUT=/some/dir bash scripts/gpu_bench.sh          # on the GPU host
-#   SMOKE=1 OUT=/tmp/gb bash scripts/gpu_bench.sh    # plumbing check on a CPU host: tiny sizes, ~1-3.5 min
-#                                                    # (53 s and 205 s measured on a loaded 2-core host)
+#   SMOKE=1 OUT=/tmp/gb bash scripts/gpu_bench.sh    # plumbing check on a CPU host: tiny sizes, ~1 min
+#                                                    # (53 s measured on the 2-core development host)
 #
 # Stages (results in $OUT as markdown and JSON; the *.log files hold each stage's stderr):
 #   0. env.txt          nvidia-smi, python and package versions, which optional packages are importable
