@@ -640,10 +640,10 @@ def _cudnn(cfg: Config) -> str | None:
     if a.impl == "allgather":
         return ("attention.kernel 'cudnn' cannot run attention.impl allgather: the gathered keys of the other "
                 "shards are not one contiguous position range")
-    if a.impl == "ulysses" and a.layout != "contiguous":
-        return ("attention.kernel 'cudnn' with attention.impl ulysses needs attention.layout contiguous: the "
-                f"gathered {a.layout} sequence is not contiguous in position")
     ring = sp if a.impl == "ring" else (sp // a.ulysses_size if a.impl == "hybrid" and a.ulysses_size else 1)
+    if a.impl in ("ulysses", "hybrid") and ring == 1 and a.layout != "contiguous":
+        return (f"attention.kernel 'cudnn' with attention.impl {a.impl} over the whole sequence axis needs "
+                f"attention.layout contiguous: the gathered {a.layout} sequence is not contiguous in position")
     if a.window is not None and ring > 1:
         return (f"attention.kernel 'cudnn' cannot combine attention.window with a ring of {ring} positions "
                 f"(impl {a.impl}): steps between blocks need a window off the diagonal, which cuDNN cannot "

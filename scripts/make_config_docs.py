@@ -103,8 +103,9 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                          f"{choices('KERNELS')}. `cudnn` needs `train.dtype: bfloat16`, a head dim that is a "
                          "multiple of 8 and <= 256, `data.cross_document_attention: true`, a `data.seq_len` the "
                          "layout splits without padding and, on several sequence shards, layout `contiguous` or "
-                         "`zigzag`, impl `ring`/`hybrid`/`ulysses` (`ulysses` with `contiguous`) and no "
-                         "`attention.window` unless the ring has one position."),
+                         "`zigzag`, impl `ring`, `hybrid` or `ulysses` (`ulysses`, and `hybrid` with `ulysses_size` = "
+                         "`mesh.sequence`, only with `contiguous`) and no `attention.window` unless the ring has one "
+                         "position."),
     "attention.window": ("Sliding window W: a query at position p sees keys p−W+1 … p; null: no window.",
                          "null or >= 1."),
     "attention.ulysses_size": ("Shards per all-to-all group of `attention.impl: hybrid`.",

@@ -177,21 +177,22 @@ def test_kernel_matches_reference_forward_and_gradients(fake_cudnn, impl, layout
     (dict(h=12), "multiple of 8"),
     (dict(layout="striped"), "contiguous position ranges"),
     (dict(impl="allgather"), "allgather"),
-    (dict(impl="ulysses", layout="zigzag"), "ulysses needs attention.layout contiguous"),
+    (dict(impl="ulysses", layout="zigzag"), "needs attention.layout contiguous"),
+    (dict(impl="hybrid", ulysses_size=4, layout="zigzag"), "needs attention.layout contiguous"),
     (dict(window=8), "window"),
     (dict(documents=True), "one segment per sequence"),
     (dict(reversed_positions=True), "contiguously"),
 ])
 def test_public_entry_refuses_what_cudnn_cannot_express(change, match):
     c = {**dict(dtype=jnp.bfloat16, h=16, layout="contiguous", impl="ring", window=None, documents=False,
-                reversed_positions=False), **change}
+                reversed_positions=False, ulysses_size=None), **change}
     q, k, v, _ = _inputs(b=1, t=32, h=c["h"], dtype=c["dtype"])
     pos = jnp.arange(32, dtype=jnp.int32)[None]
     pos = pos[:, ::-1] if c["reversed_positions"] else pos
     seg = (pos // 16) if c["documents"] else None
     with pytest.raises(ValueError, match=match):
         attention(q, k, v, positions=pos, segment_ids=seg, mesh=make_mesh(1, 4, 1), impl=c["impl"],
-                  layout=c["layout"], kernel="cudnn", window=c["window"])
+                  layout=c["layout"], kernel="cudnn", window=c["window"], ulysses_size=c["ulysses_size"])
 
 
 def test_kernel_refuses_tiles_it_cannot_mask():
@@ -242,14 +243,14 @@ def test_config_and_entry_rules_agree():
         for layout in ("contiguous", "zigzag", "striped", "balanced"):
             for shards in (1, 4):
                 for window in (None, 64):
-                    if impl == "local" and shards > 1:
-                        continue
-                    u = 2 if impl == "hybrid" else None
-                    cfg = replace(_cfg(impl=impl, layout=layout, window=window, ulysses_size=u),
-                                  mesh=replace(_cfg().mesh, sequence=shards))
-                    entry = cudnn.layout_refusal(impl, layout, shards, window, u)
-                    conf = config_lib._cudnn(cfg)
-                    assert (entry is None) == (conf is None), (impl, layout, shards, window, entry, conf)
+                    for u in ((2, shards) if impl == "hybrid" else (None,)):
+                        if impl == "local" and shards > 1 or u == 1:
+                            continue
+                        cfg = replace(_cfg(impl=impl, layout=layout, window=window, ulysses_size=u),
+                                      mesh=replace(_cfg().mesh, sequence=shards))
+                        entry = cudnn.layout_refusal(impl, layout, shards, window, u)
+                        conf = config_lib._cudnn(cfg)
+                        assert (entry is None) == (conf is None), (impl, layout, shards, window, u, entry, conf)
 
 
 # ------------------------------------------------------------------ deviceless H100: the real custom calls

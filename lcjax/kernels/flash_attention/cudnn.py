@@ -132,8 +132,8 @@ def layout_refusal(impl: str, layout: str, shards: int, window, ulysses_size=Non
     With one shard there is one block and one tile: diagonal. Otherwise a shard's tokens must be
     contiguous position ranges: contiguous (one range) or zigzag (two half blocks, the ring's tiles);
     not striped (every P-th position) nor balanced (chunks dispatched by work). ``allgather`` attends to the
-    other shards' blocks concatenated (not one range); ``ulysses`` gathers the whole sequence in layout
-    order (contiguous only). A window cuts ring steps between different blocks at an offset from the
+    other shards' blocks concatenated (not one range); ``ulysses`` (and ``hybrid`` with ``ulysses_size`` =
+    P) gathers the whole sequence in layout order (contiguous only). A window cuts ring steps between different blocks at an offset from the
     diagonal, which cuDNN's window (aligned to the diagonal) cannot express: with a window only the
     diagonal step exists, i.e. one shard, ``local`` or ``ulysses`` (one ring position).
     """
@@ -145,11 +145,11 @@ def layout_refusal(impl: str, layout: str, shards: int, window, ulysses_size=Non
     if impl == "allgather":
         return ("attention.kernel 'cudnn' cannot run attention.impl allgather: the gathered keys of the "
                 "other shards are not one contiguous position range")
-    if impl == "ulysses" and layout != "contiguous":
-        return ("attention.kernel 'cudnn' with attention.impl ulysses needs attention.layout contiguous: "
-                f"the gathered {layout} sequence is not contiguous in position")
     ring_positions = shards if impl == "ring" else (shards // ulysses_size if impl == "hybrid" and ulysses_size
                                                      else 1)
+    if impl in ("ulysses", "hybrid") and ring_positions == 1 and layout != "contiguous":
+        return (f"attention.kernel 'cudnn' with attention.impl {impl} over the whole sequence axis needs "
+                f"attention.layout contiguous: the gathered {layout} sequence is not contiguous in position")
     if window is not None and ring_positions > 1:
         return (f"attention.kernel 'cudnn' cannot combine attention.window with a ring of {ring_positions} "
                 f"positions (impl {impl}): steps between blocks need a window off the diagonal, which cuDNN "
