@@ -39,22 +39,24 @@ forward output O, the softmax statistics L and dO, and computes P_ij = exp(scale
 visible pairs, D_i = Σ_h dO_ih·O_ih, dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − D), dQ = scale·dS·K,
 dK = scale·dSᵀ·Q. The gradient of the global attention o_i = Σ_j P*_ij v_j (P*_ij = exp(s_ij − L*_i) over
 *all* keys of the sequence, L* the global lse) with respect to the keys of one tile is, by the softmax
-Jacobian, dv_j = Σ_i P*_ij dO_i and ds_ij = P*_ij (dO_i·v_j − Σ_j' P*_ij' dO_i·v_j') = P*_ij (dP_ij − dO_i·O*_i)
-with O* the global output. So calling cuDNN's backward on one tile pair with the *global* L* and O* as its
-residuals gives exactly the global gradient's part from that pair (P = P*, D = dO·O*); summing over the tile
-pairs (dQ over key tiles, dK/dV over query tiles) and over the ring's blocks gives the whole gradient. JAX
-binds that backward only inside its ``custom_vjp``; this module binds the same primitive
-(``_dot_product_attention_bwd_p_wrapper``) with the given residuals, its operands named from the JAX
-version's own ``_dot_product_attention_bwd_impl`` signature (:func:`_bind_backward`). A tile pair that
-reaches cuDNN is ``full`` or ``diagonal``, where every query sees a key, so L* is finite there.
+Jacobian, dv_j = Σ_i P*_ij dO_i and ds_ij = P*_ij (dO_i·v_j − Σ_j' P*_ij' dO_i·v_j')
+= P*_ij (dP_ij − dO_i·O*_i) with O* the global output. So calling cuDNN's backward on one tile pair with
+the *global* L* and O* as its residuals gives exactly the global gradient's part from that pair (P = P*,
+D = dO·O*); summing over the tile pairs (dQ over key tiles, dK/dV over query tiles) and over the ring's
+blocks gives the whole gradient. JAX binds that backward only inside its ``custom_vjp`` (with the
+forward's own residuals); this module binds the same primitive (``_dot_product_attention_bwd_p_wrapper``)
+with the given residuals, its operands named from the JAX version's own ``_dot_product_attention_bwd_impl``
+signature (:func:`_bind`). A tile pair that reaches cuDNN is ``full`` or ``diagonal``, where every query
+sees a key, so L* is finite there.
 
 Numerics: cuDNN returns out and dq/dk/dv in the input dtype (bfloat16/float16; float32 accumulation
 inside); this module widens them to float32, so each tile pair's result is rounded once to the input dtype
 before the float32 merge and sums. Scores and softmax statistics are float32 inside cuDNN.
 
 Limits, refused at the start with one line (:func:`check_inputs`): q/k/v bfloat16 or float16 (same dtype);
-head dim a multiple of 8 and ≤ 256 (cuDNN; JAX refuses > 128 before Hopper); N divisible by K (GQA is
-native: query head n uses kv head n // (N/K), no repeated K/V); at most :data:`MAX_TILE_PAIRS` tile pairs.
+head dim a multiple of 8 and ≤ 256 (cuDNN; ≤ 128 before Hopper, judged from the device kind); N divisible by
+K (GQA is native: query head n uses kv head n // (N/K), no repeated K/V); square tiles; at most
+:data:`MAX_TILE_PAIRS` tile pairs.
 A program compiled for anything but GPUs raises RuntimeError at trace time (the primitives have no CPU
 lowering). A deviceless compile for an H100/H200 target (lcjax.sharding.mesh.deviceless_gpus) compiles
 the ``__cudnn$fmhaSoftmax``/``__cudnn$fmhaSoftmaxBackward`` custom calls without the cuDNN library (checked
@@ -69,7 +71,6 @@ from __future__ import annotations
 
 import inspect
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -133,9 +134,10 @@ def layout_refusal(impl: str, layout: str, shards: int, window, ulysses_size=Non
     contiguous position ranges: contiguous (one range) or zigzag (two half blocks, the ring's tiles);
     not striped (every P-th position) nor balanced (chunks dispatched by work). ``allgather`` attends to the
     other shards' blocks concatenated (not one range); ``ulysses`` (and ``hybrid`` with ``ulysses_size`` =
-    P) gathers the whole sequence in layout order (contiguous only). A window cuts ring steps between different blocks at an offset from the
-    diagonal, which cuDNN's window (aligned to the diagonal) cannot express: with a window only the
-    diagonal step exists, i.e. one shard, ``local`` or ``ulysses`` (one ring position).
+    P) gathers the whole sequence in layout order (contiguous only). A window cuts ring steps between
+    different blocks at an offset from the diagonal, which cuDNN's window (aligned to the diagonal) cannot
+    express: with a window only the diagonal step may exist, i.e. one ring position (one shard, ``local``,
+    ``ulysses``, ``hybrid`` with ``ulysses_size`` = P).
     """
     if shards <= 1:
         return None
