@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from lcjax.kernels.flash_attention import cudnn
 from lcjax.kernels.flash_attention.api import KERNELS, is_pallas
 from lcjax.ops.layout import check_divisible, unpermute
 from lcjax.parallel.ring import is_ordered
@@ -41,6 +42,23 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
         raise ValueError(f"ulysses_size {ulysses_size} must divide the sequence axis size {sp} for 'hybrid'")
     if impl in ("ulysses", "hybrid"):
         check_heads(n // tp, kh // tp, sp if impl == "ulysses" else ulysses_size)
+
+
+def _check_cudnn(q, k, v, positions, segment_ids, impl, layout, shards, window, ulysses_size) -> None:
+    """What the cuDNN kernel cannot express, refused before anything runs (ValueError, one line): its
+    dtypes and head dims, the impl/layout/window (cudnn.layout_refusal) and, for concrete arrays, the
+    positions and segment ids in their original order (cudnn.positions_refusal; traced ones are checked
+    per tile pair at run time, where a violation gives NaN)."""
+    cudnn.check_arrays(q, k, v)
+    reason = cudnn.layout_refusal(impl, layout, shards, window, ulysses_size)
+    if reason is None:
+        try:
+            pos, seg = (unpermute(np.asarray(x), layout, shards) for x in (positions, segment_ids))
+        except (ValueError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            return  # traced, or an order only the caller knows
+        reason = cudnn.positions_refusal(pos, seg)
+    if reason:
+        raise ValueError(reason)
 
 
 def _ordered(positions, segment_ids, impl, layout, shards, window) -> bool:
@@ -75,14 +93,17 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
         (concrete) positions are ordered (lcjax.parallel.ring.kv_sends), every block otherwise.
       layout: "zigzag", "striped" or "contiguous": how the T tokens are spread over ``sequence``.
       kernel: "xla" (blockwise jnp), "pallas_triton" (Pallas Triton-backend kernels; interpret mode when not
-        compiled for GPUs) or "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton").
+        compiled for GPUs), "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton") or
+        "cudnn" (cuDNN fused attention per block; bf16/fp16, GPUs with cuDNN only, one contiguous range
+        of positions per sequence and layouts/impls whose blocks it can mask: see
+        lcjax.kernels.flash_attention.cudnn).
       block_q, block_k: None (default) = the kernel's own tiles (512 for xla, the tuned table for the Triton
         kernels, lcjax.kernels.flash_attention.triton_tiles); integers override them for every kernel.
     Returns:
       [B, T, N, H] in q's dtype and the same token order.
     Raises:
       ValueError naming the argument and the rule (unknown impl/kernel/layout, sizes the mesh cannot
-      split, window without causal).
+      split, window without causal, what kernel "cudnn" cannot express).
     """
     mesh = make_mesh(1, len(jax.devices()), 1) if mesh is None else mesh
     _check(q, k, positions, mesh, impl, kernel, ulysses_size)
@@ -94,6 +115,8 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     check_divisible(q.shape[1], layout, sp)
     if segment_ids is None:
         segment_ids = jax.numpy.zeros_like(positions)
+    if kernel == "cudnn":
+        _check_cudnn(q, k, v, positions, segment_ids, impl, layout, sp, window, ulysses_size)
     ordered = _ordered(positions, segment_ids, impl, layout, sp, window)
     tokens, heads = P("data", "sequence"), P("data", "sequence", "model", None)
 

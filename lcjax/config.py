@@ -609,4 +609,48 @@ def _log(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum, _log)
+def _cudnn(cfg: Config) -> str | None:
+    """``attention.kernel: cudnn`` only where cuDNN's masks express every block pair the kernel meets
+    (lcjax.kernels.flash_attention.cudnn: its ``check_arrays``, ``layout_refusal`` and
+    ``positions_refusal`` are the same rules for the public entry; this module imports no JAX)."""
+    a, m, sp = cfg.attention, cfg.model, cfg.mesh.sequence
+    if a.kernel != "cudnn":
+        return None
+    if cfg.train.dtype != "bfloat16":
+        return f"attention.kernel 'cudnn' needs train.dtype bfloat16 (cuDNN flash attention), got {cfg.train.dtype!r}"
+    head_dim = m.d_model // m.n_heads
+    if head_dim % 8 or head_dim > 256:
+        return (f"attention.kernel 'cudnn' needs a head dim (model.d_model / model.n_heads) that is a multiple "
+                f"of 8 and <= 256, got {head_dim}")
+    if a.block_q != a.block_k:
+        return (f"attention.kernel 'cudnn' needs attention.block_q = attention.block_k (square tiles), got "
+                f"{a.block_q} and {a.block_k}")
+    if not cfg.data.cross_document_attention:
+        return ("attention.kernel 'cudnn' needs data.cross_document_attention: true (the mask between packed "
+                "documents is not expressible with cuDNN's masks here)")
+    for _, seq_len, _ in stages(cfg):
+        padded = padded_seq_len(seq_len, a.layout, sp)
+        if padded != seq_len:
+            return (f"attention.kernel 'cudnn': seq_len {seq_len} is padded to {padded} for layout {a.layout!r} "
+                    f"on mesh.sequence = {sp}, and the padding is a segment of its own, which cuDNN's masks "
+                    f"cannot express here; use a seq_len the layout splits evenly")
+    if sp <= 1:
+        return None
+    if a.layout not in ("contiguous", "zigzag"):
+        return (f"attention.kernel 'cudnn' needs attention.layout contiguous or zigzag on mesh.sequence = {sp}: "
+                f"a {a.layout} shard's tokens are not contiguous position ranges")
+    if a.impl == "allgather":
+        return ("attention.kernel 'cudnn' cannot run attention.impl allgather: the gathered keys of the other "
+                "shards are not one contiguous position range")
+    ring = sp if a.impl == "ring" else (sp // a.ulysses_size if a.impl == "hybrid" and a.ulysses_size else 1)
+    if a.impl in ("ulysses", "hybrid") and ring == 1 and a.layout != "contiguous":
+        return (f"attention.kernel 'cudnn' with attention.impl {a.impl} over the whole sequence axis needs "
+                f"attention.layout contiguous: the gathered {a.layout} sequence is not contiguous in position")
+    if a.window is not None and ring > 1:
+        return (f"attention.kernel 'cudnn' cannot combine attention.window with a ring of {ring} positions "
+                f"(impl {a.impl}): steps between blocks need a window off the diagonal, which cuDNN cannot "
+                f"express; use impl ulysses with layout contiguous, or kernel xla/pallas")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum, _log, _cudnn)

@@ -97,16 +97,24 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                          "the masked causal + document + window work is equal: lcjax.data.balance).",
                          f"{choices('LAYOUTS')}."),
     "attention.kernel": ("The per-device blockwise attention kernel: `xla` (portable), `pallas_triton` (Pallas "
-                         "Triton-backend flash kernels for GPUs; interpret mode elsewhere) or `pallas` (the best "
-                         "verified Pallas kernel for the GPUs: today `pallas_triton`).", f"{choices('KERNELS')}."),
+                         "Triton-backend flash kernels for GPUs; interpret mode elsewhere), `pallas` (the best "
+                         "verified Pallas kernel for the GPUs: today `pallas_triton`) or `cudnn` (cuDNN fused "
+                         "attention per block, GPUs with cuDNN only: docs/kernels.md).",
+                         f"{choices('KERNELS')}. `cudnn` needs `train.dtype: bfloat16`, a head dim that is a "
+                         "multiple of 8 and <= 256, `data.cross_document_attention: true`, a `data.seq_len` the "
+                         "layout splits without padding and, on several sequence shards, layout `contiguous` or "
+                         "`zigzag`, impl `ring`, `hybrid` or `ulysses` (`ulysses`, and `hybrid` with `ulysses_size` = "
+                         "`mesh.sequence`, only with `contiguous`) and no `attention.window` unless the ring has one "
+                         "position."),
     "attention.window": ("Sliding window W: a query at position p sees keys p−W+1 … p; null: no window.",
                          "null or >= 1."),
     "attention.ulysses_size": ("Shards per all-to-all group of `attention.impl: hybrid`.",
                                "Set only for `hybrid`, where it must divide `mesh.sequence`."),
     "attention.block_q": ("Query tile of the kernel; null: the kernel's own tiles (512 for `xla`, the tuned "
-                          "table lcjax/kernels/flash_attention/triton_tiles.json for the Triton kernels). An "
-                          "integer overrides them (clipped to a divisor of the local length for `xla`, to a "
-                          "power of two in [16, 128] for the Triton kernels).", "null or >= 1."),
+                          "table lcjax/kernels/flash_attention/triton_tiles.json for the Triton kernels, the whole "
+                          "block for `cudnn`: the half blocks in the zigzag ring). An integer overrides them "
+                          "(clipped to a divisor of the local length for `xla` and `cudnn`, to a power of two in "
+                          "[16, 128] for the Triton kernels).", "null or >= 1."),
     "attention.block_k": ("Key tile of the kernel; null: the kernel's own tiles (as `attention.block_q`).",
                           "null or >= 1."),
     "data.source": ("The corpus: `stdlib` (the Python standard library's source), `files:PATH[,PATH...]` "

@@ -112,6 +112,24 @@ def test_kernel_bench_layouts_and_flops():
     assert row == "| causal | 8 | cudnn | fwd | — | E: x |"
 
 
+def test_kernel_bench_times_only_what_passed_parity():
+    """A row is timed only when its kernel's parity record in the timed dtype passed (forward for fwd rows,
+    forward and gradients for fwd_bwd rows); unregistered names are skipped with the reason."""
+    bk = _script("bench_kernels")
+    ok = {"dtype": "bfloat16", "fwd_ok": True, "fwd_bwd_ok": False}
+    records = [{"kernel": "a", **ok}, {"kernel": "b", "dtype": "bfloat16", "skipped": "not registered"},
+               {"kernel": "c", "dtype": "bfloat16", "fwd_ok": False, "fwd_bwd_ok": False, "error": "E: x"}]
+    assert bk.not_timed(records, "a", "fwd", "bfloat16") is None
+    assert bk.not_timed(records, "a", "fwd_bwd", "bfloat16") == "parity failed"
+    assert bk.not_timed(records, "a", "fwd", "float32") == "no float32 parity record"
+    assert bk.not_timed(records, "b", "fwd", "bfloat16") == "not registered"
+    assert bk.not_timed(records, "c", "fwd", "bfloat16") == "parity failed: E: x"
+    assert bk.not_timed(records, "d", "fwd", "bfloat16") == "no bfloat16 parity record"
+    with pytest.raises(bk.NotRegistered, match="not registered"):
+        bk.attention_fn("no_such_kernel", "causal", *bk.layout(8, "causal")[:2], 4, 2, None)
+    assert "cudnn" in bk.registered()
+
+
 def test_autotune_candidates_fit_and_table_merge(tmp_path):
     at = _script("autotune_triton")
     from lcjax.kernels.flash_attention import triton_tiles as tt

@@ -182,12 +182,14 @@ def _ring_geometry(plan: RingPlan, q, q_pos, q_seg):
 
 
 def tiles(kernel: str, layout: str, local_len: int, block_q, block_k):
-    """(block_q, block_k) a ring step passes to ``kernel``: for the XLA kernel in the zigzag layout the
-    tiles are fitted to the half block so that no tile straddles the two chunks (the kernel then skips the
-    invisible chunk pairs exactly); otherwise as given."""
-    if kernel != "xla" or layout != "zigzag" or local_len % 2:
+    """(block_q, block_k) a ring step passes to ``kernel``: for the XLA and cuDNN kernels in the zigzag
+    layout the tiles are fitted to the half block so that no tile straddles the two chunks (the XLA kernel
+    then skips the invisible chunk pairs exactly; cuDNN's default tile is the half block itself, whose pairs
+    are empty, full or diagonal); otherwise as given."""
+    if kernel not in ("xla", "cudnn") or layout != "zigzag" or local_len % 2:
         return block_q, block_k
-    fit = lambda b: xla.fit_block(local_len // 2, xla.DEFAULT_BLOCK if b is None else int(b))
+    default = xla.DEFAULT_BLOCK if kernel == "xla" else local_len // 2
+    fit = lambda b: xla.fit_block(local_len // 2, default if b is None else int(b))
     return fit(block_q), fit(block_k)
 
 
@@ -196,9 +198,13 @@ def _setup(plan: RingPlan, q, q_pos, q_seg):
     and the backward."""
     idx, ring, size, q, q_pos, q_seg = _ring_geometry(plan, q, q_pos, q_seg)
     n = q.shape[1]
-    block_q, block_k = tiles(plan.spec.kernel, plan.spec.layout, n, plan.spec.block_q, plan.spec.block_k)
-    kw = dict(causal=plan.spec.causal, window=plan.spec.window, scale=plan.spec.scale, block_q=block_q, block_k=block_k)
-    sends = kv_sends(ring, n, layout=plan.spec.layout, causal=plan.spec.causal, window=plan.spec.window, ordered=plan.spec.ordered)
+    # one ring position holds the whole sequence: the cuDNN kernel's tile is then all of it (a zigzag split
+    # would cut a window at an offset from the diagonal)
+    layout = "contiguous" if plan.spec.kernel == "cudnn" and ring == 1 else plan.spec.layout
+    block_q, block_k = tiles(plan.spec.kernel, layout, n, plan.spec.block_q, plan.spec.block_k)
+    kw = {**plan.spec.kernel_options(), "block_q": block_q, "block_k": block_k}
+    sends = kv_sends(ring, n, layout=plan.spec.layout, causal=plan.spec.causal, window=plan.spec.window,
+                     ordered=plan.spec.ordered)
     return get_kernel(plan.spec.kernel), kw, size, sends, is_full_ring(sends, ring), q, q_pos, q_seg
 
 
