@@ -23,7 +23,7 @@ ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid", "allgather")
 LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
 BALANCE_CHUNK = 128  # tokens per chunk of the balanced layout: the Triton kernels' H100 bf16 forward tile
 BALANCE_MIN_CHUNKS = 4  # chunks per sequence shard at least, for short windows (smaller chunks then)
-KERNELS = ("xla", "pallas", "pallas_triton")  # lcjax.kernels.flash_attention.api.KERNELS
+KERNELS = ("xla", "pallas", "pallas_triton", "pallas_mosaic")  # lcjax.kernels.flash_attention.api.KERNELS
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")
 OFFLOAD_MODES = ("none", "layer", "saved")  # lcjax.model.offload.OFFLOAD_MODES
@@ -607,4 +607,18 @@ def _log(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum, _log)
+def _mosaic(cfg: Config) -> str | None:
+    """What the Mosaic GPU kernels (lcjax.kernels.flash_attention.pallas_mosaic) cannot run."""
+    if cfg.attention.kernel != "pallas_mosaic":
+        return None
+    h = cfg.model.d_model // cfg.model.n_heads
+    if h % 64 or h > 256:
+        return (f"attention.kernel 'pallas_mosaic' needs a head dim (model.d_model / model.n_heads) that is a "
+                f"multiple of 64 and at most 256, got {h}")
+    if cfg.train.dtype != "bfloat16":
+        return (f"attention.kernel 'pallas_mosaic' needs train.dtype bfloat16 (a float32 wgmma is TF32), "
+                f"got {cfg.train.dtype}")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum, _log, _mosaic)

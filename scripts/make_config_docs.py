@@ -97,8 +97,10 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                          "the masked causal + document + window work is equal: lcjax.data.balance).",
                          f"{choices('LAYOUTS')}."),
     "attention.kernel": ("The per-device blockwise attention kernel: `xla` (portable), `pallas_triton` (Pallas "
-                         "Triton-backend flash kernels for GPUs; interpret mode elsewhere) or `pallas` (the best "
-                         "verified Pallas kernel for the GPUs: today `pallas_triton`).", f"{choices('KERNELS')}."),
+                         "Triton-backend flash kernels for GPUs; interpret mode elsewhere), `pallas_mosaic` (Pallas "
+                         "Mosaic GPU kernels for H100/H200, opt-in until GPU parity is verified; bf16/f16, head dim "
+                         "a multiple of 64; JAX's Mosaic GPU interpreter elsewhere) or `pallas` (the best verified "
+                         "Pallas kernel for the GPUs: today `pallas_triton`).", f"{choices('KERNELS')}."),
     "attention.window": ("Sliding window W: a query at position p sees keys p−W+1 … p; null: no window.",
                          "null or >= 1."),
     "attention.ulysses_size": ("Shards per all-to-all group of `attention.impl: hybrid`.",

@@ -15,7 +15,8 @@ import importlib
 KERNELS = {"xla": "lcjax.kernels.flash_attention.xla",
            # "pallas": the best verified Pallas kernel for GPUs; today the Triton-backend kernels
            "pallas": "lcjax.kernels.flash_attention.pallas_triton",
-           "pallas_triton": "lcjax.kernels.flash_attention.pallas_triton"}
+           "pallas_triton": "lcjax.kernels.flash_attention.pallas_triton",
+           "pallas_mosaic": "lcjax.kernels.flash_attention.pallas_mosaic"}  # opt-in until GPU parity is verified
 PALLAS_KERNELS = frozenset(name for name, module in KERNELS.items() if ".pallas" in module)
 
 

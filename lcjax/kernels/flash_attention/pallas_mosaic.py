@@ -485,3 +485,249 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
         scratch=scratch, grid=(n, tp // block, b), grid_names=("heads", "blocks", "batch"),
         name="lcjax_mosaic_fwd", interpret=interp)(_padded_bounds(bnd), q_, k_, v_, qids, kids)
     return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
+
+
+# ------------------------------------------------------------------------------------------- backward
+
+def _dq_kernel(bnd_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qids_ref, kids_ref, dq_ref,
+               q_smem, do_smem, lse_smem, dl_smem, qids_smem, k_smem, v_smem, kids_smem, dq_smem, bnd_smem,
+               q_bar, k_bar, v_bar, bnd_bar, k_free, v_free,
+               *, causal, window, scale, tiles, groups, s_len, interpreted):
+    """dQ of one block of COMPUTE_WGS query tiles of one head (FlashAttention-2 Alg. 2, dQ part)."""
+    bq, bk, stages = tiles
+    hp = q_smem.shape[-1]
+    b, head, blk = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("blocks")
+    wg = lax.axis_index("wg")
+    kvh = lax.div(head, jnp.int32(groups))
+    lo, flo, fhi, hi = _load_bounds(bnd_ref, bnd_smem, bnd_bar, (b, blk), wg)
+    c = scale * LOG2E
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        q0 = blk * (COMPUTE_WGS * bq) + wg * bq
+        rows = pl.ds(q0, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_smem.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_smem.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_smem.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(dl_ref.at[b, head, rows], dl_smem.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(qids_ref.at[b, :, rows], qids_smem.at[wg], q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        q_ids = (_rows(qids_smem.at[wg, 0], 1, interpreted), _rows(qids_smem.at[wg, 1], 1, interpreted))
+        lse2 = _rows(lse_smem.at[wg], 1, interpreted)
+        delta = _rows(dl_smem.at[wg], 1, interpreted)
+        shape = (bq, bk)
+
+        def step(it, j, _e, dq, masked):
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+            s = _matmul(q_smem.at[wg], k_smem.at[slot], shape, interpreted, tb=True) * c
+            if masked:
+                k_ids = (_rows(kids_smem.at[slot, 0], 0, interpreted), _rows(kids_smem.at[slot, 1], 0, interpreted))
+                mask = _visible(q_ids, k_ids, shape, causal=causal, window=window, q_dim=0)
+                mask &= _index_ok(j * bk, shape, 1, s_len, interpreted)
+                s = jnp.where(mask, s, NEG_INF)
+            p = jnp.exp2(s - _bcast(lse2, shape, 0))  # lse2 = +inf where the query sees nothing: p = 0
+            plgpu.barrier_wait(v_bar.at[slot])
+            dp = _matmul(do_smem.at[wg], v_smem.at[slot], shape, interpreted, tb=True)
+            plgpu.barrier_arrive(v_free.at[slot])
+            ds = p * (dp - _bcast(delta, shape, 0))
+            dq = _matmul(ds.astype(k_smem.dtype), k_smem.at[slot], dq.shape, interpreted, acc=dq)
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq
+
+        dq = _three_loops(lo, flo, fhi, hi, step, _full((bq, hp), 0.0, interpreted))
+        dq_smem.at[wg][...] = dq * scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_ref.at[b, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        def load_k(step, slot):
+            cols = pl.ds((lo + step) * bk, bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kvh], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(kids_ref.at[b, :, cols], kids_smem.at[slot], k_bar.at[slot])
+
+        def load_v(step, slot):
+            plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds((lo + step) * bk, bk), kvh], v_smem.at[slot], v_bar.at[slot])
+
+        _stream(hi - lo, stages, [(load_k, k_free), (load_v, v_free)])
+
+
+def _dkv_kernel(bnd_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qids_ref, kids_ref, dk_ref, dv_ref,
+                k_smem, v_smem, kids_smem, q_smem, do_smem, lse_smem, dl_smem, qids_smem, out_smem, bnd_smem,
+                kv_bar, q_bar, do_bar, bnd_bar, q_free, do_free,
+                *, causal, window, scale, tiles, groups, interpreted):
+    """dK, dV of one block of COMPUTE_WGS key tiles of one kv head (FlashAttention-2 Alg. 2, transposed:
+    key rows); the memory warpgroup streams (query tile, query head of the group) pairs, so the GQA sum
+    stays in the accumulators. ``lse_ref`` holds lse·log2(e), +inf for a query that sees nothing or is
+    padding (its probabilities are 0 on every tile)."""
+    bk, bq, stages = tiles
+    hp = k_smem.shape[-1]
+    b, kvh, blk = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("blocks")
+    wg = lax.axis_index("wg")
+    lo, flo, fhi, hi = _load_bounds(bnd_ref, bnd_smem, bnd_bar, (b, blk), wg)
+    c = scale * LOG2E
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        k0 = blk * (COMPUTE_WGS * bk) + wg * bk
+        rows = pl.ds(k0, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[wg], kv_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[wg], kv_bar.at[wg])
+        plgpu.copy_gmem_to_smem(kids_ref.at[b, :, rows], kids_smem.at[wg], kv_bar.at[wg])
+        plgpu.barrier_wait(kv_bar.at[wg])
+        k_ids = (_rows(kids_smem.at[wg, 0], 1, interpreted), _rows(kids_smem.at[wg, 1], 1, interpreted))
+        shape = (bk, bq)
+
+        def step(it, _i, _g, carry, masked):
+            dk, dv = carry
+            slot = lax.rem(it, jnp.int32(stages))
+            plgpu.barrier_wait(q_bar.at[slot])
+            st = _matmul(k_smem.at[wg], q_smem.at[slot], shape, interpreted, tb=True) * c
+            if masked:
+                q_ids = (_rows(qids_smem.at[slot, 0], 0, interpreted), _rows(qids_smem.at[slot, 1], 0, interpreted))
+                st = jnp.where(_visible(q_ids, k_ids, shape, causal=causal, window=window, q_dim=1), st, NEG_INF)
+            pt = jnp.exp2(st - _bcast(_rows(lse_smem.at[slot], 0, interpreted), shape, 1))
+            plgpu.barrier_wait(do_bar.at[slot])
+            dv = _matmul(pt.astype(do_smem.dtype), do_smem.at[slot], dv.shape, interpreted, acc=dv)
+            dpt = _matmul(v_smem.at[wg], do_smem.at[slot], shape, interpreted, tb=True)
+            dst = pt * (dpt - _bcast(_rows(dl_smem.at[slot], 0, interpreted), shape, 1))
+            plgpu.barrier_arrive(do_free.at[slot])
+            dk = _matmul(dst.astype(q_smem.dtype), q_smem.at[slot], dk.shape, interpreted, acc=dk)
+            plgpu.barrier_arrive(q_free.at[slot])
+            return dk, dv
+
+        zeros = _full((bk, hp), 0.0, interpreted)
+        dk, dv = _three_loops(lo, flo, fhi, hi, step, (zeros, zeros), expand=groups)
+        out = out_smem.at[wg]
+        out[...] = dk * scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out, dk_ref.at[b, rows, kvh])
+        plgpu.wait_smem_to_gmem(0)  # the buffer is read before dV overwrites it
+        out[...] = dv
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out, dv_ref.at[b, rows, kvh])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        def where(step):
+            i = lo + lax.div(step, jnp.int32(groups))
+            return pl.ds(i * bq, bq), kvh * groups + lax.rem(step, jnp.int32(groups))
+
+        def load_q(step, slot):
+            cols, head = where(step)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, cols, head], q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, head, cols], lse_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(qids_ref.at[b, :, cols], qids_smem.at[slot], q_bar.at[slot])
+
+        def load_do(step, slot):
+            cols, head = where(step)
+            plgpu.copy_gmem_to_smem(do_ref.at[b, cols, head], do_smem.at[slot], do_bar.at[slot])
+            plgpu.copy_gmem_to_smem(dl_ref.at[b, head, cols], dl_smem.at[slot], do_bar.at[slot])
+
+        _stream((hi - lo) * groups, stages, [(load_q, q_free), (load_do, do_free)])
+
+
+def _lse2(lse):
+    """lse·log2(e) for the backward's exp2, with +inf where lse = −inf (probabilities 0 there)."""
+    lse = lse.astype(jnp.float32)
+    return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
+
+
+def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None,
+                   scale=None, block_q=None, block_k=None, interpret=None):
+    """Gradients of flash attention (FlashAttention-2 Alg. 2) as two Mosaic GPU kernels (dQ; dK and dV).
+
+    ``out`` and ``lse`` are the final output and log-sum-exp, which may already include other key blocks
+    (ring attention): probabilities are recomputed as exp(s − lse) and delta = rowsum(dout · out).
+
+    Args: as :func:`flash_forward`, plus out [B, T, N, H], lse float32 [B, T, N], dout [B, T, N, H] (cast
+      to q's dtype for the matmuls).
+    Returns:
+      (dq [B, T, N, H], dk [B, S, K, H], dv [B, S, K, H]), float32; zero for queries/keys that see
+      nothing (rows with lse = −inf).
+    Raises:
+      ValueError as :func:`flash_forward`.
+    """
+    _check(q, k, v)
+    interp = resolve_interpret(interpret)
+    b, t, n, h = q.shape
+    s_len, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    scale = h ** -0.5 if scale is None else float(scale)
+    tiles = pass_tiles(block_q, block_k)
+    dq_t, kv_t = tiles["dq"], tiles["dkv"]
+    q_block, k_block = COMPUTE_WGS * dq_t.rows, COMPUTE_WGS * kv_t.rows
+    tp = _round_up(t, math.lcm(q_block, kv_t.cols))
+    sp = _round_up(s_len, math.lcm(dq_t.cols, k_block))
+    dt = q.dtype
+
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    lse_ = _pad_to(jnp.transpose(_lse2(lse), (0, 2, 1)), 2, tp, value=jnp.inf)
+    dl_ = _pad_to(jnp.transpose(delta, (0, 2, 1)), 2, tp)
+    q_, do_ = _pad_to(q, 1, tp), _pad_to(dout.astype(dt), 1, tp)
+    k_, v_ = (_pad_to(x, 1, sp) for x in (k, v))
+    qids, kids = _ids(q_pos, q_seg, tp), _ids(k_pos, k_seg, sp)
+    args = (q_, k_, v_, do_, lse_, dl_, qids, kids)
+    bounds = functools.partial(tiling.bounds, qids[:, 0], qids[:, 1], kids[:, 0], kids[:, 1], t_len=t,
+                               s_len=s_len, causal=causal, window=window)
+    static = dict(causal=causal, window=window, scale=scale, groups=g, interpreted=interp is not False)
+
+    bq, bk, stages = dq_t
+    dq_scratch = [
+        _smem_tile((COMPUTE_WGS, bq, h), dt),  # q
+        _smem_tile((COMPUTE_WGS, bq, h), dt),  # dout
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse·log2(e)
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
+        plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),  # query (position, segment)
+        _smem_tile((stages, bk, h), dt),  # k
+        _smem_tile((stages, bk, h), dt),  # v
+        plgpu.SMEM((stages, 2, bk), jnp.int32),  # key (position, segment)
+        plgpu.SMEM((COMPUTE_WGS, bq, h), jnp.float32),  # dq
+        plgpu.SMEM((COMPUTE_WGS + 1, BOUNDS_WIDTH), jnp.int32),
+        plgpu.Barrier(num_arrivals=5, num_barriers=COMPUTE_WGS),  # q, dout, lse, delta, ids arrived
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # k + ids arrived
+        plgpu.Barrier(num_barriers=stages),  # v arrived
+        plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),  # bounds arrived
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # k slot free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # v slot free
+    ]
+    dq = _kernel_call(
+        functools.partial(_dq_kernel, tiles=dq_t, s_len=s_len, **static),
+        out_type=jax.ShapeDtypeStruct((b, tp, n, h), jnp.float32), scratch=dq_scratch,
+        grid=(n, tp // q_block, b), grid_names=("heads", "blocks", "batch"), name="lcjax_mosaic_bwd_dq",
+        interpret=interp)(_padded_bounds(bounds(tile_q=q_block, tile_k=bk)), *args)
+
+    bk, bq, stages = kv_t
+    kv_scratch = [
+        _smem_tile((COMPUTE_WGS, bk, h), dt),  # k
+        _smem_tile((COMPUTE_WGS, bk, h), dt),  # v
+        plgpu.SMEM((COMPUTE_WGS, 2, bk), jnp.int32),  # key (position, segment)
+        _smem_tile((stages, bq, h), dt),  # q
+        _smem_tile((stages, bq, h), dt),  # dout
+        plgpu.SMEM((stages, bq), jnp.float32),  # lse·log2(e)
+        plgpu.SMEM((stages, bq), jnp.float32),  # delta
+        plgpu.SMEM((stages, 2, bq), jnp.int32),  # query (position, segment)
+        plgpu.SMEM((COMPUTE_WGS, bk, h), jnp.float32),  # dk, then dv
+        plgpu.SMEM((COMPUTE_WGS + 1, BOUNDS_WIDTH), jnp.int32),
+        plgpu.Barrier(num_arrivals=3, num_barriers=COMPUTE_WGS),  # k, v, ids arrived
+        plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # q, lse, ids arrived
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dout, delta arrived
+        plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),  # bounds arrived
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # q slot free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dout slot free
+    ]
+    dk, dv = _kernel_call(
+        functools.partial(_dkv_kernel, tiles=kv_t, **static),
+        out_type=[jax.ShapeDtypeStruct((b, sp, kh, h), jnp.float32)] * 2, scratch=kv_scratch,
+        grid=(kh, sp // k_block, b), grid_names=("heads", "blocks", "batch"), name="lcjax_mosaic_bwd_dkv",
+        interpret=interp)(_padded_bounds(bounds(tile_q=bq, tile_k=k_block, by_key=True)), *args)
+    return dq[:, :t], dk[:, :s_len], dv[:, :s_len]
