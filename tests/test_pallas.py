@@ -192,7 +192,7 @@ def test_kernel_names():
     assert get_kernel("pallas") is get_kernel("pallas_triton") is pallas
     assert get_kernel("xla") is xla
     assert is_pallas("pallas") and is_pallas("pallas_triton") and not is_pallas("xla")
-    assert set(KERNEL_MODULES) | {"pallas"} == set(KERNELS)
+    assert set(KERNEL_MODULES) | {"pallas", "pallas_mosaic"} == set(KERNELS)  # pallas_mosaic: tests/test_mosaic.py
     with pytest.raises(ValueError, match="must be one of"):
         get_kernel("triton")
 
