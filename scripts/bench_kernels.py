@@ -2,7 +2,8 @@
 kernels next to ``jax.nn.dot_product_attention`` (cuDNN and XLA) and JAX's own Pallas GPU attention ops.
 
 Kernels (``--kernels``):
-  pallas_triton, pallas, xla  ours, through the public entry lcjax.attention.attention (impl local, default
+  pallas_triton, pallas_mosaic, pallas, xla
+                              ours, through the public entry lcjax.attention.attention (impl local, default
                               tiles unless --block), with positions and segment ids
   cudnn, dense                jax.nn.dot_product_attention(implementation="cudnn" / "xla"); packed documents
                               become a dense [B, 1, T, T] boolean mask (what this API can express)
@@ -44,14 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/benchlib.py
 
 from benchlib import timed  # noqa: E402
 
-OURS = ("pallas_triton", "pallas", "xla")
+OURS = ("pallas_triton", "pallas_mosaic", "pallas", "xla")
 PEERS = ("cudnn", "dense", "jax_pallas", "jax_mgpu")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-lens", default="4096,16384,32768")
-    p.add_argument("--kernels", default="pallas_triton,cudnn,jax_pallas,jax_mgpu,dense,xla",
+    p.add_argument("--kernels", default="pallas_triton,pallas_mosaic,cudnn,jax_pallas,jax_mgpu,dense,xla",
                    help=f"comma-separated, from {', '.join(OURS + PEERS)}")
     p.add_argument("--masks", default="causal,segments")
     p.add_argument("--heads", type=int, default=32)
