@@ -74,7 +74,8 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
         (concrete) positions are ordered (lcjax.parallel.ring.kv_sends), every block otherwise.
       layout: "zigzag", "striped" or "contiguous": how the T tokens are spread over ``sequence``.
       kernel: "xla" (blockwise jnp), "pallas_triton" (Pallas Triton-backend kernels; interpret mode when not
-        compiled for GPUs) or "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton").
+        compiled for GPUs), "pallas_mosaic" (Pallas Mosaic GPU kernels for H100/H200, bf16/f16, H a multiple
+        of 64; opt-in) or "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton").
       block_q, block_k: None (default) = the kernel's own tiles (512 for xla, the tuned table for the Triton
         kernels, lcjax.kernels.flash_attention.triton_tiles); integers override them for every kernel.
     Returns:
