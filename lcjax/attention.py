@@ -93,7 +93,8 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
         (concrete) positions are ordered (lcjax.parallel.ring.kv_sends), every block otherwise.
       layout: "zigzag", "striped" or "contiguous": how the T tokens are spread over ``sequence``.
       kernel: "xla" (blockwise jnp), "pallas_triton" (Pallas Triton-backend kernels; interpret mode when not
-        compiled for GPUs), "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton") or
+        compiled for GPUs), "pallas" (the best verified Pallas kernel for GPUs: today "pallas_triton"),
+        "pallas_mosaic" (Pallas Mosaic GPU kernels for H100/H200, bf16/f16, H a multiple of 64; opt-in) or
         "cudnn" (cuDNN fused attention per block; bf16/fp16, GPUs with cuDNN only, one contiguous range
         of positions per sequence and layouts/impls whose blocks it can mask: see
         lcjax.kernels.flash_attention.cudnn).

@@ -9,7 +9,7 @@ and its entry to the implementing table named beside the list; the test fails un
 AXES = ("data", "sequence", "model")  # mesh axis names, always in this order (lcjax.sharding.mesh.AXES)
 ATTENTION_IMPLS = ("local", "ring", "ulysses", "hybrid", "allgather")  # lcjax.parallel.sequence.IMPLEMENTATIONS
 LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")  # lcjax.ops.layout (balanced: lcjax.data.balance)
-KERNELS = ("xla", "pallas", "pallas_triton", "cudnn")  # lcjax.kernels.flash_attention.api.KERNELS
+KERNELS = ("xla", "pallas", "pallas_triton", "pallas_mosaic", "cudnn")  # lcjax.kernels.flash_attention.api.KERNELS
 DKV_DTYPES = ("float32", "bfloat16")  # the backward ring's dK/dV wire dtype (lcjax.parallel.ring)
 DTYPES = ("float32", "bfloat16")  # train.dtype, train.param_dtype
 REMAT_POLICIES = ("none", "layer", "full", "attention", "dots")  # lcjax.model.llama.REMAT_POLICIES + none

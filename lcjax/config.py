@@ -653,4 +653,19 @@ def _cudnn(cfg: Config) -> str | None:
     return None
 
 
-_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum, _log, _cudnn)
+def _mosaic(cfg: Config) -> str | None:
+    """What the Mosaic GPU kernels (lcjax.kernels.flash_attention.pallas_mosaic) cannot run."""
+    if cfg.attention.kernel != "pallas_mosaic":
+        return None
+    h = cfg.model.d_model // cfg.model.n_heads
+    if h % 64 or h > 256:
+        return (f"attention.kernel 'pallas_mosaic' needs a head dim (model.d_model / model.n_heads) that is a "
+                f"multiple of 64 and at most 256, got {h}")
+    if cfg.train.dtype != "bfloat16":
+        return (f"attention.kernel 'pallas_mosaic' needs train.dtype bfloat16 (a float32 wgmma is TF32), "
+                f"got {cfg.train.dtype}")
+    return None
+
+
+_RULES = (_positive, _choices, _heads, _sequence, _ulysses, _rope, _memory, _data, _curriculum, _log, _cudnn,
+          _mosaic)

@@ -5,6 +5,7 @@ wgmma shapes and Ampere mma.sync.
 
     python scripts/kernel_ptx.py                                   # pallas_triton, H100, bf16, T=4096, 32/8 x 128
     python scripts/kernel_ptx.py --kernel xla --json ptx.json      # XLA's own fusions
+    python scripts/kernel_ptx.py --kernel pallas_mosaic            # Mosaic GPU kernels (their own PTX dump)
     python scripts/kernel_ptx.py --check                           # exit 1 when a matmul kernel is not Hopper-ready
 
 Needs the ``aot`` extra (jax-cuda13-plugin); runs with JAX_PLATFORMS=cpu (set here when unset).
@@ -68,13 +69,19 @@ def attention_lowered(target="h100", kernel="pallas_triton", seq_len=4096, heads
 
 
 def kernel_facts(args) -> list:
-    """[KernelPtx] of every kernel of the compiled program (a temporary dump directory)."""
+    """[KernelPtx] of every kernel of the compiled program (temporary dump directories): XLA's kernels and
+    the Mosaic GPU kernels (pallas_mosaic), whose PTX only the CUDA plugin's own dump holds."""
     from lcjax.kernels.flash_attention import ptx
 
     lowered = attention_lowered(args.target, args.kernel, args.seq_len, args.heads, args.kv_heads, args.head_dim,
                                 args.dtype, args.block_q, args.block_k, args.window)
-    with tempfile.TemporaryDirectory() as d:
-        return ptx.compile_and_read(lowered, d)
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as m:
+        with ptx.mosaic_dump(m):
+            facts = ptx.compile_and_read(lowered, d)
+        mosaic = ptx.read_mosaic_dump(m)
+    for kernel, report in mosaic:
+        print("ptxas:", report or f"{kernel.name}: no report", file=sys.stderr)
+    return facts + [k for k, _ in mosaic]
 
 
 def markdown(facts) -> str:

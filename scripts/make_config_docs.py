@@ -98,7 +98,9 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                          f"{choices('LAYOUTS')}."),
     "attention.kernel": ("The per-device blockwise attention kernel: `xla` (portable), `pallas_triton` (Pallas "
                          "Triton-backend flash kernels for GPUs; interpret mode elsewhere), `pallas` (the best "
-                         "verified Pallas kernel for the GPUs: today `pallas_triton`) or `cudnn` (cuDNN fused "
+                         "verified Pallas kernel for the GPUs: today `pallas_triton`), `pallas_mosaic` (Pallas Mosaic GPU "
+                         "kernels for H100/H200, opt-in until GPU parity is verified; bf16, head dim a multiple of 64; "
+                         "JAX's Mosaic GPU interpreter elsewhere) or `cudnn` (cuDNN fused "
                          "attention per block, GPUs with cuDNN only: docs/kernels.md).",
                          f"{choices('KERNELS')}. `cudnn` needs `train.dtype: bfloat16`, a head dim that is a "
                          "multiple of 8 and <= 256, `data.cross_document_attention: true`, a `data.seq_len` the "

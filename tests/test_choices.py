@@ -56,7 +56,8 @@ def test_every_kernel_is_a_module_with_the_contract():
     ("train.dtype", "train", "dtype", choices.DTYPES)])
 def test_config_accepts_exactly_the_list(key, section, field, lst):
     base = config_lib.load(None, ["mesh.sequence=1", "attention.impl=local", "attention.layout=contiguous",
-                                  "train.dtype=bfloat16", "data.cross_document_attention=true"])  # cudnn's rules
+                                  "train.dtype=bfloat16", "data.cross_document_attention=true",  # cudnn's rules
+                                  "model.d_model=256", "model.n_heads=4", "model.n_kv_heads=2"])  # pallas_mosaic's
     with_value = lambda v: dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section),
                                                                                       **{field: v})})
     for value in lst:

@@ -192,7 +192,7 @@ def test_kernel_names():
     assert get_kernel("pallas") is get_kernel("pallas_triton") is pallas
     assert get_kernel("xla") is xla
     assert is_pallas("pallas") and is_pallas("pallas_triton") and not is_pallas("xla")
-    assert set(KERNEL_MODULES) | {"pallas", "cudnn"} == set(KERNELS)  # cudnn: GPU only, tests/test_cudnn.py
+    assert set(KERNEL_MODULES) | {"pallas", "cudnn", "pallas_mosaic"} == set(KERNELS)  # tests/test_cudnn.py, test_mosaic.py
     assert not is_pallas("cudnn")
     with pytest.raises(ValueError, match="must be one of"):
         get_kernel("triton")

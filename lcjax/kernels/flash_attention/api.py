@@ -10,13 +10,14 @@ kernels); integers override them.
 
 from __future__ import annotations
 
-from lcjax.kernels.flash_attention import cudnn, pallas_triton, xla
+from lcjax.kernels.flash_attention import cudnn, pallas_mosaic, pallas_triton, xla
 
 # name -> kernel module; its keys are lcjax.choices.KERNELS (tests/test_choices.py)
 KERNELS = {"xla": xla,
            # "pallas": the best verified Pallas kernel for GPUs; today the Triton-backend kernels
            "pallas": pallas_triton,
            "pallas_triton": pallas_triton,
+           "pallas_mosaic": pallas_mosaic,  # opt-in until its GPU parity is verified (docs/kernels.md)
            "cudnn": cudnn}
 
 
