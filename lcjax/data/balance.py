@@ -14,13 +14,16 @@ work and a mask inside it is free only where the ranges exclude the whole tile.
 - :func:`balance`: max over shards of the computed area ÷ (exact area ÷ P); 1.0 means no shard idles and
   no masked tile is computed. Striped layouts spread work evenly but their tiles mix distant positions, so
   few tiles are skipped; zigzag skips well but, with documents, leaves shards idle.
-- :func:`balanced_permutation`: the ``balanced`` layout. The window (in natural order) is cut into chunks
-  of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of one document where it can
-  (:func:`chunks_of`); each chunk's cost is the tile-level area of its queries; chunks go to shards
+- :func:`balanced_permutation`: the ``balanced`` layout. The window's segment ids are renumbered
+  (:func:`relabel_documents`) so the documents sharing a chunk are consecutive; the window (in natural
+  order) is cut into chunks of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of
+  one document where it can, the documents' remainders packed into the rest (:func:`chunks_of`); each chunk's cost is the tile-level area of its queries; chunks go to shards
   greedily, largest first, each to the least-loaded shard that still has room (a min-heap over shard
   loads; every shard takes T/(P·C) chunks). This is the longest-processing-time rule (Graham 1969), whose
   largest overshoot is one chunk's cost; MagiAttention (2025) also balances masked attention across ranks
   with a dispatch solver.
+- :func:`area_lower_bound`: the least tile-level area any order of the window can give (each tile
+  against itself, less what its documents can make visible there): balance ≥ that ÷ the exact area.
 - :func:`recv_bytes`: bytes one shard receives over ``sequence`` per attention forward for each strategy;
   :func:`needed_kv_tokens`: the remote keys a shard needs at least (what a send plan could trim to).
 
@@ -125,24 +128,116 @@ def balance(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, 
     return float(areas.max() / (exact / num_shards)) if exact else float("inf")
 
 
+def area_lower_bound(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, impl: str = "ring",
+                     tile: int = 128, causal: bool = True, window: int | None = None,
+                     real: np.ndarray | None = None) -> float:
+    """The least total tile-level area (summed over shards, :func:`shard_areas`) that any token order of
+    the window can give: a bound on every layout, balanced or not. float.
+
+    Every query tile is computed against the key tile of its own tokens (each token sees itself), an
+    area of (tile size)² per tile whatever the order; among those pairs a document contributes at most
+    n(n+1)/2 visible ones for its n tokens in the tile (causal, distinct positions; n² without causal),
+    so at most q·C(C+1)/2 + r(r+1)/2 in all for L = qC + r tokens (the convex sum is largest for the
+    fewest, fullest pieces). Hence area ≥ exact + Σ_tiles size² − Σ_documents that maximum. With
+    nested block_q ≠ block_k tiles the same holds with C = max(block_q, block_k). Padding (``real``
+    False) counts as area but never as visible. Raises ValueError when two real tokens of one segment
+    share a position (the causal count assumes distinct positions).
+    """
+    pos, seg = np.asarray(positions, np.int64), np.asarray(segment_ids, np.int64)
+    keep = np.ones(len(pos), bool) if real is None else np.asarray(real, bool)
+    exact = exact_area(pos, seg, causal=causal, window=window, real=keep)
+    parts = 1 if impl == "ulysses" else num_shards
+    starts, stops = tiles_of(len(pos), parts, tile)
+    diagonal = float(np.sum((stops - starts).astype(np.float64) ** 2))
+    ps = np.stack([seg[keep], pos[keep]])
+    if causal and ps.shape[1] and np.any(np.all(np.diff(ps[:, np.lexsort(ps[::-1])], axis=1) == 0, axis=0)):
+        raise ValueError("area_lower_bound: two real tokens of one segment share a position")
+    _, count = np.unique(seg[keep], return_counts=True)
+    q, r = (count // tile).astype(np.float64), (count % tile).astype(np.float64)
+    most = (q * tile * (tile + 1) / 2 + r * (r + 1) / 2) if causal else (q * tile * tile + r * r)
+    return float(exact + diagonal - most.sum())
+
+
+def _runs(segment_ids: np.ndarray):
+    """(run index of each token, start, length) of the runs of equal ids of ``segment_ids`` [T]."""
+    seg = np.asarray(segment_ids)
+    new = np.r_[True, seg[1:] != seg[:-1]]
+    start = np.flatnonzero(new)
+    return np.cumsum(new) - 1, start, np.diff(np.r_[start, len(seg)])
+
+
+def remainder_order(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
+    """int64 [n_runs]: the order in which the runs of equal segment ids (documents, padding) of a window
+    give their first L mod C tokens to the shared chunks (:func:`chunks_of`); runs with L mod C = 0 last.
+
+    Greedy over the stream of shared chunks: while the current chunk has room for a whole remainder, the
+    run with the most whole chunks (then the longest remainder) among those that fit goes next, so it
+    shares one chunk only; when none fits, the run with the fewest whole chunks goes next and straddles
+    two chunks. A remainder in a shared chunk is computed against every whole chunk of its document (the
+    tile ranges cannot exclude them), once per shared chunk it lies in: splitting a document of q whole
+    chunks costs q tiles, so the splits fall on the shortest documents. O(n_runs²), n_runs ≤ T.
+    """
+    _, _, length = _runs(segment_ids)
+    q, r = length // chunk, length % chunk
+    live = np.flatnonzero(r > 0)
+    rq, rr = q[live], r[live]
+    left = np.ones(len(live), bool)
+    order, fill = [], 0
+    for _ in range(len(live)):
+        fits = left & (rr <= chunk - fill)
+        if fits.any():
+            cand = np.flatnonzero(fits)
+            pick = cand[np.lexsort((-rr[cand], -rq[cand]))[0]]
+        else:
+            cand = np.flatnonzero(left)
+            pick = cand[np.lexsort((-rr[cand], rq[cand]))[0]]
+        left[pick] = False
+        order.append(live[pick])
+        fill = (fill + int(rr[pick])) % chunk
+    return np.array(order + np.flatnonzero(r == 0).tolist(), np.int64)
+
+
+def relabel_documents(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
+    """int32 [T]: the window's segment ids renumbered 1, 2, … in :func:`remainder_order` (natural order
+    kept; equal ids stay equal, different ids stay different, so the attention mask is unchanged).
+
+    A kernel skips a tile pair only when the tiles' segment ranges (min..max) do not overlap; renumbering
+    makes the documents that share a chunk consecutive, so a shared chunk's range holds only its own
+    documents. The balanced layout applies it before :func:`balanced_permutation` (the loader does).
+    A segment id used by several runs takes the rank of its earliest run in that order.
+    """
+    seg = np.asarray(segment_ids)
+    if not len(seg):
+        return seg.astype(np.int32)
+    run, start, _ = _runs(seg)
+    rank = np.empty(len(start), np.int64)
+    rank[remainder_order(seg, chunk)] = np.arange(len(start))
+    values, inverse = np.unique(seg[start], return_inverse=True)
+    first = np.full(len(values), len(start), np.int64)
+    np.minimum.at(first, inverse, rank)  # a reused id: its earliest run
+    label = np.empty(len(values), np.int64)
+    label[np.argsort(first, kind="stable")] = np.arange(1, len(values) + 1)
+    return label[inverse][run].astype(np.int32)
+
+
 def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
     """int64 [T/C, C]: the natural-order token indices of each chunk of a window cut for the balanced layout.
 
     Every run of equal segment ids (a document, or the padding) is cut from its end into whole chunks of
     C tokens, each holding one document only (so its tile's ranges are tight); the first L mod C tokens of
-    each run (its first in window order) are concatenated in window order and cut into the remaining chunks.
+    each run are concatenated in :func:`remainder_order` and cut into the remaining (shared) chunks.
     Cutting documents at their own starts rather than at multiples of C halves the tiles that straddle
     two documents — such a tile is computed against every tile of both. T must be divisible by C.
     """
     seg = np.asarray(segment_ids)
     t = len(seg)
-    new = np.r_[True, seg[1:] != seg[:-1]]
-    run = np.cumsum(new) - 1
-    start = np.flatnonzero(new)
-    head = np.diff(np.r_[start, t]) % chunk  # tokens of each run before its whole chunks
+    run, start, length = _runs(seg)
+    head = length % chunk  # tokens of each run before its whole chunks
     mixed = np.arange(t) - start[run] < head[run]
     index = np.arange(t)
-    return np.concatenate([index[~mixed], index[mixed]]).reshape(-1, chunk)
+    order = remainder_order(seg, chunk)
+    shared = np.concatenate([start[i] + np.arange(head[i]) for i in order] + [np.zeros(0, np.int64)])
+    return np.concatenate([index[~mixed], shared]).reshape(-1, chunk)
 
 
 def chunk_costs(positions: np.ndarray, segment_ids: np.ndarray, chunks: np.ndarray, *, causal: bool = True,
@@ -183,6 +278,8 @@ def balanced_permutation(positions: np.ndarray, segment_ids: np.ndarray, num_sha
 
     The window is cut into chunks of ``chunk`` tokens (:func:`chunks_of`), which are dispatched by their
     :func:`chunk_costs` (:func:`dispatch`); each shard holds its chunks ordered by their first token.
+    ``segment_ids`` as renumbered by :func:`relabel_documents` (the loader does): with other ids the order
+    is as valid, only less balanced (shared chunks' segment ranges may span other documents).
     Raises ValueError when T is not divisible by P·C.
     """
     t = len(positions)
