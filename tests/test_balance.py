@@ -269,7 +269,9 @@ def test_attention_in_the_balanced_order_equals_the_dense_reference(impl, window
     t, shards = 53, 4
     w = _packed([20, 3, 25, 9], t)
     padded = pad_window(w, config_lib.padded_seq_len(t, "balanced", shards))
-    order = order_window(padded, "balanced", shards, chunk=config_lib.balance_chunk(t, shards), attention_window=window)
+    chunk = config_lib.balance_chunk(t, shards)
+    padded = {**padded, "segment_ids": B.relabel_documents(padded["segment_ids"], chunk)}  # as the loader
+    order = order_window(padded, "balanced", shards, chunk=chunk, attention_window=window)
     n = len(order)
     assert n == 56 and not np.array_equal(order, np.arange(n))
     ks = jax.random.split(jax.random.key(0), 4)
