@@ -170,30 +170,36 @@ def remainder_order(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
     """int64 [n_runs]: the order in which the runs of equal segment ids (documents, padding) of a window
     give their first L mod C tokens to the shared chunks (:func:`chunks_of`); runs with L mod C = 0 last.
 
-    Greedy over the stream of shared chunks: while the current chunk has room for a whole remainder, the
-    run with the most whole chunks (then the longest remainder) among those that fit goes next, so it
-    shares one chunk only; when none fits, the run with the fewest whole chunks goes next and straddles
-    two chunks. A remainder in a shared chunk is computed against every whole chunk of its document (the
-    tile ranges cannot exclude them), once per shared chunk it lies in: splitting a document of q whole
-    chunks costs q tiles, so the splits fall on the shortest documents. O(n_runs²), n_runs ≤ T.
+    Greedy over the stream of shared chunks: while the current chunk has room for the whole remainder of
+    a run that also has whole chunks, the one with the most whole chunks (then the longest remainder) goes
+    next, so it shares one chunk only; otherwise the next run without whole chunks (window order) goes
+    next and may straddle two chunks; when none is left, the run with the fewest whole chunks. A
+    remainder in a shared chunk is computed against every whole chunk of its document (the tile ranges
+    cannot exclude them), once per shared chunk it lies in: splitting a document of q whole chunks costs
+    q tiles, so the splits fall on the shortest documents. O(n_runs · n_long) for n_long runs with whole
+    chunks (≤ T/C).
     """
     _, _, length = _runs(segment_ids)
     q, r = length // chunk, length % chunk
-    live = np.flatnonzero(r > 0)
-    rq, rr = q[live], r[live]
-    left = np.ones(len(live), bool)
+    long = np.flatnonzero((r > 0) & (q > 0))
+    long = long[np.lexsort((-r[long], -q[long]))]  # most whole chunks, then longest remainder, first
+    lr = r[long]
+    left = np.ones(len(long), bool)
+    short = np.flatnonzero((r > 0) & (q == 0)).tolist()[::-1]  # a stack: window order
     order, fill = [], 0
-    for _ in range(len(live)):
-        fits = left & (rr <= chunk - fill)
-        if fits.any():
-            cand = np.flatnonzero(fits)
-            pick = cand[np.lexsort((-rr[cand], -rq[cand]))[0]]
+    while left.any() or short:
+        fits = np.flatnonzero(left & (lr <= chunk - fill))
+        if len(fits):
+            pick = fits[0]
+        elif short:
+            order.append(short.pop())
+            fill = (fill + int(r[order[-1]])) % chunk
+            continue
         else:
-            cand = np.flatnonzero(left)
-            pick = cand[np.lexsort((-rr[cand], rq[cand]))[0]]
+            pick = np.flatnonzero(left)[-1]  # the fewest whole chunks
         left[pick] = False
-        order.append(live[pick])
-        fill = (fill + int(rr[pick])) % chunk
+        order.append(long[pick])
+        fill = (fill + int(lr[pick])) % chunk
     return np.array(order + np.flatnonzero(r == 0).tolist(), np.int64)
 
 
@@ -243,11 +249,17 @@ def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
 def chunk_costs(positions: np.ndarray, segment_ids: np.ndarray, chunks: np.ndarray, *, causal: bool = True,
                 window: int | None = None) -> np.ndarray:
     """float64 [n]: the tile-level area of each chunk's queries against every chunk, for ``chunks`` (int
-    [n, C] token indices, :func:`chunks_of`) of one window: C × the tokens of the chunks it may see."""
-    pos, seg = np.asarray(positions, np.int64)[chunks], np.asarray(segment_ids, np.int64)[chunks]
-    size = np.full(len(chunks), chunks.shape[1])
-    stats = (pos.min(axis=1), pos.max(axis=1), seg.min(axis=1), seg.max(axis=1), size)
-    return (tile_maybe(stats, stats, causal=causal, window=window) @ size.astype(np.float64)) * chunks.shape[1]
+    [n, C] token indices, :func:`chunks_of`) of one window: C² × the chunks it may see (:func:`tile_maybe`'s
+    rule, on int32 ranges)."""
+    pos, seg = np.asarray(positions, np.int32)[chunks], np.asarray(segment_ids, np.int32)[chunks]
+    pmin, pmax, smin, smax = pos.min(axis=1), pos.max(axis=1), seg.min(axis=1), seg.max(axis=1)
+    maybe = smin[None, :] <= smax[:, None]
+    maybe &= smax[None, :] >= smin[:, None]
+    if causal:
+        maybe &= pmin[None, :] <= pmax[:, None]
+    if window is not None:
+        maybe &= pmax[None, :] > (pmin - window)[:, None]
+    return np.count_nonzero(maybe, axis=1).astype(np.float64) * chunks.shape[1] ** 2
 
 
 def dispatch(costs: np.ndarray, num_shards: int) -> np.ndarray:
