@@ -36,6 +36,9 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
         raise ValueError(f"batch {b} must be divisible by the data axis size {dp}")
     if n % tp or kh % tp:
         raise ValueError(f"query heads {n} and kv heads {kh} must be divisible by the model axis size {tp}")
+    if ulysses_size is not None and impl != "hybrid":  # e.g. allgather inside Ulysses groups: not built
+        raise ValueError(f"ulysses_size is only used by impl 'hybrid' (impl is {impl!r}): Ulysses composes "
+                         f"with the ring ('hybrid'); 'allgather' gathers over the whole sequence axis")
     if impl == "hybrid" and (ulysses_size is None or ulysses_size < 1 or sp % ulysses_size):
         raise ValueError(f"ulysses_size {ulysses_size} must divide the sequence axis size {sp} for 'hybrid'")
     if impl in ("ulysses", "hybrid"):

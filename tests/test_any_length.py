@@ -1,6 +1,6 @@
 """The public attention entry with a length T that the sequence axis does not divide (issue 20, item 5):
 contiguous and balanced orders are padded internally and equal the dense reference, forward and
-gradients; zigzag and striped refuse with the rule."""
+gradients; zigzag and striped refuse with the rule; allgather inside Ulysses groups is refused."""
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +56,10 @@ def test_layouts_defined_only_for_divisible_lengths_refuse_with_the_rule(layout,
     q, k, v, _, pos, seg, _ = _case()
     with pytest.raises(ValueError, match=rule):
         attention(q, k, v, positions=pos, segment_ids=seg, mesh=make_mesh(1, SHARDS, 1), impl="ring", layout=layout)
+
+
+def test_allgather_with_ulysses_groups_is_refused_with_one_line():
+    q, k, v, _, pos, seg, _ = _case()
+    with pytest.raises(ValueError, match="ulysses_size is only used by impl 'hybrid' \\(impl is 'allgather'\\)"):
+        attention(q[:, :52], k[:, :52], v[:, :52], positions=pos[:, :52], segment_ids=seg[:, :52],
+                  mesh=make_mesh(1, SHARDS, 1), impl="allgather", layout="contiguous", ulysses_size=2)
