@@ -68,7 +68,8 @@ def pad_tokens(q, k, v, positions, segment_ids, extra: int):
     pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
     b = positions.shape[0]
     fill_pos = jnp.broadcast_to(jnp.arange(extra, dtype=positions.dtype), (b, extra))
-    fill_seg = jnp.broadcast_to(jnp.max(segment_ids, axis=1, keepdims=True) + 1, (b, extra)).astype(segment_ids.dtype)
+    above = (jnp.max(segment_ids, axis=1, keepdims=True) + 1).astype(segment_ids.dtype)
+    fill_seg = jnp.broadcast_to(above, (b, extra))
     return (pad(q), pad(k), pad(v), jnp.concatenate([positions, fill_pos], axis=1),
             jnp.concatenate([segment_ids, fill_seg], axis=1))
 

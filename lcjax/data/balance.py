@@ -17,7 +17,8 @@ work and a mask inside it is free only where the ranges exclude the whole tile.
 - :func:`balanced_permutation`: the ``balanced`` layout. The window's segment ids are renumbered
   (:func:`relabel_documents`) so the documents sharing a chunk are consecutive; the window (in natural
   order) is cut into chunks of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of
-  one document where it can, the documents' remainders packed into the rest (:func:`chunks_of`); each chunk's cost is the tile-level area of its queries; chunks go to shards
+  one document where it can, the documents' remainders packed into the rest (:func:`chunks_of`,
+  :func:`remainder_order`); each chunk's cost is the tile-level area of its queries; chunks go to shards
   greedily, largest first, each to the least-loaded shard that still has room (a min-heap over shard
   loads; every shard takes T/(P·C) chunks). This is the longest-processing-time rule (Graham 1969), whose
   largest overshoot is one chunk's cost; MagiAttention (2025) also balances masked attention across ranks
