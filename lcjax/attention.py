@@ -38,6 +38,9 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
         raise ValueError(f"batch {b} must be divisible by the data axis size {dp}")
     if n % tp or kh % tp:
         raise ValueError(f"query heads {n} and kv heads {kh} must be divisible by the model axis size {tp}")
+    if ulysses_size is not None and impl != "hybrid":  # e.g. allgather inside Ulysses groups: not built
+        raise ValueError(f"ulysses_size is only used by impl 'hybrid' (impl is {impl!r}): Ulysses composes "
+                         f"with the ring ('hybrid'); 'allgather' gathers over the whole sequence axis")
     if impl == "hybrid" and (ulysses_size is None or ulysses_size < 1 or sp % ulysses_size):
         raise ValueError(f"ulysses_size {ulysses_size} must divide the sequence axis size {sp} for 'hybrid'")
     if impl in ("ulysses", "hybrid"):
@@ -74,6 +77,22 @@ def _ordered(positions, segment_ids, impl, layout, shards, window) -> bool:
     return is_ordered(pos, seg)
 
 
+PADDABLE = ("contiguous", "balanced")  # layouts whose order stays valid with tokens appended at the end
+
+
+def pad_tokens(q, k, v, positions, segment_ids, extra: int):
+    """q, k, v ([B, T, ·, H]), positions, segment_ids ([B, T]) with ``extra`` tokens appended that no real
+    token sees and that see no real token: zeros, positions 0…extra−1, a segment id above every real one."""
+    jnp = jax.numpy
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+    b = positions.shape[0]
+    fill_pos = jnp.broadcast_to(jnp.arange(extra, dtype=positions.dtype), (b, extra))
+    above = (jnp.max(segment_ids, axis=1, keepdims=True) + 1).astype(segment_ids.dtype)
+    fill_seg = jnp.broadcast_to(above, (b, extra))
+    return (pad(q), pad(k), pad(v), jnp.concatenate([positions, fill_pos], axis=1),
+            jnp.concatenate([segment_ids, fill_seg], axis=1))
+
+
 def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None, scale=None, mesh=None,
               impl="ring", layout="zigzag", kernel="xla", ulysses_size=None, block_q=None, block_k=None,
               dkv_dtype="float32"):
@@ -102,9 +121,12 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
         kernels, lcjax.kernels.flash_attention.triton_tiles); integers override them for every kernel.
     Returns:
       [B, T, N, H] in q's dtype and the same token order.
+    Any T: in the contiguous and balanced layouts (natural or arbitrary order) a T that ``sequence`` does not
+    divide is padded at the end with tokens that neither attend nor are attended (:func:`pad_tokens`) and the
+    output sliced back; zigzag and striped need T divisible by 2·P and P (their orders are defined only then).
     Raises:
       ValueError naming the argument and the rule (unknown impl/kernel/layout, sizes the mesh cannot
-      split, window without causal, what kernel "cudnn" cannot express).
+      split — T for zigzag and striped, heads —, window without causal, what kernel "cudnn" cannot express).
     """
     mesh = make_mesh(1, len(jax.devices()), 1) if mesh is None else mesh
     _check(q, k, positions, mesh, impl, kernel, ulysses_size)
@@ -113,9 +135,15 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     if window is not None and not causal:
         raise ValueError("window requires causal attention")
     sp = mesh.shape["sequence"]
-    check_divisible(q.shape[1], layout, sp)
     if segment_ids is None:
         segment_ids = jax.numpy.zeros_like(positions)
+    t = q.shape[1]
+    if t % sp and layout in PADDABLE:  # natural or arbitrary order: pad at the end, slice the pad off
+        args = pad_tokens(q, k, v, positions, segment_ids, -t % sp)
+        return attention(*args[:3], positions=args[3], segment_ids=args[4], causal=causal, window=window,
+                         scale=scale, mesh=mesh, impl=impl, layout=layout, kernel=kernel,
+                         ulysses_size=ulysses_size, block_q=block_q, block_k=block_k, dkv_dtype=dkv_dtype)[:, :t]
+    check_divisible(t, layout, sp)
     if kernel == "cudnn":
         _check_cudnn(q, k, v, positions, segment_ids, impl, layout, sp, window, ulysses_size)
     ordered = _ordered(positions, segment_ids, impl, layout, sp, window)

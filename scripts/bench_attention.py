@@ -12,7 +12,9 @@ lcjax.data.loader.windows_of_lengths), pads and lays out every window as the loa
 included) and takes the max over windows; without it the window is one causal sequence.
 ``--balance-only`` skips the timing: one record per impl × layout (impls ring, allgather, ulysses), pure
 numpy, no devices; ``recv_bytes_needed_max`` is the K/V a shard needs at least (the remote keys some local
-query sees), next to ``recv_bytes_max``, what the impl sends today.
+query sees), next to ``recv_bytes_max``, what the impl sends today; ``balance_bound`` the least balance
+any token order could reach at that tile (max over windows of lcjax.data.balance.area_lower_bound ÷ the
+exact area).
 
 On a CPU host the N simulated devices share the cores, so efficiencies there compare layouts with each
 other, not with a GPU cluster. ``--emulate-shard`` instead runs, on one device, the exact sequence of
@@ -136,6 +138,7 @@ def balance_records(args, impls, layouts) -> dict:
     records = {}
     for layout in layouts:
         worst = {impl: 0.0 for impl in impls}
+        bound = {impl: 0.0 for impl in impls}
         needed = 0
         for window in windows:
             w = laid_out(window, layout, args)
@@ -147,6 +150,9 @@ def balance_records(args, impls, layouts) -> dict:
                 if key not in areas:
                     areas[key] = B.shard_areas(pos, seg, args.shards, impl=key, tile=args.tile, window=args.window)
                 worst[impl] = max(worst[impl], float(areas[key].max() / exact) if exact else float("inf"))
+                least = B.area_lower_bound(pos, seg, args.shards, impl=key, tile=args.tile, window=args.window,
+                                           real=real) / args.shards
+                bound[impl] = max(bound[impl], least / exact if exact else float("inf"))
             needed = max(needed, B.needed_kv_tokens(pos, seg, args.shards, window=args.window))
         local = len(pos) // args.shards
         for impl in impls:
@@ -155,6 +161,7 @@ def balance_records(args, impls, layouts) -> dict:
             blocks = ring_blocks(args.shards, local, layout, args.window) if impl == "ring" else None
             records[impl, layout] = {
                 "impl": impl, "layout": layout, "n_shards": args.shards, "balance": worst[impl],
+                "balance_bound": bound[impl],
                 "recv_bytes_max": B.recv_bytes("ulysses" if impl == "hybrid" else impl, remote_blocks=blocks, **kw),
                 "recv_bytes_needed_max": (None if impl == "ulysses"
                                           else B.kv_bytes(needed, args.kv_heads, args.head_dim, itemsize)),
@@ -308,8 +315,9 @@ def pad(x, length: int):
 
 
 def balance_table(records) -> str:
-    rows = ["| impl | layout | balance | recv bytes max | needed at least |", "|---|---|---|---|---|"]
-    rows += [f"| {r['impl']} | {r['layout']} | {r['balance']:.3f} | {r['recv_bytes_max']:,} "
+    rows = ["| impl | layout | balance | bound | recv bytes max | needed at least |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r['impl']} | {r['layout']} | {r['balance']:.3f} | {r['balance_bound']:.3f} "
+             f"| {r['recv_bytes_max']:,} "
              f"| {'–' if r['recv_bytes_needed_max'] is None else format(r['recv_bytes_needed_max'], ',')} |"
              for r in records]
     return "\n".join(rows)

@@ -89,8 +89,9 @@ def variants(args, mesh, t: int):
 
     n = args.devices
     pos = permute(jnp.arange(t, dtype=jnp.int32)[None], args.layout, n)
+    group = args.ulysses_size if args.impl == "hybrid" else None
     out = {"ours": (lambda q, k, v: attention(q, k, v, positions=pos, mesh=mesh, impl=args.impl, layout=args.layout,
-                                              kernel="xla", ulysses_size=args.ulysses_size, block_q=args.block,
+                                              kernel="xla", ulysses_size=group, block_q=args.block,
                                               block_k=args.block),
                     lambda x: permute(x, args.layout, n), lambda x: unpermute(x, args.layout, n))}
     ident = lambda x: x

@@ -81,6 +81,25 @@ def test_chunks_are_cut_at_document_starts():
     assert B.chunks_of(np.ones(6, int), 3).tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
+def test_area_lower_bound_holds_for_every_order_and_is_reached_by_tile_aligned_documents():
+    rng = np.random.default_rng(2)
+    for _ in range(12):
+        lengths = rng.integers(1, 40, 12)
+        w = windows_of_lengths(lengths, 192)[0]
+        pos, seg = w["positions"], w["segment_ids"]
+        window = [None, 16][int(rng.integers(2))]
+        for impl in ("ring", "ulysses"):
+            bound = B.area_lower_bound(pos, seg, 4, impl=impl, tile=8, window=window)
+            for order in (np.arange(192), rng.permutation(192), permutation(192, "zigzag", 4),
+                          B.balanced_permutation(pos, seg, 4, chunk=8, window=window)):
+                assert bound <= B.shard_areas(pos[order], seg[order], 4, impl=impl, tile=8, window=window).sum()
+    seg = np.repeat([1, 2, 3], [16, 8, 8])
+    pos = np.concatenate([np.arange(16), np.arange(8), np.arange(8)])
+    assert B.area_lower_bound(pos, seg, 2, tile=8) == B.shard_areas(pos, seg, 2, tile=8).sum() == 5 * 64
+    with pytest.raises(ValueError, match="share a position"):
+        B.area_lower_bound(np.zeros(8, int), np.ones(8, int), 2, tile=4)
+
+
 def test_dispatch_is_longest_first_to_the_least_loaded_shard_with_room():
     owner = B.dispatch(np.array([5, 4, 3, 3, 2, 1]), 2)
     assert owner.tolist() == [0, 1, 1, 0, 1, 0]  # loads 9 and 9, three chunks each

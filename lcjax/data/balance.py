@@ -21,6 +21,8 @@ work and a mask inside it is free only where the ranges exclude the whole tile.
   loads; every shard takes T/(P·C) chunks). This is the longest-processing-time rule (Graham 1969), whose
   largest overshoot is one chunk's cost; MagiAttention (2025) also balances masked attention across ranks
   with a dispatch solver.
+- :func:`area_lower_bound`: the least tile-level area any order of the window can give (each tile
+  against itself, less what its documents can make visible there): balance ≥ that ÷ the exact area.
 - :func:`recv_bytes`: bytes one shard receives over ``sequence`` per attention forward for each strategy;
   :func:`needed_kv_tokens`: the remote keys a shard needs at least (what a send plan could trim to).
 
@@ -125,6 +127,44 @@ def balance(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, 
     return float(areas.max() / (exact / num_shards)) if exact else float("inf")
 
 
+def area_lower_bound(positions: np.ndarray, segment_ids: np.ndarray, num_shards: int, *, impl: str = "ring",
+                     tile: int = 128, causal: bool = True, window: int | None = None,
+                     real: np.ndarray | None = None) -> float:
+    """The least total tile-level area (summed over shards, :func:`shard_areas`) that any token order of
+    the window can give: a bound on every layout, balanced or not. float.
+
+    Every query tile is computed against the key tile of its own tokens (each token sees itself), an
+    area of (tile size)² per tile whatever the order; among those pairs a document contributes at most
+    n(n+1)/2 visible ones for its n tokens in the tile (causal, distinct positions; n² without causal),
+    so at most q·C(C+1)/2 + r(r+1)/2 in all for L = qC + r tokens (the convex sum is largest for the
+    fewest, fullest pieces). Hence area ≥ exact + Σ_tiles size² − Σ_documents that maximum. With
+    nested block_q ≠ block_k tiles the same holds with C = max(block_q, block_k). Padding (``real``
+    False) counts as area but never as visible. Raises ValueError when two real tokens of one segment
+    share a position (the causal count assumes distinct positions).
+    """
+    pos, seg = np.asarray(positions, np.int64), np.asarray(segment_ids, np.int64)
+    keep = np.ones(len(pos), bool) if real is None else np.asarray(real, bool)
+    exact = exact_area(pos, seg, causal=causal, window=window, real=keep)
+    parts = 1 if impl == "ulysses" else num_shards
+    starts, stops = tiles_of(len(pos), parts, tile)
+    diagonal = float(np.sum((stops - starts).astype(np.float64) ** 2))
+    ps = np.stack([seg[keep], pos[keep]])
+    if causal and ps.shape[1] and np.any(np.all(np.diff(ps[:, np.lexsort(ps[::-1])], axis=1) == 0, axis=0)):
+        raise ValueError("area_lower_bound: two real tokens of one segment share a position")
+    _, count = np.unique(seg[keep], return_counts=True)
+    q, r = (count // tile).astype(np.float64), (count % tile).astype(np.float64)
+    most = (q * tile * (tile + 1) / 2 + r * (r + 1) / 2) if causal else (q * tile * tile + r * r)
+    return float(exact + diagonal - most.sum())
+
+
+def _runs(segment_ids: np.ndarray):
+    """(run index of each token, start, length) of the runs of equal ids of ``segment_ids`` [T]."""
+    seg = np.asarray(segment_ids)
+    new = np.r_[True, seg[1:] != seg[:-1]]
+    start = np.flatnonzero(new)
+    return np.cumsum(new) - 1, start, np.diff(np.r_[start, len(seg)])
+
+
 def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
     """int64 [T/C, C]: the natural-order token indices of each chunk of a window cut for the balanced layout.
 
@@ -136,10 +176,8 @@ def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
     """
     seg = np.asarray(segment_ids)
     t = len(seg)
-    new = np.r_[True, seg[1:] != seg[:-1]]
-    run = np.cumsum(new) - 1
-    start = np.flatnonzero(new)
-    head = np.diff(np.r_[start, t]) % chunk  # tokens of each run before its whole chunks
+    run, start, length = _runs(seg)
+    head = length % chunk  # tokens of each run before its whole chunks
     mixed = np.arange(t) - start[run] < head[run]
     index = np.arange(t)
     return np.concatenate([index[~mixed], index[mixed]]).reshape(-1, chunk)
@@ -148,11 +186,17 @@ def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
 def chunk_costs(positions: np.ndarray, segment_ids: np.ndarray, chunks: np.ndarray, *, causal: bool = True,
                 window: int | None = None) -> np.ndarray:
     """float64 [n]: the tile-level area of each chunk's queries against every chunk, for ``chunks`` (int
-    [n, C] token indices, :func:`chunks_of`) of one window: C × the tokens of the chunks it may see."""
-    pos, seg = np.asarray(positions, np.int64)[chunks], np.asarray(segment_ids, np.int64)[chunks]
-    size = np.full(len(chunks), chunks.shape[1])
-    stats = (pos.min(axis=1), pos.max(axis=1), seg.min(axis=1), seg.max(axis=1), size)
-    return (tile_maybe(stats, stats, causal=causal, window=window) @ size.astype(np.float64)) * chunks.shape[1]
+    [n, C] token indices, :func:`chunks_of`) of one window: C² × the chunks it may see (:func:`tile_maybe`'s
+    rule, on int32 ranges)."""
+    pos, seg = np.asarray(positions, np.int32)[chunks], np.asarray(segment_ids, np.int32)[chunks]
+    pmin, pmax, smin, smax = pos.min(axis=1), pos.max(axis=1), seg.min(axis=1), seg.max(axis=1)
+    maybe = smin[None, :] <= smax[:, None]
+    maybe &= smax[None, :] >= smin[:, None]
+    if causal:
+        maybe &= pmin[None, :] <= pmax[:, None]
+    if window is not None:
+        maybe &= pmax[None, :] > (pmin - window)[:, None]
+    return np.count_nonzero(maybe, axis=1).astype(np.float64) * chunks.shape[1] ** 2
 
 
 def dispatch(costs: np.ndarray, num_shards: int) -> np.ndarray:
