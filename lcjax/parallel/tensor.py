@@ -90,9 +90,9 @@ def all_gather_matmul(x, ws, axis: str):
     block = x
     for s in range(tp):
         nxt = lax.ppermute(block, axis, left) if s < tp - 1 else None
-        start = ((r + s) % tp) * t
-        outs = [lax.dynamic_update_slice_in_dim(o, block @ w, start, axis=1) for o, w in zip(outs, ws)]
-        block = nxt
+        ys = [block @ w for w in ws]
+        outs = [lax.dynamic_update_slice_in_dim(o, y, ((r + s) % tp) * t, axis=1) for o, y in zip(outs, ys)]
+        block = _after(ys, nxt) if nxt is not None else None
     return tuple(outs)
 
 
@@ -112,11 +112,19 @@ def matmul_reduce_scatter(x, w, axis: str):
     r = lax.axis_index(axis)
     t = x.shape[1] // tp
     right = [(j, (j + 1) % tp) for j in range(tp)]
-    part = lambda s: lax.dynamic_slice_in_dim(x, ((r - s - 1) % tp) * t, t, axis=1) @ w
-    acc = part(0)
+    x_block = lambda s: lax.dynamic_slice_in_dim(x, ((r - s - 1) % tp) * t, t, axis=1)
+    acc = x_block(0) @ w
     for s in range(1, tp):
-        acc = lax.ppermute(acc, axis, right) + part(s)
+        acc = lax.ppermute(acc, axis, right) + _after(acc, x_block(s)) @ w
     return acc
+
+
+def _after(done, value):
+    """``value``, made to wait for ``done`` (an optimization barrier, a no-op at run time): the ring's
+    step s + 1 multiplies only after step s has, so XLA can neither merge the steps' matmuls into one (its
+    dot merger joins independent dots that share an operand, which would leave the transfer with nothing to
+    run under) nor run them before the transfer they should hide."""
+    return lax.optimization_barrier((done, value))[1]
 
 
 def kv_columns(w, *, n_kv_heads: int, n_heads: int, head_dim: int, axis: str):
