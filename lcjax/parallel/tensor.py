@@ -92,7 +92,7 @@ def all_gather_matmul(x, ws, axis: str):
         nxt = lax.ppermute(block, axis, left) if s < tp - 1 else None
         ys = [block @ w for w in ws]
         outs = [lax.dynamic_update_slice_in_dim(o, y, ((r + s) % tp) * t, axis=1) for o, y in zip(outs, ys)]
-        block = _after(ys, nxt) if nxt is not None else None
+        block = nxt
     return tuple(outs)
 
 
@@ -121,9 +121,10 @@ def matmul_reduce_scatter(x, w, axis: str):
 
 def _after(done, value):
     """``value``, made to wait for ``done`` (an optimization barrier, a no-op at run time): the ring's
-    step s + 1 multiplies only after step s has, so XLA can neither merge the steps' matmuls into one (its
-    dot merger joins independent dots that share an operand, which would leave the transfer with nothing to
-    run under) nor run them before the transfer they should hide."""
+    step s + 1 multiplies only after step s has, so XLA's dot merger (which joins independent dots sharing
+    an operand, here the slices of one x) cannot fuse the steps into one matmul that leaves the partial
+    sum's transfer nothing to run under. (The all-gather side goes without: a barrier there kept a 67 MB
+    transfer exposed and cost 0.5 GB per device in the LLaMA-2-7B compile, docs/performance.md.)"""
     return lax.optimization_barrier((done, value))[1]
 
 

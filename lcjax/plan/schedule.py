@@ -96,21 +96,16 @@ def parse(text: str) -> dict[str, list[Instr]]:
     return comps
 
 
-# in-place (dynamic-)update-slice and dynamic-slice fusions are kCustom too, but only copy bytes (a scan
-# stacking its residuals, a slice of a buffer): no cover for a transfer
-_COPY_FUSION = re.compile(r"calls=%?fused_dynamic_(?:update_)?slice")
 _HEAVY_OPS = {"custom-call", "while", "conditional", "call", "dot", "convolution"}
 
 
 def is_work(instr: Instr) -> bool:
     """Heavy work a transfer can hide under: a kernel (custom call), a loop, a branch, a matmul, or a
-    fusion XLA emits as a matmul/kernel (``kind=kCustom``/``kOutput``) — not elementwise fusions, in-place
-    (dynamic-)slice copies, bookkeeping or other collectives."""
+    fusion XLA emits as a matmul/kernel (``kind=kCustom``/``kOutput``) — not elementwise fusions,
+    bookkeeping or other collectives."""
     if instr.op in _HEAVY_OPS:
         return True
-    if instr.op != "fusion" or _COPY_FUSION.search(instr.line):
-        return False
-    return "kind=kCustom" in instr.line or "kind=kOutput" in instr.line
+    return instr.op == "fusion" and ("kind=kCustom" in instr.line or "kind=kOutput" in instr.line)
 
 
 def _kind(op: str) -> str | None:

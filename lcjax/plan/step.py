@@ -163,6 +163,15 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
 
 
+def _activation_split(i: StepInputs) -> int:
+    """Over how many shards the hidden states between TP regions are split in the memory estimate: tp
+    under sequence-parallel TP for the ``formulas`` model (Korthikanti et al. 2022 §4.2.2); 1 for the
+    ``lcjax`` model, whose per-layer residuals XLA was not measured to split: LLaMA-2-7B at 32k on mesh
+    8,4,2 (H100 targets) compiles to 14.27 GB per device without and 13.71 GB with it (−0.56 GB), where
+    splitting the layer inputs and norm internals would predict −3.3 GB (docs/planner.md)."""
+    return i.model if i.sequence_tp and i.activation_model == "formulas" else 1
+
+
 def _projection_seconds(i: StepInputs, rate: float) -> float:
     """Forward seconds of one layer's projection and MLP matmuls on one device: 2·(layer weights / tp)
     FLOPs per token (the work the sequence-parallel TP transfers run under)."""
@@ -187,7 +196,7 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
                                chunk_tokens=_tile_tokens(i, i.seq_chunk), head_chunks=i.head_chunks,
                                attention_working=(gathered_kv_bytes(s, tokens, i.sequence, i.model, cb)
                                                   if i.attention == "allgather" else 0),
-                               split=i.model if i.sequence_tp else 1)
+                               split=_activation_split(i))
     lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
     if i.remat != "none":  # the recomputed forward communicates again (the ring only under ``layer``)
         lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=(2 if i.remat == "layer" else 1) * lc.seq_fwd)
