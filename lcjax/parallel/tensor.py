@@ -124,7 +124,7 @@ def _after(done, value):
     step s + 1 multiplies only after step s has, so XLA's dot merger (which joins independent dots sharing
     an operand, here the slices of one x) cannot fuse the steps into one matmul that leaves the partial
     sum's transfer nothing to run under. (The all-gather side goes without: a barrier there kept a 67 MB
-    transfer exposed and cost 0.5 GB per device in the LLaMA-2-7B compile, docs/performance.md.)"""
+    transfer exposed and cost 0.44 GB per device in the LLaMA-2-7B compile, docs/performance.md.)"""
     return lax.optimization_barrier((done, value))[1]
 
 
