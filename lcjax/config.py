@@ -164,6 +164,10 @@ class TrainConfig:
     reduce-scatter is the transpose of the per-layer weight all-gather and runs in ``dtype``.
     ``grad_accum``: micro-batches per optimizer step (the global batch is split into that many, their
     gradients summed inside the jitted step; same update as the whole batch).
+    ``sequence_parallel_tp``: with mesh.model > 1, the hidden states between the tensor-parallel regions
+    (norms, residual adds) are split over the model shards along tokens too, and the TP all-reduces become
+    all-gathers and reduce-scatters overlapped with the projections (docs/parallelism.md); it applies when
+    the tokens per sequence shard divide by mesh.model and train.seq_chunk is 0, else the layers all-reduce.
     """
 
     steps: int = 100
@@ -187,6 +191,7 @@ class TrainConfig:
     head_chunks: int = 1
     grad_reduce_dtype: str = "float32"
     grad_accum: int = 1
+    sequence_parallel_tp: bool = True
     max_bad_steps: int = 5  # a run stops after this many non-finite (skipped) steps in a row
     check_memory: bool = True  # refuse a step whose compiled memory exceeds the devices' (lcjax.memcheck)
 

@@ -168,6 +168,38 @@ def test_memory_options_match_dense(mesh_shape, extra, oracle):
     _compare(loss, grads, *oracle)
 
 
+@pytest.mark.parametrize("mesh_shape,extra,check_vma", [
+    ((1, 1, 2), (), None),
+    ((1, 2, 2), ("train.fsdp=true",), False),
+    ((2, 1, 2), ("train.remat=full", "train.mlp_tile=16"), None),
+    pytest.param((1, 2, 2), ("train.remat=full", "train.fsdp=true"), None, marks=pytest.mark.slow),
+    pytest.param((2, 1, 2), (), False, marks=pytest.mark.slow),
+    pytest.param((1, 4, 2), ("train.sequence_parallel_tp=false",), None, marks=pytest.mark.slow),
+    pytest.param((1, 4, 2), ("train.sequence_parallel_tp=false",), False, marks=pytest.mark.slow),
+])
+def test_sequence_parallel_tp_matches_dense(mesh_shape, extra, check_vma, oracle):
+    """train.sequence_parallel_tp (on by default; every mesh test above with mesh.model > 1 runs it): the
+    token-split hidden states with collective matmuls, with FSDP, remat and MLP tiles, check_vma on and
+    off, give the single-device loss and gradients — the norm weights' gradients summed over ``model`` too.
+    Off, the all-reduce path still does."""
+    loss, grads, _, _ = _sharded_loss_and_grads(mesh_shape, *extra, check_vma=check_vma)
+    _compare(loss, grads, *oracle)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_sequence_parallel_tp_switches_the_collectives(on):
+    """The switch reaches the program: with it the step reduce-scatters and all-gathers over ``model``
+    (embedding, final states) and permutes blocks between model shards; without it neither."""
+    cfg = _config((1, 1, 2), f"train.sequence_parallel_tp={str(on).lower()}")
+    mesh = make_mesh(1, 1, 2)
+    graphdef, specs, _, state = init_state(cfg, mesh, {})
+    fn = jax.jit(step_lib.make_loss_and_grads(graphdef, specs, mesh, cfg))
+    batch = {k: jax.device_put(v, step_lib.batch_sharding(mesh)) for k, v in _batch().items()}
+    text = fn.lower(state.params, batch).as_text()
+    ops = [text.count(op) for op in ("reduce_scatter", "all_gather", "collective_permute")]
+    assert all(ops) if on else not any(ops), ops
+
+
 def test_fsdp_with_tied_embeddings_and_check_vma_off():
     loss, grads, params, cfg = _sharded_loss_and_grads((1, 2, 4), "model.tie_embeddings=true", "train.fsdp=true",
                                                        "train.loss_tile=8", check_vma=False)

@@ -168,3 +168,25 @@ def test_tiles_shrink_the_logits_and_mlp_terms_by_their_closed_forms():
     none = activation_bytes(s, tokens, remat="none")
     mlp = activation_bytes(s, tokens, remat="none", mlp_tokens=tile)
     assert none - mlp == (s.L + 1) * tokens * 2 * 6 * s.F - tile * 2 * 6 * s.F
+
+
+def test_sequence_parallel_tp_in_the_plan():
+    """train.sequence_parallel_tp reaches the plan: applied only with mesh.model > 1; the formulas' four
+    D-wide activations ÷ tp (Korthikanti §4.2.2); the TP transfers hide under the projections, never
+    more exposed time than without it; the lcjax estimate's memory unchanged (docs/planner.md)."""
+    from lcjax.plan.hardware import DEVICES
+    from lcjax.plan.step import sequence_tp_applies
+
+    path = str(Path(__file__).resolve().parents[1] / "configs/experiments/llama2_7b_32k.yaml")
+    cfg = config_lib.load(path, ["mesh.data=8", "mesh.sequence=4", "mesh.model=2"])
+    assert sequence_tp_applies(cfg)
+    assert not sequence_tp_applies(config_lib.load(path, []))
+    assert not sequence_tp_applies(replace(cfg, train=replace(cfg.train, sequence_parallel_tp=False)))
+    on = StepInputs.from_config(cfg)
+    off = replace(on, sequence_tp=False)
+    plans = {k: plan_step(v, DEVICES["h100"]) for k, v in (("on", on), ("off", off))}
+    assert plans["on"].comm_exposed_s < plans["off"].comm_exposed_s
+    assert plans["on"].memory.total == plans["off"].memory.total
+    s, tokens = on.shape, on.tokens_per_device
+    assert (memory.layer_activation_bytes(s, tokens, 2) - memory.layer_activation_bytes(s, tokens, 2, split=2)
+            == 2 * tokens * 2 * s.D)

@@ -196,11 +196,17 @@ def _compile_train_step(mesh, *overrides, lcjax_flags=True):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+TP_FIRST_HOP = "one all-gather-matmul first hop exposed in the forward layer loop at the demo shape"
+
+
 @needs_aot
 @pytest.mark.parametrize("mesh, overrides", [
     ("2,4,1", ("train.fsdp=true", "train.remat=full", "model.n_kv_heads=8")),
-    pytest.param("1,4,2", (), marks=pytest.mark.slow),
-    pytest.param("2,2,2", ("train.remat=full",), marks=pytest.mark.slow)])
+    # sequence-parallel TP (default on): at the demo's small matmuls XLA schedules the local block's matmul of
+    # one all-gather-matmul after its first hop, which stays exposed (0.5 MB; docs/performance.md; issue 18)
+    pytest.param("1,4,2", (), marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=TP_FIRST_HOP)]),
+    pytest.param("2,2,2", ("train.remat=full",),
+                 marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=TP_FIRST_HOP)])])
 def test_train_step_collectives_in_loops_are_overlapped(mesh, overrides):
     """The demo's whole train step (T=4096, bf16, Pallas kernels) on H100 targets with lcjax's XLA flags:
     no collective inside a loop body (the layer loop, the ring) is exposed — ring K/V and dK/dV permutes,

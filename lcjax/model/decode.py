@@ -11,6 +11,9 @@ every sequence shard attends it to its slice of the prompt's cache, the partial 
 ``sequence`` by the log-sum-exp rule (one ``pmax``, one ``psum`` per layer), together with the keys of the
 tokens generated so far (the "tail", replicated over ``sequence``).
 
+Prefill and decode run the layers with the hidden states whole on every ``model`` shard
+(``Axes.sequence_tp`` off): a decode step has one token per row, nothing to split.
+
 Shapes per shard: tokens, positions [B/dp, T/sp]; lengths [B/dp]; cache keys/values [L, B/dp, T/sp, K', H]
 (K' = K/tp, or the one kv head a shard's query heads use when K < tp); tail [L, B/dp, M, K', H] (M
 generated tokens); logits float32 [B/dp, V/tp].
@@ -41,7 +44,7 @@ def prefill_local(params, tokens, positions, lengths, *, graphdef, run: ModelSet
                   keep_cache: bool):
     """Per shard: tokens/positions [B/dp, T/sp] (layout order), lengths [B/dp] -> last-token logits float32
     [B/dp, V/tp] and (keep_cache) the layers' keys/values [L, B/dp, T/sp, K', H]."""
-    axes, dtype = run.axes, run.dtype
+    axes, dtype = run.axes._replace(sequence_tp=False), run.dtype  # hidden states whole on every model shard
     model = nnx.merge(graphdef, params)
     segment_ids = jnp.ones_like(tokens)  # padding sits after each prompt: causality already hides it
     x = tensor.vocab_parallel_embed(tokens, model.embedding(axes, dtype), axes.model)
@@ -93,7 +96,7 @@ def decode_attention(q, cache_k, cache_v, cache_pos, tail_k, tail_v, lengths, st
 def decode_local(params, cache, tokens, *, graphdef, run: ModelSettings, max_position: int):
     """Per shard: tokens [B/dp] (replicated over sequence) and the cache (lcjax.generate.Cache of per-shard
     arrays) -> logits float32 [B/dp, V/tp] and the new tail keys/values [L, B/dp, M, K', H]."""
-    axes, dtype = run.axes, run.dtype
+    axes, dtype = run.axes._replace(sequence_tp=False), run.dtype  # hidden states whole on every model shard
     model = nnx.merge(graphdef, params)
     x = tensor.vocab_parallel_embed(tokens[:, None], model.embedding(axes, dtype), axes.model)  # [B, 1, D]
     cos, sin = cos_sin(model, (cache.lengths + cache.step)[:, None], max_position)

@@ -12,6 +12,13 @@ parameters and calls collectives explicitly through ``lcjax.parallel``:
 - RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) weights replicated;
 - loss: vocabulary-parallel cross-entropy; logits are never gathered.
 
+Sequence-parallel TP (``Axes.sequence_tp``, ``train.sequence_parallel_tp``): between the TP regions the
+hidden states are split over ``model`` along tokens too, [B, T/(sp·tp), D]: the embedding ends in a
+reduce-scatter, each column-parallel projection all-gathers its normed input and each row-parallel one
+reduce-scatters its output, both as collective matmuls (lcjax.parallel.tensor), and the final hidden states
+are all-gathered before the head. :meth:`Llama.hidden` decides it (:func:`splits_tokens`) and returns the
+gathered [B, T/sp, D] either way.
+
 Memory (docs/memory.md): with FSDP (``Axes.fsdp`` non-empty) every matrix arrives split along d_model and
 is all-gathered in the compute dtype where it is used, inside the scanned layer body; the layer body can be
 rematerialised (``MemorySpec.remat``) and the MLP and the loss computed over tiles of tokens so that the
@@ -47,6 +54,7 @@ class Axes(NamedTuple):
     sequence: str = "sequence"
     model: str = "model"
     fsdp: tuple[str, ...] = ()  # axes the parameters are split over besides model (FSDP); () = none
+    sequence_tp: bool = False  # hidden states between TP regions split over model along tokens (see module doc)
 
 
 class MemorySpec(NamedTuple):
@@ -114,9 +122,30 @@ def head_logits(h, head):
     return jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
 
 
-def swiglu(h, w_gate, w_up, w_down, axis: str):
-    """SwiGLU MLP (Shazeer 2020) with column-parallel gate/up and row-parallel down: [B, T, D] -> [B, T, D]."""
+def swiglu(h, w_gate, w_up, w_down, axis: str, split: bool = False):
+    """SwiGLU MLP (Shazeer 2020) with column-parallel gate/up and row-parallel down: [B, T, D] -> [B, T, D].
+    ``split``: h and the result are this shard's block of tokens [B, T/tp, D] (sequence-parallel TP: the
+    collective matmuls of lcjax.parallel.tensor gather h and reduce-scatter the result)."""
+    if split:
+        gate, up = tensor.all_gather_matmul(h, (w_gate, w_up), axis)
+        return tensor.matmul_reduce_scatter(jax.nn.silu(gate) * up, w_down, axis)
     return tensor.row_parallel(jax.nn.silu(h @ w_gate) * (h @ w_up), w_down, axis)
+
+
+def splits_tokens(axes: Axes, tokens: int, tp: int, seq_chunk: int = 0) -> bool:
+    """Whether the layers run sequence-parallel TP on ``tokens`` tokens per sequence shard: asked for
+    (``axes.sequence_tp``), more than one model shard, tokens divisible by ``tp``, and no sequence chunks
+    (``seq_chunk`` 0: the chunks' tokens would come back interleaved over the model shards)."""
+    return axes.sequence_tp and tp > 1 and tokens % tp == 0 and not seq_chunk
+
+
+def split_tile(tile: int, tokens: int, tp: int) -> int:
+    """The MLP tile on a shard's block of ``tokens`` split tokens under sequence-parallel TP: the largest
+    divisor of ``tokens`` not above tile / tp (tile: tokens per sequence shard, as ``train.mlp_tile``), so
+    the gathered tile holds about ``tile`` tokens; 0 stays 0 (untiled)."""
+    if not tile:
+        return 0
+    return next(d for d in range(max(min(tile // tp, tokens), 1), 0, -1) if tokens % d == 0)
 
 
 def rms_norm(x, weight, eps):
@@ -146,10 +175,17 @@ class Block(nnx.Module):
         """The roped queries [B, T, N/tp, H] and keys [B, T, K', H] and the values [B, T, K', H] of this
         shard's heads, from the layer input x [B, T, D] (K' = K/tp, or the one kv head its query heads use
         when K < tp). cos, sin: RoPE angles of the tokens' positions (lcjax.ops.rope.cos_sin).
-        ``seq_chunk``: computed over chunks of that many tokens, each rematerialised (0: whole)."""
+        ``seq_chunk``: computed over chunks of that many tokens, each rematerialised (0: whole). With
+        ``axes.sequence_tp`` x is this shard's block [B, T/tp, D] and the normed input is all-gathered over
+        ``model`` by the projections' collective matmul (lcjax.parallel.tensor.all_gather_matmul)."""
         hd = cfg.d_model // cfg.n_heads
         kv = lambda p: tensor.kv_columns(_gathered(p, axes, dtype, 0), n_kv_heads=cfg.n_kv_heads,
                                          n_heads=cfg.n_heads, head_dim=hd, axis=axes.model)
+        if axes.sequence_tp:
+            h = rms_norm(x, self.attn_norm[...], cfg.norm_eps)
+            ws = (_gathered(self.wq, axes, dtype, 0), kv(self.wk), kv(self.wv))
+            q, k, v = (y.reshape(*y.shape[:2], -1, hd) for y in tensor.all_gather_matmul(h, ws, axes.model))
+            return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
 
         def chunk(x, cos, sin):  # [B, c, D] -> q [B, c, N/tp, H], k, v [B, c, K', H]
             b, c, _ = x.shape
@@ -165,9 +201,17 @@ class Block(nnx.Module):
         """The layer output [B, T, D] from its input x and the attention output o [B, T, N/tp, H] (in
         ``dtype``): row-parallel output projection (``psum`` over ``model``), then the residual SwiGLU MLP
         over tiles of ``mlp_tile`` tokens (0: untiled); all of it over chunks of ``seq_chunk`` tokens, each
-        rematerialised (0: whole)."""
+        rematerialised (0: whole). With ``axes.sequence_tp`` x and the result are this shard's block
+        [B, T/tp, D]: the projections reduce-scatter and all-gather over ``model`` by collective matmuls
+        (lcjax.parallel.tensor), the MLP tiles hold about ``mlp_tile`` gathered tokens (:func:`split_tile`)."""
         w = lambda p, dim: _gathered(p, axes, dtype, dim)  # dim: the d_model dimension
-        mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model)
+        split = axes.sequence_tp
+        mlp = lambda h: swiglu(h, w(self.w_gate, 0), w(self.w_up, 0), w(self.w_down, 1), axes.model, split)
+        if split:
+            out = tensor.matmul_reduce_scatter(o.reshape(*o.shape[:2], -1), w(self.wo, 1), axes.model)
+            x = x + out
+            tile = split_tile(mlp_tile, x.shape[1], lax.axis_size(axes.model))
+            return x + tiled_over_tokens(mlp, rms_norm(x, self.mlp_norm[...], cfg.norm_eps), tile=tile)
 
         def chunk(x, o):  # [B, c, D], [B, c, N/tp, H] -> [B, c, D]
             x = x + tensor.row_parallel(o.reshape(*o.shape[:2], -1), w(self.wo, 1), axes.model)
@@ -177,7 +221,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, cos, sin, attend, *, cfg: ModelConfig, axes: Axes, dtype, mlp_tile: int = 0,
                  seq_chunk: int = 0):
-        """x [B, T/sp, D] -> ([B, T/sp, D] replicated over ``model``, aux). ``attend(q, k, v)`` -> (o, aux):
+        """x [B, T/sp, D] -> ([B, T/sp, D] replicated over ``model``, aux); with ``axes.sequence_tp`` x and
+        the result are this shard's block of tokens [B, T/(sp·tp), D] (attention still sees all T/sp). ``attend(q, k, v)`` -> (o, aux):
         the attention of this shard's roped queries to keys and values (:meth:`qkv`), o [B, T/sp, N/tp, H]
         in ``dtype``; training attends over the sequence shards, the KV-cache decode over the cache, and aux
         carries what the caller keeps (the cache) or None. ``mlp_tile``, ``seq_chunk``: :meth:`finish`."""
@@ -222,16 +267,22 @@ class Llama(nnx.Module):
 
     def hidden(self, tokens, positions, segment_ids, *, max_position: int, attn: AttentionSpec,
                axes: Axes, dtype=jnp.float32, mem: MemorySpec = MemorySpec()):
-        """Final-norm hidden states [B, T/sp, D] for per-shard tokens/positions/segment ids [B, T/sp]
-        (``mem``: remat, offload, tiles and chunks, :class:`MemorySpec`)."""
+        """Final-norm hidden states [B, T/sp, D] (replicated over ``model``) for per-shard tokens/positions/
+        segment ids [B, T/sp] (``mem``: remat, offload, tiles and chunks, :class:`MemorySpec`). With
+        ``axes.sequence_tp`` (where :func:`splits_tokens` allows) the layers run on token blocks
+        [B, T/(sp·tp), D] and the final states are all-gathered over ``model`` at the end."""
         cfg = self.cfg
         hd = cfg.d_model // cfg.n_heads
-        x = tensor.vocab_parallel_embed(tokens, self.embedding(axes, dtype), axes.model)
+        split = splits_tokens(axes, tokens.shape[1], lax.axis_size(axes.model), mem.seq_chunk)
+        axes = axes._replace(sequence_tp=split)
+        x = tensor.vocab_parallel_embed(tokens, self.embedding(axes, dtype), axes.model, scatter=split)
         cos, sin = rope.cos_sin(positions, rope.rope_tables(max_position, hd, **vars(cfg.rope)))
         attend = sequence_attend(positions, segment_ids, attn, axes, mem.head_chunks,
                                  unroll_heads=mem.offload == "saved")  # XLA offloads no residual from a loop
         x, _ = self.run_layers(x, cos, sin, attend, axes=axes, dtype=dtype, mem=mem)
         final = lambda x: rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        if split:
+            return lax.all_gather(final(x), axes.model, axis=1, tiled=True)
         return tiled_over_tokens(final, x, tile=mem.seq_chunk)
 
     def run_layers(self, x, cos, sin, attend, per_layer=None, *, axes: Axes, dtype, mem: MemorySpec = MemorySpec()):

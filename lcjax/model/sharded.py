@@ -54,9 +54,11 @@ class ModelSettings(NamedTuple):
 
 def model_settings(cfg: Config, *, fsdp: bool = False) -> ModelSettings:
     """The :class:`ModelSettings` of ``cfg``; ``fsdp``: parameters arrive split over data × sequence
-    (``train.fsdp``), else they are whole on every data/sequence shard."""
+    (``train.fsdp``), else they are whole on every data/sequence shard. ``Axes.sequence_tp`` follows
+    ``train.sequence_parallel_tp``; :meth:`lcjax.model.llama.Llama.hidden` applies it where the shapes allow
+    and the KV-cache decode turns it off (lcjax.model.decode)."""
     t = cfg.train
-    axes = Axes(*AXES, fsdp=rules.ZERO_AXES if fsdp else ())
+    axes = Axes(*AXES, fsdp=rules.ZERO_AXES if fsdp else (), sequence_tp=t.sequence_parallel_tp)
     mem = MemorySpec(remat=t.remat, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile, offload=t.offload,
                      seq_chunk=t.seq_chunk, head_chunks=t.head_chunks)
     return ModelSettings(attention_spec(cfg), axes, jnp.dtype(t.dtype), mem)

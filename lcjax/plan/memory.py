@@ -77,34 +77,40 @@ def state_bytes(s: Shape, tp: int, group: int, optimizer_sharding: str = "none",
     return params, grads, optimizer
 
 
-def layer_activation_elements_per_token(s: Shape, tp: int = 1) -> int:
+def layer_activation_elements_per_token(s: Shape, tp: int = 1, split: int = 1) -> int:
     """Stored activation elements per token of one layer on one ``model`` shard (formulas §1.3):
-    4D replicated + Q, O (N/tp·H each) + K, V (kv heads on the shard) + 3F/tp. tp=1: 6D + 2d_kv + 3F."""
+    4D replicated + Q, O (N/tp·H each) + K, V (kv heads on the shard) + 3F/tp. tp=1: 6D + 2d_kv + 3F.
+    ``split``: the 4D outside the TP regions split over that many shards (sequence-parallel TP: tp;
+    Korthikanti et al. 2022 §4.2.2, every term ÷ t)."""
     n_loc, k_loc = local_heads(s, tp)
-    return 4 * s.D + 2 * n_loc * s.H + 2 * k_loc * s.H + 3 * s.F // tp
+    return 4 * s.D // split + 2 * n_loc * s.H + 2 * k_loc * s.H + 3 * s.F // tp
 
 
-def layer_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2) -> int:
-    """Activation bytes one layer stores for ``tokens`` tokens on one device (formulas §1.3, estimate).
-    LLaMA-2-7B, 32768 tokens, bf16, tp=1: 4,311,744,512 (= 32.125·sbh)."""
-    return compute_bytes * tokens * layer_activation_elements_per_token(s, tp)
+def layer_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2, split: int = 1) -> int:
+    """Activation bytes one layer stores for ``tokens`` tokens on one device (formulas §1.3, estimate;
+    ``split``: :func:`layer_activation_elements_per_token`). LLaMA-2-7B, 32768 tokens, bf16, tp=1:
+    4,311,744,512 (= 32.125·sbh)."""
+    return compute_bytes * tokens * layer_activation_elements_per_token(s, tp, split)
 
 
 def lcjax_layer_residual_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
                                stored_bytes: int | None = None, mlp_tokens: int | None = None,
-                               chunk_tokens: int | None = None, head_chunks: int = 1) -> int:
+                               chunk_tokens: int | None = None, head_chunks: int = 1, split: int = 1) -> int:
     """Bytes of the per-token residuals JAX keeps for one lcjax layer (``lcjax`` model, module doc):
     stored·(2D + (2N' + 2K')·H + 6F/tp) + 4·(4D + 2H + N'·H + N' + 4) + 8 per token (N', K' heads on the
     shard). LLaMA-2-7B, tp=1, bf16: 264,344 bytes per token (2.01× formulas §1.3). ``mlp_tokens``: with a
     tiled MLP (``train.mlp_tile``) only that many tokens' six F-wide tensors exist at a time.
     ``chunk_tokens``: with ``train.seq_chunk`` the per-token terms outside attention (the matmul inputs 2D,
     the float32 norm internals 4D, RoPE 2H, the norm scalars, the MLP) exist for one chunk; Q, K, V, O
-    stay whole. ``head_chunks``: the ring's float32 output and lse exist for N'/head_chunks heads."""
+    stay whole. ``head_chunks``: the ring's float32 output and lse exist for N'/head_chunks heads.
+    ``split``: sequence-parallel TP (tp; 1 off): the float32 norm internals (4D) and scalars live on
+    1/split of the tokens; the matmul inputs (2D) stay whole — the collective matmul keeps every gathered
+    block for the weight gradient."""
     n_loc, k_loc = local_heads(s, tp)
     stored = stored_bytes or compute_bytes
     c = tokens if chunk_tokens is None else min(chunk_tokens, tokens)
     whole = stored * (2 * n_loc + 2 * k_loc) * s.H + 4 * (n_loc * s.H + n_loc) // head_chunks + 8
-    chunked = stored * 2 * s.D + 4 * (4 * s.D + 2 * s.H + 4)
+    chunked = stored * 2 * s.D + 4 * (4 * s.D // split + 2 * s.H + 4 // split)
     mlp = (c if mlp_tokens is None else min(mlp_tokens, c)) * stored * 6 * s.F // tp
     return tokens * whole + c * chunked + mlp
 
@@ -118,19 +124,20 @@ def cast_weight_bytes(s: Shape, tp: int = 1, compute_bytes: int = 2, param_bytes
 
 
 def head_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
-                          stored_bytes: int | None = None, loss_tokens: int | None = None) -> int:
+                          stored_bytes: int | None = None, loss_tokens: int | None = None, split: int = 1) -> int:
     """Outside the layers (estimate): embedding output and final-norm output (D each, compute dtype) and
     the float32 vocabulary-parallel logits with their gradient (2 × Vp/tp); Korthikanti et al. §4.3 note
     the fp32 logits term 4sbv/t is not negligible at long T. ``loss_tokens``: with a tiled loss
-    (``train.loss_tile``) only that many tokens' logits exist at a time."""
+    (``train.loss_tile``) only that many tokens' logits exist at a time. ``split``: sequence-parallel TP
+    (tp; 1 off): the embedding output lives on 1/split of the tokens (the final norm's is gathered)."""
     logits = tokens if loss_tokens is None else min(loss_tokens, tokens)
-    return tokens * 2 * s.D * (stored_bytes or compute_bytes) + logits * 2 * 4 * s.Vp // tp
+    return (tokens * s.D + tokens * s.D // split) * (stored_bytes or compute_bytes) + logits * 2 * 4 * s.Vp // tp
 
 
 def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2, remat: str = "none", *,
                      model: str = "lcjax", param_bytes: int = 4, stored_bytes: int | None = None,
                      mlp_tokens: int | None = None, loss_tokens: int | None = None,
-                     chunk_tokens: int | None = None, head_chunks: int = 1) -> int:
+                     chunk_tokens: int | None = None, head_chunks: int = 1, split: int = 1) -> int:
     """All activation bytes of one device for ``tokens`` local tokens (estimate; module doc).
 
     remat ``none``: every layer keeps its residuals; ``layer``: each layer keeps only its input (Korthikanti
@@ -140,6 +147,8 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
     ``mlp_tokens`` / ``loss_tokens``: tokens per tile of a tiled MLP / loss (None: untiled); a tiled MLP
     keeps only its input per layer, its F-wide tensors exist for one tile of one layer at a time.
     ``chunk_tokens`` / ``head_chunks``: :func:`lcjax_layer_residual_bytes` (the ``lcjax`` model only).
+    ``split``: sequence-parallel TP (tp; 1 off): the hidden states between TP regions — the layer inputs
+    remat keeps, the norms' internals, the embedding output — on 1/split of the tokens.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} must be one of {', '.join(REMAT_POLICIES)}")
@@ -147,21 +156,21 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2,
         raise ValueError(f"activation model {model!r} must be one of {', '.join(ACTIVATION_MODELS)}")
     stored = stored_bytes or compute_bytes
     if model == "formulas":
-        layer, working = layer_activation_bytes(s, tokens, tp, stored), 0
+        layer, working = layer_activation_bytes(s, tokens, tp, stored, split), 0
     else:
         working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, mlp_tokens, chunk_tokens,
-                                             head_chunks)
+                                             head_chunks, split)
         kept = working if mlp_tokens is None and chunk_tokens is None else lcjax_layer_residual_bytes(
-            s, tokens, tp, compute_bytes, stored, 0, chunk_tokens, head_chunks)
+            s, tokens, tp, compute_bytes, stored, 0, chunk_tokens, head_chunks, split)
         layer = kept + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
     if remat == "none":
         layers = s.L * layer
     else:
-        kept = tokens * s.D * stored
+        kept = tokens * s.D * stored // split
         if remat == "full":
             kept += tokens * (s.N * s.H // tp * stored + s.N // tp * 4)
         layers = s.L * kept + layer
-    return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored, loss_tokens)
+    return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored, loss_tokens, split)
 
 
 def gathered_kv_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, compute_bytes: int = 2) -> int:
@@ -179,12 +188,13 @@ def memory_per_device(s: Shape, tokens: int, tp: int, group: int, *, optimizer_s
                       activation_model: str = "lcjax", stored_bytes: int | None = None,
                       mlp_tokens: int | None = None, loss_tokens: int | None = None,
                       chunk_tokens: int | None = None, head_chunks: int = 1,
-                      attention_working: int = 0) -> MemoryBytes:
+                      attention_working: int = 0, split: int = 1) -> MemoryBytes:
     """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp)); ``attention_working``:
     bytes an attention impl holds beyond its residuals while one layer runs (:func:`gathered_kv_bytes`),
-    counted with the activations."""
+    counted with the activations; ``split``: sequence-parallel TP (:func:`activation_bytes`)."""
     params, grads, optimizer = state_bytes(s, tp, group, optimizer_sharding, param_bytes, compute_bytes)
     acts = activation_bytes(s, tokens, tp, compute_bytes, remat, model=activation_model,
                             param_bytes=param_bytes, stored_bytes=stored_bytes, mlp_tokens=mlp_tokens,
-                            loss_tokens=loss_tokens, chunk_tokens=chunk_tokens, head_chunks=head_chunks)
+                            loss_tokens=loss_tokens, chunk_tokens=chunk_tokens, head_chunks=head_chunks,
+                            split=split)
     return MemoryBytes(params, grads, optimizer, acts + attention_working)

@@ -28,7 +28,9 @@ class StepInputs:
     ``optimizer_sharding`` none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
     backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory);
     ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled); ``offload`` none, layer
-    or saved, ``seq_chunk`` and ``head_chunks`` as ``train.*`` (lcjax.plan.offload, lcjax.plan.memory)."""
+    or saved, ``seq_chunk`` and ``head_chunks`` as ``train.*`` (lcjax.plan.offload, lcjax.plan.memory);
+    ``sequence_tp``: sequence-parallel TP in effect (hidden states between TP regions split over ``model``;
+    the TP all-gathers and reduce-scatters run under the projections' matmuls)."""
 
     shape: Shape
     seq_len: int
@@ -49,6 +51,7 @@ class StepInputs:
     offload: str = "none"
     seq_chunk: int = 0
     head_chunks: int = 1
+    sequence_tp: bool = False
 
     @property
     def devices(self) -> int:
@@ -80,7 +83,16 @@ class StepInputs:
                    optimizer_sharding=optimizer_sharding, activation_model=activation_model,
                    stored_bytes=stored_bytes, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile,
                    offload=t.offload if offload is None else offload, seq_chunk=t.seq_chunk,
-                   head_chunks=t.head_chunks)
+                   head_chunks=t.head_chunks, sequence_tp=sequence_tp_applies(cfg))
+
+
+def sequence_tp_applies(cfg: config_lib.Config) -> bool:
+    """Whether the model runs sequence-parallel TP for ``cfg`` (as lcjax.model.llama.splits_tokens decides
+    it): ``train.sequence_parallel_tp``, mesh.model > 1, no ``train.seq_chunk``, and the tokens per
+    sequence shard divisible by mesh.model."""
+    t, m = cfg.train, cfg.mesh
+    local = config_lib.padded_seq_len(cfg.data.seq_len, cfg.attention.layout, m.sequence) // m.sequence
+    return t.sequence_parallel_tp and m.model > 1 and not t.seq_chunk and local % m.model == 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,8 @@ def _attention_seconds(i: StepInputs, rate: float) -> tuple[float, float]:
 def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate: float) -> float:
     """Seconds one layer waits on the network (forward + backward)."""
     tp_s = (lc.tp_fwd + lc.tp_bwd) / dev.bandwidth(i.model) if i.model > 1 else 0.0
+    if i.sequence_tp:  # collective matmuls: the transfers run under the projections (fwd + 2× bwd matmuls)
+        tp_s = max(0.0, tp_s - 3 * _projection_seconds(i, rate))
     if i.sequence == 1:
         return tp_s
     bw = dev.bandwidth(i.sequence * i.model)
@@ -147,6 +161,23 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     hidden = (i.sequence - 1) / i.sequence if i.attention == "ring" else 1 / i.sequence
     fwd, bwd = _attention_seconds(i, rate)
     return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
+
+
+def _activation_split(i: StepInputs) -> int:
+    """Over how many shards the hidden states between TP regions are split in the memory estimate: tp
+    under sequence-parallel TP for the ``formulas`` model (Korthikanti et al. 2022 §4.2.2); 1 for the
+    ``lcjax`` model, whose per-layer residuals XLA was not measured to split: LLaMA-2-7B at 32k on mesh
+    8,4,2 (H100 targets) compiles to 14.27 GB per device without and 13.71 GB with it (−0.56 GB), where
+    splitting the layer inputs and norm internals would predict −3.3 GB (docs/planner.md)."""
+    return i.model if i.sequence_tp and i.activation_model == "formulas" else 1
+
+
+def _projection_seconds(i: StepInputs, rate: float) -> float:
+    """Forward seconds of one layer's projection and MLP matmuls on one device: 2·(layer weights / tp)
+    FLOPs per token (the work the sequence-parallel TP transfers run under)."""
+    s = i.shape
+    weights = s.D * (2 * s.N * s.H + 2 * s.K * s.H) + 3 * s.D * s.F
+    return 2 * weights * i.tokens_per_device / i.model / rate
 
 
 def _tile_tokens(i: StepInputs, tile: int) -> int | None:
@@ -164,7 +195,8 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
                                mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile),
                                chunk_tokens=_tile_tokens(i, i.seq_chunk), head_chunks=i.head_chunks,
                                attention_working=(gathered_kv_bytes(s, tokens, i.sequence, i.model, cb)
-                                                  if i.attention == "allgather" else 0))
+                                                  if i.attention == "allgather" else 0),
+                               split=_activation_split(i))
     lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
     if i.remat != "none":  # the recomputed forward communicates again (the ring only under ``layer``)
         lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=(2 if i.remat == "layer" else 1) * lc.seq_fwd)
