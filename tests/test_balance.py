@@ -10,7 +10,8 @@ import pytest
 
 from lcjax import config as config_lib
 from lcjax.data import balance as B
-from lcjax.data.loader import FIELDS, LayOut, make_loader, order_window, pad_window, windows_of_lengths
+from lcjax.data.loader import (FIELDS, LayOut, LoaderSpec, make_loader, order_window, pad_window,
+                               windows_of_lengths)
 from lcjax.ops.layout import permutation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,9 +135,9 @@ STREAM = np.arange(400, dtype=np.uint16)
 STARTS = np.array([0, 5, 9, 40, 41, 100, 180, 181, 260, 300], np.int64)
 
 
-def _batches(layout, shards, seq_len=37, n=3, **kw):
-    lo = make_loader(STREAM, seq_len=seq_len, global_batch=2, seed=3, layout=layout, num_shards=shards,
-                     doc_starts=STARTS, prefetch=0, **kw)
+def _batches(layout, shards, seq_len=37, n=3):
+    spec = LoaderSpec(seq_len=seq_len, global_batch=2, seed=3, layout=layout, num_shards=shards, prefetch=0)
+    lo = make_loader(STREAM, spec, doc_starts=STARTS)
     return [next(lo) for _ in range(n)]
 
 

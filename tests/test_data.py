@@ -11,7 +11,7 @@ import pytest
 
 from lcjax.data import build_dataset, corpus, loader, tokenizer, tokens
 from lcjax.data.corpus import corpus_files, corpus_fingerprint
-from lcjax.data.loader import make_loader, num_windows
+from lcjax.data.loader import LoaderSpec, make_loader, num_windows
 from lcjax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from lcjax.data.tokens import load_or_tokenize, token_dtype
 from lcjax.ops.layout import unpermute
@@ -225,9 +225,9 @@ STREAM = np.arange(sum(DOC_LENGTHS), dtype=np.uint16)
 STARTS = np.concatenate([[0], np.cumsum(DOC_LENGTHS[:-1])]).astype(np.int64)
 
 
-def _loader(seed=0, layout="zigzag", shards=2, seq_len=8, batch=4, **kw):
-    return make_loader(STREAM, seq_len=seq_len, global_batch=batch, seed=seed, layout=layout,
-                       num_shards=shards, doc_starts=STARTS, **kw)
+def _loader(seed=0, layout="zigzag", shards=2, seq_len=8, batch=4, stream=None, vocab_size=None, **kw):
+    spec = LoaderSpec(seq_len=seq_len, global_batch=batch, seed=seed, layout=layout, num_shards=shards, **kw)
+    return make_loader(STREAM, spec, doc_starts=STARTS, stream=stream, vocab_size=vocab_size)
 
 
 def _natural(batch, layout="zigzag", shards=2):
@@ -360,8 +360,8 @@ def test_worker_processes_give_the_same_batches_and_restore_exactly(tmp_path):
     stream = np.memmap(path, dtype=STREAM.dtype, mode="r", shape=STREAM.shape)  # travels as a file name
 
     def make(workers):
-        return make_loader(stream, seq_len=8, global_batch=4, seed=3, layout="zigzag", num_shards=2,
-                           doc_starts=STARTS, workers=workers)
+        spec = LoaderSpec(seq_len=8, global_batch=4, seed=3, layout="zigzag", num_shards=2, workers=workers)
+        return make_loader(stream, spec, doc_starts=STARTS)
 
     threads = make(0)
     want = [next(threads) for _ in range(7)]

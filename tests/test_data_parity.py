@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import relative_error
 from lcjax import config as config_lib
-from lcjax.data.loader import make_loader
+from lcjax.data.loader import LoaderSpec, make_loader
 from lcjax.model.llama import Axes, attention_spec
 from lcjax.model.sharded import run_sharded
 from lcjax.ops.layout import unpermute
@@ -55,8 +55,9 @@ def _token_losses_fn(cfg, mesh, graphdef, specs, seq_len):
 
 def _batch(cfg):
     stream, starts = _stream()
-    lo = make_loader(stream, seq_len=T, global_batch=B, seed=0, layout=cfg.attention.layout,
-                     num_shards=cfg.mesh.sequence, doc_starts=starts, prefetch=0)
+    spec = LoaderSpec(seq_len=T, global_batch=B, seed=0, layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                      prefetch=0)
+    lo = make_loader(stream, spec, doc_starts=starts)
     batch = next(lo)
     lo.close()
     return batch

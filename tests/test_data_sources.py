@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lcjax import config as config_lib
-from lcjax.data import build_dataset
+from lcjax.data import LoaderSpec, build_dataset
 from lcjax.data.mixture import (MixedDataset, build_data, long_factor, mixed_order, mixture_copies,
                                 systematic_copies)
 from lcjax.data.records import jsonl_texts, parquet_texts, record_files
@@ -141,16 +141,16 @@ def _docs(dataset) -> set:
 
 def test_a_mixture_loader_resumes_exactly(tmp_path):
     data = build_data(_mixture(tmp_path).data, vocab_size=257)
-    kw = dict(seq_len=32, global_batch=2, seed=3, layout="zigzag", num_shards=2, prefetch=0)
-    loader = data.loader(**kw)
+    kw = LoaderSpec(seq_len=32, global_batch=2, seed=3, layout="zigzag", num_shards=2, prefetch=0)
+    loader = data.loader(kw)
     straight = [next(loader)["tokens"] for _ in range(5)]
     loader.close()
-    loader = data.loader(**kw)
+    loader = data.loader(kw)
     for _ in range(2):
         next(loader)
     state = loader.get_state()
     loader.close()
-    resumed = data.loader(**kw)
+    resumed = data.loader(kw)
     resumed.set_state(state)
     for want in straight[2:]:
         np.testing.assert_array_equal(next(resumed)["tokens"], want)

@@ -15,7 +15,7 @@ from lcjax import cli
 from lcjax import config as config_lib
 from lcjax.data import passkey as pk
 from lcjax.data.curriculum import StagedLoader, curriculum_loader
-from lcjax.data.loader import make_loader
+from lcjax.data.loader import LoaderSpec, make_loader
 from lcjax.data.tokenizer import load_or_train_tokenizer
 from lcjax.eval.passkey import make_prompts, teacher_batch
 from lcjax.ops.layout import unpermute
@@ -256,9 +256,10 @@ def test_cli_refuses_an_evaluation_that_cannot_fit(run_dir, capsys, monkeypatch)
 STREAM = np.asarray(encode("import os\nprint(os.getcwd())\n" * 400), np.int32)
 
 
-def _loader(seq_len=128, batch=4, fraction=0.5, **kw):
-    return make_loader(STREAM, seq_len=seq_len, global_batch=batch, seed=1, layout="zigzag", num_shards=2,
-                       tokenizer=TOKENIZER, passkey_fraction=fraction, prefetch=0, **kw)
+def _loader(seq_len=128, batch=4, fraction=0.5):
+    spec = LoaderSpec(seq_len=seq_len, global_batch=batch, seed=1, layout="zigzag", num_shards=2,
+                      passkey_fraction=fraction, prefetch=0)
+    return make_loader(STREAM, spec, tokenizer=TOKENIZER)
 
 
 def test_passkey_mixture_rows():
@@ -286,13 +287,14 @@ def test_passkey_mixture_rows():
 
 def test_curriculum_changes_shapes_and_resumes_exactly():
     stages = [(2, 64, 8), (3, 128, 4), (5, 256, 2)]
-    make = lambda **kw: make_loader(STREAM, seed=1, layout="zigzag", num_shards=2, prefetch=0, **kw)
-    loader = curriculum_loader(make, stages)
+    make = lambda spec: make_loader(STREAM, spec)
+    spec = LoaderSpec(seq_len=256, global_batch=2, seed=1, layout="zigzag", num_shards=2, prefetch=0)
+    loader = curriculum_loader(make, stages, spec)
     assert isinstance(loader, StagedLoader)
     batches = [next(loader) for _ in range(6)]
     assert [b["tokens"].shape for b in batches] == [(8, 64), (8, 64), (4, 128), (2, 256), (2, 256), (2, 256)]
     for cut in (1, 2, 3, 4):
-        again = curriculum_loader(make, stages)
+        again = curriculum_loader(make, stages, spec)
         state = dict(zip(["batch"], [cut]))
         again.set_state({**loader.get_state(), **state})
         for b in batches[cut:]:
