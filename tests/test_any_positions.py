@@ -15,6 +15,7 @@ from lcjax.attention import attention
 from lcjax.ops.attention import reference
 from lcjax.ops.layout import permute
 from lcjax.parallel.ring import is_ordered, kv_sends, recv_bytes, recv_tokens
+from lcjax.parallel.spec import AttentionSpec
 from lcjax.sharding.mesh import make_mesh
 
 B, T, N, K, H = 2, 64, 8, 2, 16  # GQA: 8 query heads share 2 kv heads
@@ -140,7 +141,8 @@ def test_a_4k_window_over_128k_receives_at_most_two_blocks_of_kv():
     assert recv_bytes(p, t, layout="zigzag", window=w) == (t // p) * per_token
     from lcjax.parallel.sequence import forward_recv_bytes
 
-    recv = lambda impl, **kw: forward_recv_bytes(impl, p, t, window=w, heads=32, kv_heads=8, **kw)
+    spec = lambda impl, layout="zigzag": AttentionSpec(impl=impl, layout=layout, window=w, ordered=True)
+    recv = lambda impl, **kw: forward_recv_bytes(spec(impl, **kw), p, t, heads=32, kv_heads=8)
     assert recv("ring") == recv_bytes(p, t, layout="zigzag", window=w)
     assert recv("allgather") == recv("ring", layout="striped") == 7 * (t // p) * per_token
     assert recv("ulysses") == 7 * (t // p) * ((32 + 16) * 128 * 2 // 8 + 8) and recv("local") == 0

@@ -159,12 +159,12 @@ def test_cli_plan_table_and_bad_input():
 def test_tiles_shrink_the_logits_and_mlp_terms_by_their_closed_forms():
     """loss_tile keeps one tile's float32 logits and gradient (8·Vp/tp bytes a token); mlp_tile one tile's
     six F-wide tensors, and each layer then keeps no F-wide tensor at all."""
-    from lcjax.plan.memory import activation_bytes, head_activation_bytes
+    from lcjax.plan.memory import ActivationSpec, activation_bytes, head_activation_bytes
 
     s = Shape.from_model_config(config_lib.load(ROOT / "configs/models/llama2_7b.yaml").model)
     tokens, tile = 8192, 2048
     whole, tiled = head_activation_bytes(s, tokens), head_activation_bytes(s, tokens, loss_tokens=tile)
     assert whole - tiled == (tokens - tile) * 8 * s.Vp
-    none = activation_bytes(s, tokens, remat="none")
-    mlp = activation_bytes(s, tokens, remat="none", mlp_tokens=tile)
+    none = activation_bytes(s, tokens, 1, ActivationSpec(remat="none"))
+    mlp = activation_bytes(s, tokens, 1, ActivationSpec(remat="none", mlp_tokens=tile))
     assert none - mlp == (s.L + 1) * tokens * 2 * 6 * s.F - tile * 2 * 6 * s.F
