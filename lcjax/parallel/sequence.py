@@ -33,7 +33,7 @@ def _allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
     return allgather(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
 
 
-# spec.impl -> implementation; its keys are lcjax.choices.ATTENTION_IMPLS (tests/test_choices.py)
+# spec.impl -> implementation; its keys are lcjax.choices.ATTENTION_IMPLS (tests/core/test_choices.py)
 IMPLEMENTATIONS = {"local": _local, "ring": _ring, "ulysses": _ulysses, "hybrid": _hybrid, "allgather": _allgather}
 IMPLS = tuple(IMPLEMENTATIONS)
 
