@@ -47,6 +47,13 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
         check_heads(n // tp, kh // tp, sp if impl == "ulysses" else ulysses_size)
 
 
+def _check_window(window, causal: bool) -> None:
+    if window is not None and window < 1:
+        raise ValueError(f"window {window} must be >= 1")
+    if window is not None and not causal:
+        raise ValueError("window requires causal attention")
+
+
 def _check_cudnn(q, k, v, positions, segment_ids, impl, layout, shards, window, ulysses_size) -> None:
     """What the cuDNN kernel cannot express, refused before anything runs (ValueError, one line): its
     dtypes and head dims, the impl/layout/window (cudnn.layout_refusal) and, for concrete arrays, the
@@ -130,10 +137,7 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
     """
     mesh = make_mesh(1, len(jax.devices()), 1) if mesh is None else mesh
     _check(q, k, positions, mesh, impl, kernel, ulysses_size)
-    if window is not None and window < 1:
-        raise ValueError(f"window {window} must be >= 1")
-    if window is not None and not causal:
-        raise ValueError("window requires causal attention")
+    _check_window(window, causal)
     sp = mesh.shape["sequence"]
     if segment_ids is None:
         segment_ids = jax.numpy.zeros_like(positions)

@@ -1,5 +1,5 @@
 """The names a config may choose, defined once: config validation reads them, and the layers that
-implement them are checked against them (tests/test_choices.py). Plain tuples; this module imports
+implement them are checked against them (tests/core/test_choices.py). Plain tuples; this module imports
 nothing, so every layer may use it (docs/design.md, "Choice lists once").
 
 To add a choice (an attention impl, a layout, a kernel, a remat policy, a RoPE type), add its name here

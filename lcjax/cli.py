@@ -252,9 +252,10 @@ def _eval(args) -> int:
 
     inside = args.out is None or rundir.is_inside(args.out, run_dir)  # writes into the run dir: hold its lock
     with rundir.locked(run_dir, command="lcjax eval passkey", enabled=inside):
-        passkey.run(run_dir, lengths=lengths, depths=args.depths, samples=args.samples, overrides=args.set,
-                    seed=args.seed, filler=args.filler, mode=args.mode, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, step=args.step, log=print, out=args.out,
+        spec = passkey.PassKeySpec(lengths=tuple(lengths) if lengths else None, depths=args.depths,
+                                   samples=args.samples, seed=args.seed, filler=args.filler, mode=args.mode,
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        passkey.run(run_dir, spec, overrides=args.set, step=args.step, log=print, out=args.out,
                     overwrite=args.overwrite)
     return 0
 

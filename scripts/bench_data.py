@@ -39,12 +39,14 @@ def parse_args(argv=None):
 
 
 def time_loader(dataset, cfg, args) -> dict:
+    from lcjax.data import LoaderSpec
+
     d = cfg.data
     workers = d.workers if args.workers is None else args.workers
-    loader = dataset.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
-                            layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                            cross_document_attention=d.cross_document_attention, prefetch=args.prefetch,
-                            workers=workers)
+    loader = dataset.loader(LoaderSpec(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
+                                       layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                                       cross_document_attention=d.cross_document_attention,
+                                       prefetch=args.prefetch, workers=workers))
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         next(loader)
@@ -63,15 +65,16 @@ def time_model(dataset, cfg, args) -> dict:
     import jax
     import numpy as np
 
+    from lcjax.data import LoaderSpec
     from lcjax.sharding.mesh import make_mesh
     from lcjax.train.state import init_state
     from lcjax.train.step import batch_sharding, make_train_step
 
     d = cfg.data
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
-    loader = dataset.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
-                            layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                            cross_document_attention=d.cross_document_attention)
+    loader = dataset.loader(LoaderSpec(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
+                                       layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                                       cross_document_attention=d.cross_document_attention))
     graphdef, specs, optimizer, state = init_state(cfg, mesh, loader.get_state())
     step = make_train_step(graphdef, specs, mesh, cfg, optimizer)
     sharding = batch_sharding(mesh)

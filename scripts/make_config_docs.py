@@ -7,7 +7,7 @@ what it means and which rule it must satisfy.
 The keys, types, defaults and section texts come from the dataclasses themselves (``dataclasses.fields``,
 recursively), so a key added to lcjax/config.py appears after re-running this script with no other change.
 :data:`DESCRIPTIONS` adds a sentence per key, and the rule that :func:`lcjax.config.validate` enforces, in
-words; keys without an entry get their type and default only. tests/test_config_docs.py fails when the
+words; keys without an entry get their type and default only. tests/core/test_config_docs.py fails when the
 committed file is out of date.
 """
 

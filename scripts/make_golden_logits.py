@@ -1,8 +1,8 @@
 """Write the golden logits of tiny random transformers LLaMA models, so the default test suite checks
-parity with Hugging Face without torch (tests/test_convert.py).
+parity with Hugging Face without torch (tests/convert/test_convert.py).
 
     pip install -e '.[oracle]'   # torch (CPU) and transformers
-    python scripts/make_golden_logits.py [--out tests/data/hf_tiny]
+    python scripts/make_golden_logits.py [--out tests/convert/data/hf_tiny]
 
 Writes ``OUT/<weights>/{config.json, model.safetensors}`` for two weight sets — ``f32_untied`` (float32,
 separate output head) and ``bf16_tied`` (bfloat16 storage, tied embeddings) — and ``OUT/golden.npz`` with
@@ -70,7 +70,8 @@ def main() -> None:
     import transformers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "hf_tiny"))
+    parser.add_argument("--out",
+                        default=str(Path(__file__).resolve().parents[1] / "tests" / "convert" / "data" / "hf_tiny"))
     out = Path(parser.parse_args().out)
     tokens = np.random.default_rng(0).integers(0, V, (B, T)).astype(np.int32)
     arrays = {"tokens": tokens}

@@ -12,7 +12,7 @@ transposed; layer i of HF is index i of lcjax's stacked ``layers`` leaves, leadi
     lm_head.weight [V, D] (untied only)            → lm_head [D, V'] (zero columns)
 
 Query/key rows need no permutation: transformers' LLaMA rotates dimension i with i + H/2 ("rotate half"),
-as lcjax does (tests/test_convert.py checks the logits against transformers itself).
+as lcjax does (tests/convert/test_convert.py checks the logits against transformers itself).
 
 Tensors stream one lcjax leaf at a time: import builds one stacked leaf from its HF tensors and adds it to
 the checkpoint (Orbax incremental saves), export reads one leaf from Orbax and writes shards of at most

@@ -17,12 +17,12 @@ import numpy as np
 
 from lcjax.data.corpus import corpus_files, corpus_fingerprint, describe_skipped
 from lcjax.data.documents import MixtureSample, encode, open_documents
-from lcjax.data.loader import FIELDS, Loader, epoch_summary, make_loader, stream_id
+from lcjax.data.loader import FIELDS, Loader, LoaderSpec, epoch_summary, make_loader, stream_id
 from lcjax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from lcjax.data.tokens import load_or_build, load_or_tokenize, stream_key
 
 __all__ = ["FIELDS", "Dataset", "Loader", "Tokenizer", "build_dataset", "corpus_files", "corpus_fingerprint",
-           "load_or_tokenize", "load_or_train_tokenizer", "make_loader"]
+           "load_or_tokenize", "load_or_train_tokenizer", "LoaderSpec", "make_loader"]
 
 
 @dataclasses.dataclass
@@ -68,10 +68,11 @@ class Dataset:
         return (part(self.tokens[:cut], self.doc_starts[:k], "train"),
                 part(self.tokens[cut:], self.doc_starts[k:] - cut, "heldout"))
 
-    def loader(self, **kwargs) -> Loader:
-        """:func:`make_loader` on this stream (documents, stream id and vocabulary filled in)."""
-        return make_loader(self.tokens, doc_starts=self.doc_starts, stream=stream_id(self.key),
-                           vocab_size=self.tokenizer.vocab_size, tokenizer=self.tokenizer, **kwargs)
+    def loader(self, spec: LoaderSpec) -> Loader:
+        """:func:`make_loader` on this stream as ``spec`` asks (documents, stream id, vocabulary and tokenizer
+        filled in)."""
+        return make_loader(self.tokens, spec, doc_starts=self.doc_starts, stream=stream_id(self.key),
+                           vocab_size=self.tokenizer.vocab_size, tokenizer=self.tokenizer)
 
 
 def build_dataset(source: str, *, tokenizer_kind: str, vocab_size: int,

@@ -7,11 +7,12 @@ position n, so the batch counter alone determines every batch, across stage chan
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 
-from lcjax.data.loader import Loader
+from lcjax.data.loader import Loader, LoaderSpec
 
 
 def stage_index(stages: list[tuple[int, int, int]], step: int) -> int:
@@ -68,8 +69,9 @@ class StagedLoader:
         self._active = None
 
 
-def curriculum_loader(make: Callable[..., Loader], stages: list[tuple[int, int, int]], **kwargs):
-    """A :class:`Loader` (one stage) or a :class:`StagedLoader` over ``stages``; ``make(seq_len=...,
-    global_batch=..., **kwargs)`` builds one stage's loader (e.g. :meth:`lcjax.data.Dataset.loader`)."""
-    loaders = [make(seq_len=seq_len, global_batch=batch, **kwargs) for _, seq_len, batch in stages]
+def curriculum_loader(make: Callable[[LoaderSpec], Loader], stages: list[tuple[int, int, int]], spec: LoaderSpec):
+    """A :class:`Loader` (one stage) or a :class:`StagedLoader` over ``stages``; ``make(stage_spec)`` builds
+    one stage's loader (e.g. :meth:`lcjax.data.Dataset.loader`) from ``spec`` with the stage's seq_len and
+    global_batch."""
+    loaders = [make(dataclasses.replace(spec, seq_len=seq_len, global_batch=batch)) for _, seq_len, batch in stages]
     return loaders[0] if len(loaders) == 1 else StagedLoader(stages, loaders)

@@ -23,6 +23,8 @@ pipeline (and a CLI that provisions devices before JAX starts) should not pay fo
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from lcjax.config import balance_chunk, padded_seq_len
@@ -268,16 +270,12 @@ def stream_id(key: str) -> int:
     return int(key[:15], 16)
 
 
-def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int, layout: str,
-                num_shards: int, cross_document_attention: bool = False,
-                doc_starts: np.ndarray | None = None, prefetch: int = 2, workers: int = 0,
-                process_index: int = 0, process_count: int = 1, stream: int | None = None,
-                vocab_size: int | None = None, tokenizer=None, passkey_fraction: float = 0.0,
-                passkey_synthetic: float = 0.5, attention_window: int | None = None) -> Loader:
-    """A :class:`Loader` of shuffled, packed batches from a token stream.
+@dataclasses.dataclass(frozen=True)
+class LoaderSpec:
+    """What a loader delivers and how: the ``data.*``, ``attention.*`` and ``mesh.sequence`` settings it
+    reads (the stream itself comes separately: :func:`make_loader`, :meth:`lcjax.data.Dataset.loader`).
 
-    Args:
-      tokens: [num_tokens] integer token stream (a memmap is fine; it is read lazily).
+    Fields:
       seq_len: T, tokens per sequence (``data.seq_len``).
       global_batch: B, sequences per global batch (``data.global_batch``).
       seed: ``data.seed`` in [0, 2**32); each epoch is a fresh permutation of the windows drawn from it.
@@ -286,7 +284,9 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
         :func:`pad_window`: padding sees and is seen by no real token and has no loss).
       attention_window: ``attention.window`` (None: none), weighs the balanced layout's chunks.
       cross_document_attention: if True positions run 0…T−1 and segment ids are 1 across whole windows.
-      doc_starts: int64 [num_docs] sorted document start offsets; None means one long document.
+      passkey_fraction, passkey_synthetic: the PassKey training mixture
+        (:class:`lcjax.data.passkey.PassKeyMix`, applied in natural order before the layout; its draws
+        depend on the seed and the global batch index only); needs the tokenizer when the fraction > 0.
       prefetch: batches computed ahead (0: none); with ``workers`` = 0 by as many threads, else per worker.
       workers: Grain worker processes (``data.workers``); 0 computes batches in this process's threads.
       process_index, process_count: per-process slices for multi-host runs. The global batch is the same
@@ -294,11 +294,34 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
         global batch (the batch axis is sharded over ``data`` first, in mesh order, so process i feeds the
         i-th block of data-parallel rows). Processes that share rows (a sequence axis spanning hosts)
         pass the same index, and n is then the number of distinct row blocks. B must be divisible by n.
+    """
+
+    seq_len: int
+    global_batch: int
+    seed: int
+    layout: str
+    num_shards: int
+    attention_window: int | None = None
+    cross_document_attention: bool = False
+    passkey_fraction: float = 0.0
+    passkey_synthetic: float = 0.5
+    prefetch: int = 2
+    workers: int = 0
+    process_index: int = 0
+    process_count: int = 1
+
+
+def make_loader(tokens: np.ndarray, spec: LoaderSpec, *, doc_starts: np.ndarray | None = None,
+                stream: int | None = None, vocab_size: int | None = None, tokenizer=None) -> Loader:
+    """A :class:`Loader` of shuffled, packed batches from a token stream, as ``spec`` asks.
+
+    Args:
+      tokens: [num_tokens] integer token stream (a memmap is fine; it is read lazily).
+      spec: the batches' shape, order and mixture and how they are produced (:class:`LoaderSpec`).
+      doc_starts: int64 [num_docs] sorted document start offsets; None means one long document.
       stream, vocab_size: ints identifying the token stream and tokenizer, checked by ``set_state`` (so a
         checkpoint of another corpus or tokenizer is refused with a clear error); None leaves them out.
-      tokenizer, passkey_fraction, passkey_synthetic: the PassKey training mixture
-        (:class:`lcjax.data.passkey.PassKeyMix`, applied in natural order before the layout; its draws
-        depend on the seed and the global batch index only); ``tokenizer`` is needed when the fraction > 0.
+      tokenizer: the tokenizer, needed when ``spec.passkey_fraction`` > 0.
 
     Batches span epochs without a gap; the loader never ends. Raises ValueError (one line naming the
     data field) when seq_len or global_batch is below 1, the layout is unknown, the seed is out of range,
@@ -306,27 +329,28 @@ def make_loader(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: in
     """
     import grain
 
-    windows = _check(len(tokens), seq_len, global_batch, seed, layout, num_shards)
-    if workers < 0 or prefetch < 0:
-        raise ValueError(f"data.workers {workers} and prefetch {prefetch} must be >= 0")
-    if process_count < 1 or not 0 <= process_index < process_count or global_batch % process_count:
-        raise ValueError(f"data.global_batch {global_batch} cannot be split into {process_count} per-process "
-                         f"slices for process {process_index} (B must be divisible by the process count)")
-    rows = global_batch // process_count
-    rows_of = Rows(tokens, doc_starts, seq_len, cross_document_attention,
-                   slice(process_index * rows, (process_index + 1) * rows))
+    windows = _check(len(tokens), spec.seq_len, spec.global_batch, spec.seed, spec.layout, spec.num_shards)
+    if spec.workers < 0 or spec.prefetch < 0:
+        raise ValueError(f"data.workers {spec.workers} and prefetch {spec.prefetch} must be >= 0")
+    index, count = spec.process_index, spec.process_count
+    if count < 1 or not 0 <= index < count or spec.global_batch % count:
+        raise ValueError(f"data.global_batch {spec.global_batch} cannot be split into {count} per-process "
+                         f"slices for process {index} (B must be divisible by the process count)")
+    rows = spec.global_batch // count
+    rows_of = Rows(tokens, doc_starts, spec.seq_len, spec.cross_document_attention,
+                   slice(index * rows, (index + 1) * rows))
     dataset = (grain.MapDataset.range(windows)
-               .shuffle(seed=seed)
+               .shuffle(seed=spec.seed)
                .repeat(None)
-               .batch(global_batch, drop_remainder=True)
+               .batch(spec.global_batch, drop_remainder=True)
                .map(rows_of))
-    if passkey_fraction > 0:
-        dataset = dataset.map_with_index(_passkey_mix(tokenizer, seq_len, passkey_fraction, passkey_synthetic,
-                                                      seed, process_index * rows))
-    dataset = dataset.map(LayOut(layout, num_shards, attention_window))
-    identity = {"seed": seed, "seq_len": seq_len, "global_batch": global_batch, "num_windows": windows}
+    if spec.passkey_fraction > 0:
+        dataset = dataset.map_with_index(_passkey_mix(tokenizer, spec.seq_len, spec.passkey_fraction,
+                                                      spec.passkey_synthetic, spec.seed, index * rows))
+    dataset = dataset.map(LayOut(spec.layout, spec.num_shards, spec.attention_window))
+    identity = {"seed": spec.seed, "seq_len": spec.seq_len, "global_batch": spec.global_batch, "num_windows": windows}
     identity.update({k: v for k, v in (("stream", stream), ("vocab_size", vocab_size)) if v is not None})
-    return Loader(dataset, identity, prefetch=prefetch, workers=workers)
+    return Loader(dataset, identity, prefetch=spec.prefetch, workers=spec.workers)
 
 
 def _passkey_mix(tokenizer, seq_len: int, fraction: float, synthetic: float, seed: int, row_offset: int):

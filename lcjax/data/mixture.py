@@ -170,9 +170,10 @@ class MixedDataset:
                                        cache_dir=self.cache_dir)
         return train, Dataset(f"held-out {self.source}", self.tokenizer, tokens, starts, key, {})
 
-    def loader(self, **kwargs):
-        """:func:`lcjax.data.make_loader` on the mixed stream (written to the cache on first use)."""
-        return self._stream.loader(**kwargs)
+    def loader(self, spec):
+        """:func:`lcjax.data.make_loader` on the mixed stream as ``spec`` (:class:`lcjax.data.LoaderSpec`)
+        asks (the stream is written to the cache on first use)."""
+        return self._stream.loader(spec)
 
 
 def build_data(data, *, vocab_size: int, tokenizer_kind: str | None = None):

@@ -19,6 +19,7 @@ mixture's (``lcjax.data.passkey.MIX_SALT``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -34,6 +35,56 @@ from lcjax.ops.layout import permute
 EVAL_SALT = 0x45564B59
 FILLERS = ("synthetic", "corpus")
 MODES = ("teacher", "generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassKeySpec:
+    """The PassKey grid and how it is scored: the flags of ``lcjax eval passkey``.
+
+    Fields:
+      lengths: prompt lengths in tokens (``--lengths``); None: the run's ``data.seq_len``.
+      depths: how many evenly spaced key depths from 0 to 100 % (``--depths``, :func:`depths_grid`).
+      samples: keys per (length, depth) cell (``--samples``).
+      seed: seed of the keys and corpus offsets (``--seed``).
+      filler: ``synthetic`` (the standard sentences) or ``corpus`` (held-out text of the run), :data:`FILLERS`.
+      mode: ``teacher`` (teacher-forced exact match) or ``generate`` (greedy generation), :data:`MODES`.
+      batch_size: prompts per forward pass; None: min(samples·depths, 16) rounded up to a multiple of
+        ``mesh.data``.
+      max_new_tokens: tokens generated per prompt in ``generate`` mode.
+    """
+
+    lengths: tuple[int, ...] | None = None
+    depths: int = 11
+    samples: int = 20
+    seed: int = 0
+    filler: str = "synthetic"
+    mode: str = "teacher"
+    batch_size: int | None = None
+    max_new_tokens: int = 10
+
+
+def resolve_spec(spec: PassKeySpec, cfg: Config) -> PassKeySpec:
+    """``spec`` with its defaults that depend on the run filled in (lengths: ``data.seq_len``; batch size:
+    :class:`PassKeySpec`'s rule on ``mesh.data``), after checking it. Raises ValueError (one line naming
+    the flag) for an unknown filler or mode, a negative seed, samples, max-new-tokens or depths below 1,
+    or a batch size that is not a positive multiple of ``mesh.data``."""
+    if spec.filler not in FILLERS:
+        raise ValueError(f"--filler {spec.filler!r} must be one of {', '.join(FILLERS)}")
+    if spec.mode not in MODES:
+        raise ValueError(f"--mode {spec.mode!r} must be one of {', '.join(MODES)}")
+    if spec.seed < 0:
+        raise ValueError(f"--seed {spec.seed} must be >= 0")
+    if spec.samples < 1 or spec.max_new_tokens < 1:
+        raise ValueError(f"--samples {spec.samples} and --max-new-tokens {spec.max_new_tokens} must be >= 1")
+    depths_grid(spec.depths)
+    dp = cfg.mesh.data
+    batch_size = spec.batch_size
+    if batch_size is None:
+        batch_size = math.ceil(min(spec.samples * spec.depths, 16) / dp) * dp
+    if batch_size < 1 or batch_size % dp:
+        raise ValueError(f"--batch-size {batch_size} must be a positive multiple of mesh.data = {dp}")
+    lengths = tuple(spec.lengths) if spec.lengths else (cfg.data.seq_len,)
+    return dataclasses.replace(spec, lengths=lengths, batch_size=batch_size)
 
 
 def depths_grid(count: int) -> list[float]:
@@ -157,20 +208,23 @@ class Evaluator:
         return np.asarray(out, np.int32)
 
 
-def evaluate(evaluator: Evaluator, tokenizer, *, lengths: list[int], depths: list[float], samples: int,
-             seed: int = 0, corpus: np.ndarray | None = None, mode: str = "teacher", batch_size: int = 8,
-             max_new_tokens: int = 10, log=None) -> list[dict]:
-    """The PassKey grid: one record per (length, depth) with ``length`` (tokens), ``depth`` (percent),
-    ``accuracy`` (fraction of ``samples`` correct, 0-1) and ``samples``."""
+def evaluate(evaluator: Evaluator, tokenizer, spec: PassKeySpec, *, corpus: np.ndarray | None = None,
+             log=None) -> list[dict]:
+    """The PassKey grid of ``spec`` (its lengths and batch size filled in by :func:`resolve_spec` for the
+    evaluator's config): one record per (length, depth) with ``length`` (tokens), ``depth`` (percent),
+    ``accuracy`` (fraction of ``spec.samples`` correct, 0-1) and ``samples``. ``corpus``: token stream of
+    the ``corpus`` filler (None: the synthetic sentences)."""
+    spec = resolve_spec(spec, evaluator.cfg)
     encode = lambda s: tokenizer.encode_batch([s])[0]
+    depths, samples = depths_grid(spec.depths), spec.samples
     records = []
-    for length in lengths:
-        grid = make_prompts(encode, length, depths, samples, seed, corpus)
+    for length in spec.lengths:
+        grid = make_prompts(encode, length, depths, samples, spec.seed, corpus)
         flat = [p for row in grid for p in row]
-        if mode == "teacher":
-            correct = evaluator.teacher(flat, batch_size)
+        if spec.mode == "teacher":
+            correct = evaluator.teacher(flat, spec.batch_size)
         else:
-            ids = evaluator.generate(flat, batch_size, max_new_tokens)
+            ids = evaluator.generate(flat, spec.batch_size, spec.max_new_tokens)
             correct = np.array([first_integer(tokenizer.decode(row)) == p.key for row, p in zip(ids, flat)])
         correct = correct.reshape(len(depths), samples)
         for depth, hits in zip(depths, correct):
@@ -256,10 +310,10 @@ def write_results(records: list[dict], paths: tuple[Path, Path], title: str, ove
     return json_path, png_path
 
 
-def check_memory(cfg: Config, *, lengths: list[int], batch_size: int, samples: int, depths: int, mode: str,
-                 max_new_tokens: int):
+def check_memory(cfg: Config, spec: PassKeySpec):
     """Refuse (lcjax.memcheck.DoesNotFit, one line) an evaluation whose largest forward pass (the longest
-    length x ``batch_size``; in generate mode prefill and decode) does not fit the devices, with the host
+    of ``spec.lengths`` x ``spec.batch_size``, both resolved: :func:`resolve_spec`; in generate mode prefill
+    and decode) does not fit the devices, with the host
     memory of that length's prompts; compiled for abstract arrays before anything is loaded
     (``train.check_memory`` false: skipped). Returns the compiled scoring function in teacher mode (for
     :class:`Evaluator` to reuse), else None."""
@@ -274,7 +328,7 @@ def check_memory(cfg: Config, *, lengths: list[int], batch_size: int, samples: i
     from lcjax.sharding import rules
     from lcjax.sharding.mesh import make_mesh
 
-    length = max(lengths)
+    length, batch_size, mode, max_new_tokens = max(spec.lengths), spec.batch_size, spec.mode, spec.max_new_tokens
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.sequence, cfg.mesh.model)
     graphdef, specs, abstract = gen.abstract_params(cfg, mesh)
     if mode == "teacher":
@@ -286,23 +340,22 @@ def check_memory(cfg: Config, *, lengths: list[int], batch_size: int, samples: i
     else:
         compiled, needed = None, gen.memory_needed(cfg, mesh, graphdef, specs, abstract, batch=batch_size,
                                                    prompt_len=length, max_new_tokens=max_new_tokens)[0]
-    host = 2 * samples * depths * (length + 1) * 4  # the prompts of one length (int32), and their batches
+    host = 2 * spec.samples * spec.depths * (length + 1) * 4  # the prompts of one length (int32), and their batches
     what = f"PassKey at {length:,} tokens x --batch-size {batch_size}" + (
         f" with --max-new-tokens {max_new_tokens:,}" if mode == "generate" else "")
     memcheck.check_fits(needed, mesh.devices.flat, what=what, kind="eval", host_bytes=host)
     return compiled
 
 
-def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 11, samples: int = 20,
-        overrides: list[str] = (), seed: int = 0, filler: str = "synthetic", mode: str = "teacher",
-        batch_size: int | None = None, max_new_tokens: int = 10, step: int | None = None, log=print,
-        out: str | Path | None = None, overwrite: bool = False) -> list[dict]:
-    """``lcjax eval passkey``: evaluate the newest checkpoint (or ``step``) of ``run_dir`` on the grid and
-    write the results as JSON and a PNG heatmap (:func:`result_paths`: ``out``, else new files in the run
-    dir; nothing is replaced unless ``overwrite``). ``lengths`` default to the run's ``data.seq_len``.
-    Raises ValueError (one line, nothing written) for unusable input: a changed ``model.*`` key, bad
-    lengths, depths, samples or batch size, an existing ``out``, an evaluation that does not fit the
-    devices (:func:`check_memory`), a missing or damaged checkpoint."""
+def run(run_dir: str | Path, spec: PassKeySpec = PassKeySpec(), *, overrides: list[str] = (), step: int | None = None,
+        log=print, out: str | Path | None = None, overwrite: bool = False) -> list[dict]:
+    """``lcjax eval passkey``: evaluate the newest checkpoint (or ``step``) of ``run_dir`` on the grid of
+    ``spec`` (lengths default to the run's ``data.seq_len``) and write the results as JSON and a PNG
+    heatmap (:func:`result_paths`: ``out``, else new files in the run dir; nothing is replaced unless
+    ``overwrite``). ``overrides``: ``--set`` items applied to the run's config. Raises ValueError (one line,
+    nothing written) for unusable input: a changed ``model.*`` key, bad lengths, depths, samples or batch
+    size, an existing ``out``, an evaluation that does not fit the devices (:func:`check_memory`), a
+    missing or damaged checkpoint."""
     from lcjax.checkpoint import check_step
     from lcjax.data.tokenizer import Tokenizer
     from lcjax.generate import run_config
@@ -313,33 +366,18 @@ def run(run_dir: str | Path, *, lengths: list[int] | None = None, depths: int = 
     cfg = run_config(run_dir, list(overrides), "evaluation")
     steps = check_step(run_dir, step)
     paths = result_paths(run_dir, out, overwrite)
-    if filler not in FILLERS:
-        raise ValueError(f"--filler {filler!r} must be one of {', '.join(FILLERS)}")
-    if mode not in MODES:
-        raise ValueError(f"--mode {mode!r} must be one of {', '.join(MODES)}")
-    if seed < 0:
-        raise ValueError(f"--seed {seed} must be >= 0")
-    if samples < 1 or max_new_tokens < 1:
-        raise ValueError(f"--samples {samples} and --max-new-tokens {max_new_tokens} must be >= 1")
-    grid_depths = depths_grid(depths)
-    dp = cfg.mesh.data
-    batch_size = math.ceil(min(samples * depths, 16) / dp) * dp if batch_size is None else batch_size
-    if batch_size < 1 or batch_size % dp:
-        raise ValueError(f"--batch-size {batch_size} must be a positive multiple of mesh.data = {dp}")
+    spec = resolve_spec(spec, cfg)
     tokenizer = Tokenizer.load(run_dir / "tokenizer", "--run-dir tokenizer")
-    encode = lambda s: tokenizer.encode_batch([s])[0]
-    lengths = list(lengths) if lengths else [cfg.data.seq_len]
-    check_lengths(lengths, cfg, encode)
-    compiled = check_memory(cfg, lengths=lengths, batch_size=batch_size, samples=samples, depths=depths, mode=mode,
-                            max_new_tokens=max_new_tokens)
-    corpus = _corpus(cfg, run_dir) if filler == "corpus" else None
+    check_lengths(list(spec.lengths), cfg, lambda s: tokenizer.encode_batch([s])[0])
+    compiled = check_memory(cfg, spec)
+    corpus = _corpus(cfg, run_dir) if spec.filler == "corpus" else None
 
     from lcjax.eval import model as model_lib
 
     evaluator = Evaluator(cfg, *model_lib.load_params(cfg, run_dir / "checkpoints", step), compiled)
-    records = evaluate(evaluator, tokenizer, lengths=lengths, depths=grid_depths, samples=samples, seed=seed,
-                       corpus=corpus, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)
-    title = f"PassKey: {cfg.name}, step {step or steps[-1]}\n{mode} scoring, {filler} filler, {samples} keys per cell"
+    records = evaluate(evaluator, tokenizer, spec, corpus=corpus, log=log)
+    title = (f"PassKey: {cfg.name}, step {step or steps[-1]}\n{spec.mode} scoring, {spec.filler} filler, "
+             f"{spec.samples} keys per cell")
     json_path, png_path = write_results(records, paths, title, overwrite)
     log(grid_text(records))
     log(f"lcjax: wrote {json_path} and {png_path}")

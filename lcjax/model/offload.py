@@ -16,7 +16,7 @@ layers' compute):
 A deviceless GPU compile accepts these (scripts/offload_repro.py) and reports the host buffers in
 ``memory_analysis().host_temp_size_in_bytes``. On a CPU backend host and device memory are the same RAM:
 XLA's CPU compiler keeps the values where they are (the offload annotations are dropped), so the numbers
-are those of ``offload=none`` (tests/test_offload.py).
+are those of ``offload=none`` (tests/model/test_offload.py).
 
 Policies are functions of (primitive, *avals, **params) returning a bool or a ``pe.Saveable`` /
 ``pe.Recompute`` / ``pe.Offloadable`` (jax.checkpoint_policies).

@@ -33,7 +33,7 @@ def _allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
     return allgather(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
 
 
-# spec.impl -> implementation; its keys are lcjax.choices.ATTENTION_IMPLS (tests/test_choices.py)
+# spec.impl -> implementation; its keys are lcjax.choices.ATTENTION_IMPLS (tests/core/test_choices.py)
 IMPLEMENTATIONS = {"local": _local, "ring": _ring, "ulysses": _ulysses, "hybrid": _hybrid, "allgather": _allgather}
 IMPLS = tuple(IMPLEMENTATIONS)
 
@@ -63,39 +63,39 @@ def sequence_parallel_attention(q, k, v, positions, segment_ids, *, impl, axis_n
     return sequence_parallel(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
 
 
-def forward_recv_bytes(impl: str, n_shards: int, seq_len: int, *, layout: str = "zigzag", causal: bool = True,
-                       window: int | None = None, batch: int = 1, heads: int = 32, kv_heads: int = 8,
-                       head_dim: int = 128, itemsize: int = 2, ulysses_size: int | None = None,
-                       ordered: bool = True) -> int:
+def forward_recv_bytes(spec: AttentionSpec, n_shards: int, seq_len: int, *, batch: int = 1, heads: int = 32,
+                       kv_heads: int = 8, head_dim: int = 128, itemsize: int = 2) -> int:
     """Bytes one of ``n_shards`` shards receives in one attention forward over ``seq_len`` tokens (the
-    inputs' exchange; positions and segment ids, int32, included; Ulysses' output all-to-all left out).
+    inputs' exchange; positions and segment ids, int32, included; Ulysses' output all-to-all left out), for
+    ``batch`` sequences of ``heads`` query and ``kv_heads`` kv heads of ``head_dim`` at ``itemsize`` bytes.
 
-    ring: the K/V blocks of lcjax.parallel.ring.kv_sends (a window with ordered positions in the
-    contiguous or zigzag layout receives only what it can see; ``recv_bytes``); allgather: the other
-    P−1 blocks' K/V; ulysses: (P−1)/P of the group's q, k, v for its heads (kv heads repeated up to the
-    group when fewer) plus the group's positions; hybrid: Ulysses inside groups of ``ulysses_size``, then a
-    ring across the groups on 1/``ulysses_size`` of the heads; local: 0. Raises ValueError for another impl.
+    By ``spec.impl`` (with ``spec.layout``, ``causal``, ``window``, ``ordered``, ``ulysses_size``): ring: the
+    K/V blocks of lcjax.parallel.ring.kv_sends (a window with ordered positions in the contiguous or zigzag
+    layout receives only what it can see; ``recv_bytes``); allgather: the other P−1 blocks' K/V; ulysses:
+    (P−1)/P of the group's q, k, v for its heads (kv heads repeated up to the group when fewer) plus the
+    group's positions; hybrid: Ulysses inside groups of ``ulysses_size``, then a ring across the groups on
+    1/``ulysses_size`` of the heads; local: 0. Raises ValueError for another impl or a ``ulysses_size``
+    that does not divide the shards.
     """
     from lcjax.parallel.ring import recv_bytes
 
-    local = seq_len // n_shards
+    impl, local = spec.impl, seq_len // n_shards
     per_token_kv = 2 * kv_heads * head_dim * itemsize + 8
+    ring_kw = dict(layout=spec.layout, causal=spec.causal, window=spec.window, batch=batch, head_dim=head_dim,
+                   itemsize=itemsize, ordered=spec.ordered)
     if impl == "local" or n_shards == 1:
         return 0
     if impl == "ring":
-        return recv_bytes(n_shards, seq_len, layout=layout, causal=causal, window=window, batch=batch,
-                          kv_heads=kv_heads, head_dim=head_dim, itemsize=itemsize, ordered=ordered)
+        return recv_bytes(n_shards, seq_len, kv_heads=kv_heads, **ring_kw)
     if impl == "allgather":
         return batch * (n_shards - 1) * local * per_token_kv
     if impl in ("ulysses", "hybrid"):
-        u = n_shards if impl == "ulysses" else ulysses_size
+        u = n_shards if impl == "ulysses" else spec.ulysses_size
         if not u or n_shards % u:
             raise ValueError(f"attention.ulysses_size {u} must divide the {n_shards} shards")
         qkv = (heads + 2 * max(kv_heads, u)) * head_dim * itemsize
         gathered = batch * (u - 1) * local * (qkv // u + 8)
         if u == n_shards:
             return gathered
-        ring = recv_bytes(n_shards // u, seq_len, layout=layout, causal=causal, window=window, batch=batch,
-                          kv_heads=max(kv_heads, u) // u, head_dim=head_dim, itemsize=itemsize, ordered=ordered)
-        return gathered + ring
+        return gathered + recv_bytes(n_shards // u, seq_len, kv_heads=max(kv_heads, u) // u, **ring_kw)
     raise ValueError(f"attention.impl {impl!r} must be one of {', '.join(IMPLS)}")

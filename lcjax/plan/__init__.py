@@ -1,6 +1,6 @@
 """Analytic planner: per-device memory, communication, FLOPs and time of one lcjax training step.
 
-Pure Python; imports no JAX (tests/test_layering.py). Formulas, sources and worked numbers:
+Pure Python; imports no JAX (tests/core/test_layering.py). Formulas, sources and worked numbers:
 docs/reference/formulas.md; the documented checks and the XLA validation: docs/planner.md.
 
 Modules: ``shapes`` (parameter counts), ``memory`` (bytes per device), ``flops`` (FLOPs per token),

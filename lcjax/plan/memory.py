@@ -134,43 +134,63 @@ def head_activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int
     return (tokens * s.D + tokens * s.D // split) * (stored_bytes or compute_bytes) + logits * 2 * 4 * s.Vp // tp
 
 
-def activation_bytes(s: Shape, tokens: int, tp: int = 1, compute_bytes: int = 2, remat: str = "none", *,
-                     model: str = "lcjax", param_bytes: int = 4, stored_bytes: int | None = None,
-                     mlp_tokens: int | None = None, loss_tokens: int | None = None,
-                     chunk_tokens: int | None = None, head_chunks: int = 1, split: int = 1) -> int:
-    """All activation bytes of one device for ``tokens`` local tokens (estimate; module doc).
+@dataclass(frozen=True)
+class ActivationSpec:
+    """How one step keeps its activations, for :func:`activation_bytes` and :func:`memory_per_device`.
 
-    remat ``none``: every layer keeps its residuals; ``layer``: each layer keeps only its input (Korthikanti
-    Table 2, 2sbh) and one layer is rematerialised whole at a time during the backward; ``full``: the input
-    and the attention's output and float32 lse (the ring's residuals, so the ring never runs twice). ``model``:
-    ``lcjax`` or ``formulas``. Plus the head's activations (and, for ``lcjax``, the working set).
-    ``mlp_tokens`` / ``loss_tokens``: tokens per tile of a tiled MLP / loss (None: untiled); a tiled MLP
-    keeps only its input per layer, its F-wide tensors exist for one tile of one layer at a time.
-    ``chunk_tokens`` / ``head_chunks``: :func:`lcjax_layer_residual_bytes` (the ``lcjax`` model only).
-    ``split``: sequence-parallel TP (tp; 1 off): the hidden states between TP regions — the layer inputs
-    remat keeps, the norms' internals, the embedding output — on 1/split of the tokens.
+    Fields:
+      remat: ``none``: every layer keeps its residuals; ``layer``: each layer keeps only its input
+        (Korthikanti Table 2, 2sbh) and one layer is rematerialised whole at a time during the backward;
+        ``full``: the input and the attention's output and float32 lse (the ring's residuals, so the ring
+        never runs twice).
+      model: the estimate, ``lcjax`` or ``formulas`` (module doc).
+      compute_bytes, param_bytes: bytes per element of the compute and parameter dtypes.
+      stored_bytes: bytes per compute-dtype element as the backend stores it (None: ``compute_bytes``).
+      mlp_tokens, loss_tokens: tokens per tile of a tiled MLP / loss (None: untiled); a tiled MLP keeps
+        only its input per layer, its F-wide tensors exist for one tile of one layer at a time.
+      chunk_tokens, head_chunks: :func:`lcjax_layer_residual_bytes` (the ``lcjax`` model only).
+      split: sequence-parallel TP (tp; 1 off): the hidden states between TP regions — the layer inputs
+        remat keeps, the norms' internals, the embedding output — on 1/split of the tokens.
     """
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat {remat!r} must be one of {', '.join(REMAT_POLICIES)}")
-    if model not in ACTIVATION_MODELS:
-        raise ValueError(f"activation model {model!r} must be one of {', '.join(ACTIVATION_MODELS)}")
-    stored = stored_bytes or compute_bytes
-    if model == "formulas":
-        layer, working = layer_activation_bytes(s, tokens, tp, stored, split), 0
+
+    remat: str = "none"
+    model: str = "lcjax"
+    compute_bytes: int = 2
+    param_bytes: int = 4
+    stored_bytes: int | None = None
+    mlp_tokens: int | None = None
+    loss_tokens: int | None = None
+    chunk_tokens: int | None = None
+    head_chunks: int = 1
+    split: int = 1
+
+
+def activation_bytes(s: Shape, tokens: int, tp: int = 1, spec: ActivationSpec = ActivationSpec()) -> int:
+    """All activation bytes of one device for ``tokens`` local tokens split over ``tp`` model shards
+    (estimate; module doc): the L layers as ``spec.remat`` keeps them, plus the head's activations (and,
+    for the ``lcjax`` model, the working set). Raises ValueError for an unknown remat policy or model."""
+    sp, cb = spec, spec.compute_bytes
+    if sp.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {sp.remat!r} must be one of {', '.join(REMAT_POLICIES)}")
+    if sp.model not in ACTIVATION_MODELS:
+        raise ValueError(f"activation model {sp.model!r} must be one of {', '.join(ACTIVATION_MODELS)}")
+    stored = sp.stored_bytes or cb
+    if sp.model == "formulas":
+        layer, working = layer_activation_bytes(s, tokens, tp, stored, sp.split), 0
     else:
-        working = lcjax_layer_residual_bytes(s, tokens, tp, compute_bytes, stored, mlp_tokens, chunk_tokens,
-                                             head_chunks, split)
-        kept = working if mlp_tokens is None and chunk_tokens is None else lcjax_layer_residual_bytes(
-            s, tokens, tp, compute_bytes, stored, 0, chunk_tokens, head_chunks, split)
-        layer = kept + cast_weight_bytes(s, tp, compute_bytes, param_bytes, stored)
-    if remat == "none":
+        working = lcjax_layer_residual_bytes(s, tokens, tp, cb, stored, sp.mlp_tokens, sp.chunk_tokens,
+                                             sp.head_chunks, sp.split)
+        kept = working if sp.mlp_tokens is None and sp.chunk_tokens is None else lcjax_layer_residual_bytes(
+            s, tokens, tp, cb, stored, 0, sp.chunk_tokens, sp.head_chunks, sp.split)
+        layer = kept + cast_weight_bytes(s, tp, cb, sp.param_bytes, stored)
+    if sp.remat == "none":
         layers = s.L * layer
     else:
-        kept = tokens * s.D * stored // split
-        if remat == "full":
+        kept = tokens * s.D * stored // sp.split
+        if sp.remat == "full":
             kept += tokens * (s.N * s.H // tp * stored + s.N // tp * 4)
         layers = s.L * kept + layer
-    return layers + working + head_activation_bytes(s, tokens, tp, compute_bytes, stored, loss_tokens, split)
+    return layers + working + head_activation_bytes(s, tokens, tp, cb, stored, sp.loss_tokens, sp.split)
 
 
 def gathered_kv_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, compute_bytes: int = 2) -> int:
@@ -183,18 +203,12 @@ def gathered_kv_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, compute_bytes
     return 2 * tokens * kv * ((sp - 1) * (compute_bytes + 4) + 4 * sp)
 
 
-def memory_per_device(s: Shape, tokens: int, tp: int, group: int, *, optimizer_sharding: str = "none",
-                      remat: str = "none", compute_bytes: int = 2, param_bytes: int = 4,
-                      activation_model: str = "lcjax", stored_bytes: int | None = None,
-                      mlp_tokens: int | None = None, loss_tokens: int | None = None,
-                      chunk_tokens: int | None = None, head_chunks: int = 1,
-                      attention_working: int = 0, split: int = 1) -> MemoryBytes:
-    """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp)); ``attention_working``:
-    bytes an attention impl holds beyond its residuals while one layer runs (:func:`gathered_kv_bytes`),
-    counted with the activations; ``split``: sequence-parallel TP (:func:`activation_bytes`)."""
-    params, grads, optimizer = state_bytes(s, tp, group, optimizer_sharding, param_bytes, compute_bytes)
-    acts = activation_bytes(s, tokens, tp, compute_bytes, remat, model=activation_model,
-                            param_bytes=param_bytes, stored_bytes=stored_bytes, mlp_tokens=mlp_tokens,
-                            loss_tokens=loss_tokens, chunk_tokens=chunk_tokens, head_chunks=head_chunks,
-                            split=split)
-    return MemoryBytes(params, grads, optimizer, acts + attention_working)
+def memory_per_device(s: Shape, tokens: int, tp: int, group: int, spec: ActivationSpec = ActivationSpec(), *,
+                      optimizer_sharding: str = "none", attention_working: int = 0) -> MemoryBytes:
+    """The per-device :class:`MemoryBytes` of one step (``tokens`` = (B/dp)·(T/sp); ``group``: devices of
+    the data × sequence group; ``spec``: the activations and dtypes, :class:`ActivationSpec`).
+    ``attention_working``: bytes an attention impl holds beyond its residuals while one layer runs
+    (:func:`gathered_kv_bytes`), counted with the activations. Raises ValueError for an unknown optimizer
+    sharding, remat policy or activation model."""
+    params, grads, optimizer = state_bytes(s, tp, group, optimizer_sharding, spec.param_bytes, spec.compute_bytes)
+    return MemoryBytes(params, grads, optimizer, activation_bytes(s, tokens, tp, spec) + attention_working)

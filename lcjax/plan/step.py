@@ -17,7 +17,7 @@ from lcjax import config as config_lib
 from lcjax.plan import comm, flops, memory
 from lcjax.plan import offload as offload_lib
 from lcjax.plan.hardware import Device
-from lcjax.plan.memory import MemoryBytes, gathered_kv_bytes, memory_per_device
+from lcjax.plan.memory import ActivationSpec, MemoryBytes, gathered_kv_bytes, memory_per_device
 from lcjax.plan.shapes import Shape, param_elements_per_device
 
 
@@ -189,14 +189,13 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
     """The :class:`StepPlan` of ``i`` on device ``dev``."""
     s, cb, tokens = i.shape, i.compute_bytes, i.tokens_per_device
     group = i.data * i.sequence
-    memory = memory_per_device(s, tokens, i.model, group, optimizer_sharding=i.optimizer_sharding,
-                               remat=i.remat, compute_bytes=cb, param_bytes=i.param_bytes,
-                               activation_model=i.activation_model, stored_bytes=i.stored_bytes,
-                               mlp_tokens=_tile_tokens(i, i.mlp_tile), loss_tokens=_tile_tokens(i, i.loss_tile),
-                               chunk_tokens=_tile_tokens(i, i.seq_chunk), head_chunks=i.head_chunks,
-                               attention_working=(gathered_kv_bytes(s, tokens, i.sequence, i.model, cb)
-                                                  if i.attention == "allgather" else 0),
-                               split=_activation_split(i))
+    acts = ActivationSpec(remat=i.remat, model=i.activation_model, compute_bytes=cb, param_bytes=i.param_bytes,
+                          stored_bytes=i.stored_bytes, mlp_tokens=_tile_tokens(i, i.mlp_tile),
+                          loss_tokens=_tile_tokens(i, i.loss_tile), chunk_tokens=_tile_tokens(i, i.seq_chunk),
+                          head_chunks=i.head_chunks, split=_activation_split(i))
+    working = gathered_kv_bytes(s, tokens, i.sequence, i.model, cb) if i.attention == "allgather" else 0
+    memory = memory_per_device(s, tokens, i.model, group, acts, optimizer_sharding=i.optimizer_sharding,
+                               attention_working=working)
     lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
     if i.remat != "none":  # the recomputed forward communicates again (the ring only under ``layer``)
         lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=(2 if i.remat == "layer" else 1) * lc.seq_fwd)

@@ -11,7 +11,7 @@ import numpy as np
 
 from lcjax import config as config_lib
 from lcjax.config import Config
-from lcjax.data import Dataset
+from lcjax.data import Dataset, LoaderSpec
 from lcjax.data.curriculum import stage_index
 from lcjax.data.mixture import build_data
 from lcjax.train.step import BATCH_FIELDS
@@ -86,10 +86,10 @@ def eval_batches(cfg: Config, heldout: Dataset, put) -> list[dict]:
     fixed shuffled order), placed on the devices. Raises ValueError when the split is too small."""
     d = cfg.data
     try:
-        loader = heldout.loader(seq_len=d.seq_len, global_batch=d.global_batch, seed=0, prefetch=0,
-                                layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
-                                cross_document_attention=d.cross_document_attention,
-                                attention_window=cfg.attention.window)
+        loader = heldout.loader(LoaderSpec(seq_len=d.seq_len, global_batch=d.global_batch, seed=0, prefetch=0,
+                                           layout=cfg.attention.layout, num_shards=cfg.mesh.sequence,
+                                           cross_document_attention=d.cross_document_attention,
+                                           attention_window=cfg.attention.window))
     except ValueError as e:
         raise ValueError(f"eval.holdout {cfg.eval.holdout}: the held-out split is too small ({e})") from None
     batches = [put(next(loader)) for _ in range(cfg.eval.batches)]

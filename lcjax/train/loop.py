@@ -22,6 +22,7 @@ from lcjax import config as config_lib
 from lcjax import distributed, memcheck, rundir
 from lcjax.checkpoint import Checkpointer, abstract_like
 from lcjax.config import Config
+from lcjax.data import LoaderSpec
 from lcjax.data.curriculum import curriculum_loader
 from lcjax.model.llama import count_params
 from lcjax.sharding.mesh import make_mesh
@@ -151,10 +152,11 @@ def _train(cfg: Config, run_dir: Path, opts: TrainOptions, flag: dict, lock) -> 
 def _loader(cfg: Config, dataset):
     """The training loader of ``dataset``: ``data.curriculum``'s stages, the layout's token order."""
     d = cfg.data
-    return curriculum_loader(dataset.loader, config_lib.stages(cfg), seed=d.seed, layout=cfg.attention.layout,
-                             num_shards=cfg.mesh.sequence, attention_window=cfg.attention.window,
-                             cross_document_attention=d.cross_document_attention, workers=d.workers,
-                             passkey_fraction=d.passkey_fraction, passkey_synthetic=d.passkey_synthetic)
+    spec = LoaderSpec(seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed, layout=cfg.attention.layout,
+                      num_shards=cfg.mesh.sequence, attention_window=cfg.attention.window,
+                      cross_document_attention=d.cross_document_attention, workers=d.workers,
+                      passkey_fraction=d.passkey_fraction, passkey_synthetic=d.passkey_synthetic)
+    return curriculum_loader(dataset.loader, config_lib.stages(cfg), spec)
 
 
 def _set_up(run: _Run, heldout, *, resumed: bool) -> _Ready:

@@ -7,7 +7,7 @@ cross-entropy divided by the global target-token count) with respect to its para
 those axes once (``psum``). With ``check_vma=True`` JAX transposes the TP ``psum``s exactly; with
 ``check_vma=False`` (needed around Pallas kernels in interpret mode) a ``psum`` transposes to a ``psum``,
 so the objective becomes the sum over the ``model`` axis of identical local losses and the local loss is
-divided by the TP size to compensate. Both settings give the single-device gradient (tests/test_model.py).
+divided by the TP size to compensate. Both settings give the single-device gradient (tests/model/test_model.py).
 
 ZeRO (docs/memory.md). With ``train.fsdp`` the parameters arrive split along d_model over data × sequence
 and are all-gathered per layer inside the model; the transpose of that all-gather reduce-scatters their

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lcjax.kernels.flash_attention import cudnn, pallas_mosaic, pallas_triton, xla
 
-# name -> kernel module; its keys are lcjax.choices.KERNELS (tests/test_choices.py)
+# name -> kernel module; its keys are lcjax.choices.KERNELS (tests/core/test_choices.py)
 KERNELS = {"xla": xla,
            # "pallas": the best verified Pallas kernel for GPUs; today the Triton-backend kernels
            "pallas": pallas_triton,

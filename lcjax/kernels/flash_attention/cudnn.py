@@ -60,7 +60,7 @@ K (GQA is native: query head n uses kv head n // (N/K), no repeated K/V); square
 A program compiled for anything but GPUs raises RuntimeError at trace time (the primitives have no CPU
 lowering). A deviceless compile for an H100/H200 target (lcjax.sharding.mesh.deviceless_gpus) compiles
 the ``__cudnn$fmhaSoftmax``/``__cudnn$fmhaSoftmaxBackward`` custom calls without the cuDNN library (checked
-in CI: tests/test_cudnn.py); ``jax.nn.dot_product_attention`` itself refuses to trace without the library
+in CI: tests/kernels/test_cudnn.py); ``jax.nn.dot_product_attention`` itself refuses to trace without the library
 ("cuDNN not found"), and nothing cuDNN runs on a CPU host.
 
 Shapes: q [B, T, N, H]; k, v [B, S, K, H]; q_pos, q_seg int32 [B, T]; k_pos, k_seg int32 [B, S]. ``out``

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -354,6 +355,78 @@ def _lse2(lse):
     return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
 
 
+class _Dims(NamedTuple):
+    """Sizes of one backward call: batch, query heads, kv heads, padded head dim, padded lengths."""
+    b: int
+    n: int
+    kh: int
+    hp: int
+    tp: int
+    sp: int
+
+    @property
+    def g(self) -> int:
+        """Query heads per kv head."""
+        return self.n // self.kh
+
+
+def _bwd_rows(out, lse, dout, dtype, dims: _Dims):
+    """The backward's per-query operands, padded: dout [B, Tp, N, Hp] in ``dtype``, lse·log2(e) and
+    delta = rowsum(dout · out) as float32 [B, N, Tp] (padded queries get lse +inf, so p = 0 there)."""
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    lse_ = _pad_to(jnp.transpose(_lse2(lse), (0, 2, 1)), 2, dims.tp, value=jnp.inf)
+    dl_ = _pad_to(jnp.transpose(delta, (0, 2, 1)), 2, dims.tp)
+    do_ = _pad_to(_pad_to(dout.astype(dtype), 3, dims.hp), 1, dims.tp)
+    return do_, lse_, dl_
+
+
+def _dkv_call(bnd, args, dims: _Dims, cfg: triton_tiles.PassConfig, static: dict, interpret: bool):
+    """dK, dV float32 [B, Sp, K, Hp]: grid (key tile, batch, kv head); each program reads all G query
+    heads of its kv head. ``args`` = (q, k, v, dout, lse2, delta, q_pos, k_pos, q_seg, k_seg), padded."""
+    b, _, kh, hp, tp, sp = dims
+    kq, kk = cfg.block_q, cfg.block_k
+    qg_spec = pl.BlockSpec((_SQ, tp, dims.g, hp), lambda j, bi, hi: (bi, 0, hi, 0))
+    kt_spec = pl.BlockSpec((_SQ, kk, _SQ, hp), lambda j, bi, hi: (bi, j, hi, 0))
+    rows_spec = pl.BlockSpec((_SQ, dims.g, tp), lambda j, bi, hi: (bi, hi, 0))
+    q_all = pl.BlockSpec((_SQ, tp), lambda j, bi, hi: (bi, 0))
+    k_tile = pl.BlockSpec((_SQ, kk), lambda j, bi, hi: (bi, j))
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, block_q=kq, **static),
+        grid=(sp // kk, b, kh),
+        in_specs=[pl.BlockSpec((_SQ, _SQ, 4), lambda j, bi, hi: (bi, j, 0)),
+                  qg_spec, kt_spec, kt_spec, qg_spec, rows_spec, rows_spec, q_all, k_tile, q_all, k_tile],
+        out_specs=[kt_spec, kt_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, sp, kh, hp), jnp.float32)] * 2,
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="lcjax_flash_bwd_dkv",
+    )(bnd, *args)
+
+
+def _dq_call(bnd, args, dims: _Dims, cfg: triton_tiles.PassConfig, static: dict, interpret: bool):
+    """dQ float32 [B, Tp, N, Hp]: grid (query tile, batch, query head); K/V of kv head n // G.
+    ``args`` as for :func:`_dkv_call`."""
+    b, n, _, hp, tp, sp = dims
+    qq, qk = cfg.block_q, cfg.block_k
+    g = dims.g
+    qt_spec = pl.BlockSpec((_SQ, qq, _SQ, hp), lambda i, bi, ni: (bi, i, ni, 0))
+    kv_spec = pl.BlockSpec((_SQ, sp, _SQ, hp), lambda i, bi, ni: (bi, 0, ni // g, 0))
+    row_spec = pl.BlockSpec((_SQ, _SQ, qq), lambda i, bi, ni: (bi, ni, i))
+    q_tile = pl.BlockSpec((_SQ, qq), lambda i, bi, ni: (bi, i))
+    k_all = pl.BlockSpec((_SQ, sp), lambda i, bi, ni: (bi, 0))
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, block_k=qk, **static),
+        grid=(tp // qq, b, n),
+        in_specs=[pl.BlockSpec((_SQ, _SQ, 4), lambda i, bi, ni: (bi, i, 0)),
+                  qt_spec, kv_spec, kv_spec, qt_spec, row_spec, row_spec, q_tile, k_all, q_tile, k_all],
+        out_specs=qt_spec,
+        out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), jnp.float32),
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="lcjax_flash_bwd_dq",
+    )(bnd, *args)
+
+
 def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None,
                    scale=None, block_q=None, block_k=None, interpret=None, configs=None):
     """Gradients of flash attention (FlashAttention-2, arXiv:2307.08691, Alg. 2) as Pallas Triton kernels.
@@ -371,62 +444,23 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
     _check(q, k, v)
     b, t, n, h = q.shape
     s_len, kh = k.shape[1], k.shape[2]
-    g = n // kh
     scale = h ** -0.5 if scale is None else float(scale)
-    hp = _head_dim(h)
     cfgs = pass_configs(q.dtype, h, t, s_len, block_q, block_k, configs=configs)
     kv_cfg, dq_cfg = cfgs["dkv"], cfgs["dq"]
     # Pad both lengths to a multiple of every tile of the two kernels (all powers of two).
-    tp = _round_up(t, max(kv_cfg.block_q, dq_cfg.block_q))
-    sp = _round_up(s_len, max(kv_cfg.block_k, dq_cfg.block_k))
+    dims = _Dims(b, n, kh, _head_dim(h), _round_up(t, max(kv_cfg.block_q, dq_cfg.block_q)),
+                 _round_up(s_len, max(kv_cfg.block_k, dq_cfg.block_k)))
 
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    lse_ = _pad_to(jnp.transpose(_lse2(lse), (0, 2, 1)), 2, tp, value=jnp.inf)
-    dl_ = _pad_to(jnp.transpose(delta, (0, 2, 1)), 2, tp)
-    q_, k_, v_, qp_, kp_, qs_, ks_ = _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, hp, tp, sp)
-    do_ = _pad_to(_pad_to(dout.astype(q.dtype), 3, hp), 1, tp)
+    q_, k_, v_, qp_, kp_, qs_, ks_ = _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, dims.hp, dims.tp,
+                                                 dims.sp)
+    do_, lse_, dl_ = _bwd_rows(out, lse, dout, q.dtype, dims)
     args = (q_, k_, v_, do_, lse_, dl_, qp_, kp_, qs_, ks_)
     static = dict(causal=causal, window=window, scale=scale, t_len=t, s_len=s_len,
                   precision=_precision(q.dtype))
     interpret = resolve_interpret(interpret)
     bounds = functools.partial(tiling.bounds, qp_, qs_, kp_, ks_, t_len=t, s_len=s_len, causal=causal,
                                window=window)
-
-    # dK, dV: grid (key tile, batch, kv head); each program reads all G query heads of its kv head.
-    kq, kk = kv_cfg.block_q, kv_cfg.block_k
-    qg_spec = pl.BlockSpec((_SQ, tp, g, hp), lambda j, bi, hi: (bi, 0, hi, 0))
-    kt_spec = pl.BlockSpec((_SQ, kk, _SQ, hp), lambda j, bi, hi: (bi, j, hi, 0))
-    rows_spec = pl.BlockSpec((_SQ, g, tp), lambda j, bi, hi: (bi, hi, 0))
-    q_all = pl.BlockSpec((_SQ, tp), lambda j, bi, hi: (bi, 0))
-    k_tile = pl.BlockSpec((_SQ, kk), lambda j, bi, hi: (bi, j))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=kq, **static),
-        grid=(sp // kk, b, kh),
-        in_specs=[pl.BlockSpec((_SQ, _SQ, 4), lambda j, bi, hi: (bi, j, 0)),
-                  qg_spec, kt_spec, kt_spec, qg_spec, rows_spec, rows_spec, q_all, k_tile, q_all, k_tile],
-        out_specs=[kt_spec, kt_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, sp, kh, hp), jnp.float32)] * 2,
-        compiler_params=_compiler_params(kv_cfg),
-        interpret=interpret,
-        name="lcjax_flash_bwd_dkv",
-    )(bounds(tile_q=kq, tile_k=kk, by_key=True), *args)
-
-    # dQ: grid (query tile, batch, query head); K/V of kv head n // G.
-    qq, qk = dq_cfg.block_q, dq_cfg.block_k
-    qt_spec = pl.BlockSpec((_SQ, qq, _SQ, hp), lambda i, bi, ni: (bi, i, ni, 0))
-    kv_spec = pl.BlockSpec((_SQ, sp, _SQ, hp), lambda i, bi, ni: (bi, 0, ni // g, 0))
-    row_spec = pl.BlockSpec((_SQ, _SQ, qq), lambda i, bi, ni: (bi, ni, i))
-    q_tile = pl.BlockSpec((_SQ, qq), lambda i, bi, ni: (bi, i))
-    k_all = pl.BlockSpec((_SQ, sp), lambda i, bi, ni: (bi, 0))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block_k=qk, **static),
-        grid=(tp // qq, b, n),
-        in_specs=[pl.BlockSpec((_SQ, _SQ, 4), lambda i, bi, ni: (bi, i, 0)),
-                  qt_spec, kv_spec, kv_spec, qt_spec, row_spec, row_spec, q_tile, k_all, q_tile, k_all],
-        out_specs=qt_spec,
-        out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), jnp.float32),
-        compiler_params=_compiler_params(dq_cfg),
-        interpret=interpret,
-        name="lcjax_flash_bwd_dq",
-    )(bounds(tile_q=qq, tile_k=qk), *args)
+    dk, dv = _dkv_call(bounds(tile_q=kv_cfg.block_q, tile_k=kv_cfg.block_k, by_key=True), args, dims,
+                       kv_cfg, static, interpret)
+    dq = _dq_call(bounds(tile_q=dq_cfg.block_q, tile_k=dq_cfg.block_k), args, dims, dq_cfg, static, interpret)
     return dq[:, :t, :, :h], dk[:, :s_len, :, :h], dv[:, :s_len, :, :h]
