@@ -644,6 +644,54 @@ def _lse2(lse):
     return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
 
 
+def _dq_scratch(tiles, h: int, dt):
+    """Shared memory and barriers of the dQ kernel (per compute warpgroup: its query rows; per stage: a
+    key tile)."""
+    bq, bk, stages = tiles
+    return [
+        _smem_tile((COMPUTE_WGS, bq, h), dt),  # q
+        _smem_tile((COMPUTE_WGS, bq, h), dt),  # dout
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse·log2(e)
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
+        plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),  # query (position, segment)
+        _smem_tile((stages, bk, h), dt),  # k
+        _smem_tile((stages, bk, h), dt),  # v
+        plgpu.SMEM((stages, 2, bk), jnp.int32),  # key (position, segment)
+        plgpu.SMEM((COMPUTE_WGS, bq, h), jnp.float32),  # dq
+        plgpu.SMEM((COMPUTE_WGS + 1, BOUNDS_WIDTH), jnp.int32),
+        plgpu.Barrier(num_arrivals=5, num_barriers=COMPUTE_WGS),  # q, dout, lse, delta, ids arrived
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # k + ids arrived
+        plgpu.Barrier(num_barriers=stages),  # v arrived
+        plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),  # bounds arrived
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # k slot free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # v slot free
+    ]
+
+
+def _dkv_scratch(tiles, h: int, dt):
+    """Shared memory and barriers of the dK/dV kernel (per compute warpgroup: its key rows; per stage: a
+    query tile)."""
+    bk, bq, stages = tiles
+    return [
+        _smem_tile((COMPUTE_WGS, bk, h), dt),  # k
+        _smem_tile((COMPUTE_WGS, bk, h), dt),  # v
+        plgpu.SMEM((COMPUTE_WGS, 2, bk), jnp.int32),  # key (position, segment)
+        _smem_tile((stages, bq, h), dt),  # q
+        _smem_tile((stages, bq, h), dt),  # dout
+        plgpu.SMEM((stages, bq), jnp.float32),  # lse·log2(e)
+        plgpu.SMEM((stages, bq), jnp.float32),  # delta
+        plgpu.SMEM((stages, 2, bq), jnp.int32),  # query (position, segment)
+        plgpu.SMEM((COMPUTE_WGS, bk, h), jnp.float32),  # dk, then dv
+        plgpu.SMEM((COMPUTE_WGS + 1, BOUNDS_WIDTH), jnp.int32),
+        plgpu.Barrier(num_arrivals=3, num_barriers=COMPUTE_WGS),  # k, v, ids arrived
+        plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # q, lse, ids arrived
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dout, delta arrived
+        plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),  # bounds arrived
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # q slot free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dout slot free
+    ]
+
+
 def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=None,
                    scale=None, block_q=None, block_k=None, interpret=None):
     """Gradients of flash attention (FlashAttention-2 Alg. 2) as two Mosaic GPU kernels (dQ; dK and dV).
@@ -684,24 +732,7 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
     static = dict(causal=causal, window=window, scale=scale, groups=g, interpreted=interp is not False)
 
     bq, bk, stages = dq_t
-    dq_scratch = [
-        _smem_tile((COMPUTE_WGS, bq, h), dt),  # q
-        _smem_tile((COMPUTE_WGS, bq, h), dt),  # dout
-        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse·log2(e)
-        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
-        plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),  # query (position, segment)
-        _smem_tile((stages, bk, h), dt),  # k
-        _smem_tile((stages, bk, h), dt),  # v
-        plgpu.SMEM((stages, 2, bk), jnp.int32),  # key (position, segment)
-        plgpu.SMEM((COMPUTE_WGS, bq, h), jnp.float32),  # dq
-        plgpu.SMEM((COMPUTE_WGS + 1, BOUNDS_WIDTH), jnp.int32),
-        plgpu.Barrier(num_arrivals=5, num_barriers=COMPUTE_WGS),  # q, dout, lse, delta, ids arrived
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # k + ids arrived
-        plgpu.Barrier(num_barriers=stages),  # v arrived
-        plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),  # bounds arrived
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # k slot free
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # v slot free
-    ]
+    dq_scratch = _dq_scratch(dq_t, h, dt)
     dq = _kernel_call(
         functools.partial(_dq_kernel, tiles=dq_t, s_len=s_len, **static),
         out_type=jax.ShapeDtypeStruct((b, tp, n, h), jnp.float32), scratch=dq_scratch,
@@ -709,24 +740,7 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
         interpret=interp)(_padded_bounds(bounds(tile_q=q_block, tile_k=bk)), *args)
 
     bk, bq, stages = kv_t
-    kv_scratch = [
-        _smem_tile((COMPUTE_WGS, bk, h), dt),  # k
-        _smem_tile((COMPUTE_WGS, bk, h), dt),  # v
-        plgpu.SMEM((COMPUTE_WGS, 2, bk), jnp.int32),  # key (position, segment)
-        _smem_tile((stages, bq, h), dt),  # q
-        _smem_tile((stages, bq, h), dt),  # dout
-        plgpu.SMEM((stages, bq), jnp.float32),  # lse·log2(e)
-        plgpu.SMEM((stages, bq), jnp.float32),  # delta
-        plgpu.SMEM((stages, 2, bq), jnp.int32),  # query (position, segment)
-        plgpu.SMEM((COMPUTE_WGS, bk, h), jnp.float32),  # dk, then dv
-        plgpu.SMEM((COMPUTE_WGS + 1, BOUNDS_WIDTH), jnp.int32),
-        plgpu.Barrier(num_arrivals=3, num_barriers=COMPUTE_WGS),  # k, v, ids arrived
-        plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # q, lse, ids arrived
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # dout, delta arrived
-        plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),  # bounds arrived
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # q slot free
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dout slot free
-    ]
+    kv_scratch = _dkv_scratch(kv_t, h, dt)
     dk, dv = _kernel_call(
         functools.partial(_dkv_kernel, tiles=kv_t, **static),
         out_type=[jax.ShapeDtypeStruct((b, sp, kh, h), jnp.float32)] * 2, scratch=kv_scratch,
