@@ -31,7 +31,8 @@ ALLOWED_PARAMS = {
 }
 # "module:qualified name" -> why it is longer than 60 lines for now. The Mosaic GPU kernels (issue 24) landed
 # unverified on a GPU: their warpgroup pipelines (TMA slots, barriers, the three masked/full/masked loops)
-# stay in one scope until a GPU session can check a split did not change the barrier schedule. Split them in the session that verifies parity on a GPU.
+# stay in one scope until a GPU session can check a split did not change the barrier schedule. Split them
+# in the session that verifies parity on a GPU.
 ALLOWED_LINES = {
     "lcjax.kernels.flash_attention.pallas_mosaic:_fwd_kernel": "Mosaic pipeline, GPU-unverified",
     "lcjax.kernels.flash_attention.pallas_mosaic:_dq_kernel": "Mosaic pipeline, GPU-unverified",
