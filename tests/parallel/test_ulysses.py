@@ -80,7 +80,7 @@ def test_ring_masks(layout, mask):
     check("ring", 8, layout, 8, 1, mask=mask)
 
 
-@pytest.mark.parametrize("impl,kernel", [("ring", "xla"), ("ulysses", "xla"),
+@pytest.mark.parametrize("impl,kernel", [("ring", "xla"), pytest.param("ulysses", "xla", marks=pytest.mark.slow),
                                          pytest.param("ring", "pallas", marks=pytest.mark.slow)])
 def test_bfloat16_error_does_not_grow_with_the_ring(impl, kernel):
     errors = [check(impl, sp, "zigzag", 8, 2, mask="segments", kernel=kernel, dtype=jnp.bfloat16, tol=2e-2)

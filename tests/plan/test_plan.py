@@ -177,7 +177,7 @@ def test_sequence_parallel_tp_in_the_plan():
     from lcjax.plan.hardware import DEVICES
     from lcjax.plan.step import sequence_tp_applies
 
-    path = str(Path(__file__).resolve().parents[1] / "configs/experiments/llama2_7b_32k.yaml")
+    path = str(Path(__file__).resolve().parents[2] / "configs/experiments/llama2_7b_32k.yaml")
     cfg = config_lib.load(path, ["mesh.data=8", "mesh.sequence=4", "mesh.model=2"])
     assert sequence_tp_applies(cfg)
     assert not sequence_tp_applies(config_lib.load(path, []))
