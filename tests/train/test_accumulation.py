@@ -72,7 +72,7 @@ def _grads(*extra):
     return float(loss), nnx.to_pure_dict(grads), hlo
 
 
-@pytest.mark.parametrize("extra", [(), ("train.shard_optimizer=true",)])
+@pytest.mark.parametrize("extra", [pytest.param((), marks=pytest.mark.slow), ("train.shard_optimizer=true",)])
 def test_bfloat16_gradient_reduction_rounds_only_the_sum(extra):
     """train.grad_reduce_dtype=bfloat16: the data × sequence sums run in bfloat16 (half the bytes), so the
     gradients differ from float32's by bf16 rounding of the shards' partials and of the sum (≈ 2⁻⁸
