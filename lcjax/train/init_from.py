@@ -39,6 +39,8 @@ def check_init_from(path: Path, cfg: Config) -> None:
 
 
 def is_hf_folder(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face model folder: a ``config.json`` file and at least one
+    ``*.safetensors`` file in it (raises nothing; a missing folder is not one)."""
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 

@@ -57,7 +57,6 @@ head dim or dtype the kernels do not support.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -100,10 +99,6 @@ TILES = {"fwd": PassTiles(64, 64, 3), "dq": PassTiles(64, 64, 2), "dkv": PassTil
 
 
 # ------------------------------------------------------------------------------------------- checks
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
 
 def _check(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -179,20 +174,9 @@ def pass_tiles(block_q=None, block_k=None) -> dict:
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _pad_to(x, axis: int, size: int, mode: str = "constant", value=0):
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    if mode == "edge":
-        return jnp.pad(x, widths, mode="edge")
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _ids(pos, seg, size):
     """int32 [B, 2, size]: positions and segment ids (edge-padded), one array so one TMA copy loads both."""
-    pos, seg = (_pad_to(x.astype(jnp.int32), 1, size, "edge") for x in (pos, seg))
+    pos, seg = (tiling.pad_to(x.astype(jnp.int32), 1, size, "edge") for x in (pos, seg))
     return jnp.stack([pos, seg], axis=1)
 
 
@@ -343,7 +327,7 @@ BOUNDS_WIDTH = 32  # (lo, flo, fhi, hi) padded to 128 bytes: a warpgroup's TMA m
 
 def _padded_bounds(bnd):
     """int32 [B, rows, 4] loop bounds padded to [B, rows, BOUNDS_WIDTH]."""
-    return _pad_to(bnd, 2, BOUNDS_WIDTH)
+    return tiling.pad_to(bnd, 2, BOUNDS_WIDTH)
 
 
 def _load_bounds(bnd_ref, bnd_smem, bnd_bar, row, wg):
@@ -456,9 +440,9 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
     tiles = pass_tiles(block_q, block_k)["fwd"]
     bq, bk, stages = tiles
     block = COMPUTE_WGS * bq
-    tp, sp = _round_up(t, block), _round_up(s_len, bk)
-    q_ = _pad_to(q, 1, tp)
-    k_, v_ = (_pad_to(x, 1, sp) for x in (k, v))
+    tp, sp = tiling.round_up(t, block), tiling.round_up(s_len, bk)
+    q_ = tiling.pad_to(q, 1, tp)
+    k_, v_ = (tiling.pad_to(x, 1, sp) for x in (k, v))
     qids, kids = _ids(q_pos, q_seg, tp), _ids(k_pos, k_seg, sp)
     bnd = tiling.bounds(qids[:, 0], qids[:, 1], kids[:, 0], kids[:, 1], tile_q=block, tile_k=bk, t_len=t,
                         s_len=s_len, causal=causal, window=window)
@@ -638,12 +622,6 @@ def _dkv_kernel(bnd_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qids_ref,
         _stream((hi - lo) * groups, stages, [(load_q, q_free), (load_do, do_free)])
 
 
-def _lse2(lse):
-    """lse·log2(e) for the backward's exp2, with +inf where lse = −inf (probabilities 0 there)."""
-    lse = lse.astype(jnp.float32)
-    return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
-
-
 def _dq_scratch(tiles, h: int, dt):
     """Shared memory and barriers of the dQ kernel (per compute warpgroup: its query rows; per stage: a
     key tile)."""
@@ -716,15 +694,15 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
     tiles = pass_tiles(block_q, block_k)
     dq_t, kv_t = tiles["dq"], tiles["dkv"]
     q_block, k_block = COMPUTE_WGS * dq_t.rows, COMPUTE_WGS * kv_t.rows
-    tp = _round_up(t, math.lcm(q_block, kv_t.cols))
-    sp = _round_up(s_len, math.lcm(dq_t.cols, k_block))
+    tp = tiling.round_up(t, math.lcm(q_block, kv_t.cols))
+    sp = tiling.round_up(s_len, math.lcm(dq_t.cols, k_block))
     dt = q.dtype
 
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    lse_ = _pad_to(jnp.transpose(_lse2(lse), (0, 2, 1)), 2, tp, value=jnp.inf)
-    dl_ = _pad_to(jnp.transpose(delta, (0, 2, 1)), 2, tp)
-    q_, do_ = _pad_to(q, 1, tp), _pad_to(dout.astype(dt), 1, tp)
-    k_, v_ = (_pad_to(x, 1, sp) for x in (k, v))
+    lse_ = tiling.pad_to(jnp.transpose(tiling.lse2(lse), (0, 2, 1)), 2, tp, value=jnp.inf)
+    dl_ = tiling.pad_to(jnp.transpose(delta, (0, 2, 1)), 2, tp)
+    q_, do_ = tiling.pad_to(q, 1, tp), tiling.pad_to(dout.astype(dt), 1, tp)
+    k_, v_ = (tiling.pad_to(x, 1, sp) for x in (k, v))
     qids, kids = _ids(q_pos, q_seg, tp), _ids(k_pos, k_seg, sp)
     args = (q_, k_, v_, do_, lse_, dl_, qids, kids)
     bounds = functools.partial(tiling.bounds, qids[:, 0], qids[:, 1], kids[:, 0], kids[:, 1], t_len=t,

@@ -72,10 +72,6 @@ def _head_dim(h: int) -> int:
     return max(MIN_BLOCK, 1 << max(0, h - 1).bit_length())
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _check(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, N, H] / [B, S, K, H]; got {q.shape}, {k.shape}, {v.shape}")
@@ -109,25 +105,13 @@ def pass_configs(dtype, h: int, t_len: int, s_len: int, block_q=None, block_k=No
     return out
 
 
-def _pad_to(x, axis: int, size: int, mode: str = "constant", value=0):
-    """Pad ``x`` along ``axis`` up to ``size`` (a no-op when it already has that size)."""
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    if mode == "edge":
-        return jnp.pad(x, widths, mode="edge")
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, hp, tp, sp):
     """Zero-pad the head dim to ``hp``, queries to ``tp`` and keys to ``sp`` tokens; positions and
     segment ids are edge-padded (the kernels mask padded rows and columns by index)."""
-    q_ = _pad_to(_pad_to(q, 3, hp), 1, tp)
-    k_, v_ = (_pad_to(_pad_to(x, 3, hp), 1, sp) for x in (k, v))
-    qp_, qs_ = (_pad_to(x.astype(jnp.int32), 1, tp, "edge") for x in (q_pos, q_seg))
-    kp_, ks_ = (_pad_to(x.astype(jnp.int32), 1, sp, "edge") for x in (k_pos, k_seg))
+    q_ = tiling.pad_to(tiling.pad_to(q, 3, hp), 1, tp)
+    k_, v_ = (tiling.pad_to(tiling.pad_to(x, 3, hp), 1, sp) for x in (k, v))
+    qp_, qs_ = (tiling.pad_to(x.astype(jnp.int32), 1, tp, "edge") for x in (q_pos, q_seg))
+    kp_, ks_ = (tiling.pad_to(x.astype(jnp.int32), 1, sp, "edge") for x in (k_pos, k_seg))
     return q_, k_, v_, qp_, kp_, qs_, ks_
 
 
@@ -256,7 +240,7 @@ def flash_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True, window=No
     scale = h ** -0.5 if scale is None else float(scale)
     cfg = pass_configs(q.dtype, h, t, s_len, block_q, block_k, configs=configs)["fwd"]
     bq, bk = cfg.block_q, cfg.block_k
-    hp, tp, sp = _head_dim(h), _round_up(t, bq), _round_up(s_len, bk)
+    hp, tp, sp = _head_dim(h), tiling.round_up(t, bq), tiling.round_up(s_len, bk)
 
     q_, k_, v_, qp_, kp_, qs_, ks_ = _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, hp, tp, sp)
     bnd = tiling.bounds(qp_, qs_, kp_, ks_, tile_q=bq, tile_k=bk, t_len=t, s_len=s_len, causal=causal,
@@ -349,12 +333,6 @@ def _dq_kernel(bnd_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qp_ref, kp
     dq_ref[...] = dq * scale
 
 
-def _lse2(lse):
-    """lse·log2(e) for the backward's exp2, with +inf where lse = −inf (probabilities 0 there)."""
-    lse = lse.astype(jnp.float32)
-    return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
-
-
 class _Dims(NamedTuple):
     """Sizes of one backward call: batch, query heads, kv heads, padded head dim, padded lengths."""
     b: int
@@ -374,9 +352,9 @@ def _bwd_rows(out, lse, dout, dtype, dims: _Dims):
     """The backward's per-query operands, padded: dout [B, Tp, N, Hp] in ``dtype``, lse·log2(e) and
     delta = rowsum(dout · out) as float32 [B, N, Tp] (padded queries get lse +inf, so p = 0 there)."""
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    lse_ = _pad_to(jnp.transpose(_lse2(lse), (0, 2, 1)), 2, dims.tp, value=jnp.inf)
-    dl_ = _pad_to(jnp.transpose(delta, (0, 2, 1)), 2, dims.tp)
-    do_ = _pad_to(_pad_to(dout.astype(dtype), 3, dims.hp), 1, dims.tp)
+    lse_ = tiling.pad_to(jnp.transpose(tiling.lse2(lse), (0, 2, 1)), 2, dims.tp, value=jnp.inf)
+    dl_ = tiling.pad_to(jnp.transpose(delta, (0, 2, 1)), 2, dims.tp)
+    do_ = tiling.pad_to(tiling.pad_to(dout.astype(dtype), 3, dims.hp), 1, dims.tp)
     return do_, lse_, dl_
 
 
@@ -448,8 +426,8 @@ def flash_backward(q, k, v, out, lse, dout, q_pos, k_pos, q_seg, k_seg, *, causa
     cfgs = pass_configs(q.dtype, h, t, s_len, block_q, block_k, configs=configs)
     kv_cfg, dq_cfg = cfgs["dkv"], cfgs["dq"]
     # Pad both lengths to a multiple of every tile of the two kernels (all powers of two).
-    dims = _Dims(b, n, kh, _head_dim(h), _round_up(t, max(kv_cfg.block_q, dq_cfg.block_q)),
-                 _round_up(s_len, max(kv_cfg.block_k, dq_cfg.block_k)))
+    dims = _Dims(b, n, kh, _head_dim(h), tiling.round_up(t, max(kv_cfg.block_q, dq_cfg.block_q)),
+                 tiling.round_up(s_len, max(kv_cfg.block_k, dq_cfg.block_k)))
 
     q_, k_, v_, qp_, kp_, qs_, ks_ = _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, dims.hp, dims.tp,
                                                  dims.sp)

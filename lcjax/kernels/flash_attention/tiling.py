@@ -106,3 +106,32 @@ def bounds(q_pos, q_seg, k_pos, k_seg, *, tile_q: int, tile_k: int, t_len: int, 
     if by_key:
         maybe, full = jnp.swapaxes(maybe, 1, 2), jnp.swapaxes(full, 1, 2)
     return loop_bounds(maybe, full)
+
+
+NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634  # log2(e): the kernels' softmax runs in base 2 (exp2)
+
+
+def round_up(x: int, m: int) -> int:
+    """The least multiple of ``m`` that is >= ``x`` (padded lengths of the Pallas kernels)."""
+    return -(-x // m) * m
+
+
+def pad_to(x, axis: int, size: int, mode: str = "constant", value=0):
+    """``x`` padded at the end of ``axis`` up to ``size`` with ``value`` (``mode`` "edge": repeating the
+    last entry); a no-op when it already has that size."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    if mode == "edge":
+        return jnp.pad(x, widths, mode="edge")
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def lse2(lse):
+    """float32 lse·log2(e) for the backward kernels' exp2, with +inf where lse = −inf (so every probability
+    of a row that sees nothing is 0)."""
+    lse = lse.astype(jnp.float32)
+    return jnp.where(lse == NEG_INF, jnp.inf, lse * LOG2E)
