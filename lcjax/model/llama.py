@@ -55,6 +55,10 @@ class Axes(NamedTuple):
     model: str = "model"
     fsdp: tuple[str, ...] = ()  # axes the parameters are split over besides model (FSDP); () = none
     sequence_tp: bool = False  # hidden states between TP regions split over model along tokens (see module doc)
+    # per stacked layer weight (jax.tree.leaves order), the axes its gradient is summed over inside the
+    # backward's layer loop (lcjax.parallel.fsdp.sum_grads_in_backward), and the dtype of that sum; () = after
+    layer_grad_sum: tuple[tuple[str, ...], ...] = ()
+    grad_wire: str = "float32"
 
 
 class MemorySpec(NamedTuple):
@@ -295,6 +299,7 @@ class Llama(nnx.Module):
 
         def layer(x, xs):
             state, extra = xs
+            state = fsdp.sum_grads_in_backward(state, axes.layer_grad_sum, axes.grad_wire)
             block = nnx.merge(graphdef, state)
             if mem.offload != "none":  # every use of the input goes through the (offloaded) named copy
                 x = checkpoint_name(x, offload.LAYER_INPUT)

@@ -91,6 +91,8 @@ def all_gather_matmul(x, ws, axis: str):
     for s in range(tp):
         nxt = lax.ppermute(block, axis, left) if s < tp - 1 else None
         ys = [block @ w for w in ws]
+        if nxt is not None:
+            ys, nxt = lax.optimization_barrier((ys, nxt))
         outs = [lax.dynamic_update_slice_in_dim(o, y, ((r + s) % tp) * t, axis=1) for o, y in zip(outs, ys)]
         block = nxt
     return tuple(outs)

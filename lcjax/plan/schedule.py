@@ -184,15 +184,17 @@ def kernel_calls(comps: dict[str, list[Instr]]) -> dict[str, int]:
     return counts
 
 
-def named_kernels(comps: dict[str, list[Instr]]) -> dict[str, int]:
-    """Pallas kernel call sites by kernel name (the ``name=`` of ``pallas_call``, read from op_name)."""
+def named_kernels(comps: dict[str, list[Instr]], *, rematerialised: bool = False) -> dict[str, int]:
+    """Pallas kernel call sites by kernel name (the ``name=`` of ``pallas_call``, read from op_name);
+    ``rematerialised``: only those a remat policy re-runs in the backward (op_name inside JAX's
+    ``rematted_computation``)."""
     counts: dict[str, int] = {}
     for instrs in comps.values():
         for ins in instrs:
             if ins.op == "custom-call":
-                m = re.search(r'op_name="[^"]*/([\w.\-]+)/pallas_call"', ins.line)
-                if m:
-                    counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+                m = re.search(r'op_name="([^"]*)/([\w.\-]+)/pallas_call"', ins.line)
+                if m and (not rematerialised or "rematted_computation" in m.group(1)):
+                    counts[m.group(2)] = counts.get(m.group(2), 0) + 1
     return counts
 
 
@@ -205,7 +207,8 @@ def report(text: str) -> dict:
     over call sites (a site in a loop body counts once); ``in_loops`` counts sites inside ``while`` bodies (the
     layer loop, the ring). Also ``conditionals`` (total) and ``conditionals_in_loops``;
     ``conditionals_beside_transfers`` (in a computation that also starts or finishes a collective);
-    ``kernels`` {library: call sites}; ``pallas_kernels`` {kernel name: call sites}; ``while_loops``;
+    ``kernels`` {library: call sites}; ``pallas_kernels`` {kernel name: call sites} and
+    ``pallas_kernels_rematerialised`` (those a remat policy re-runs in the backward); ``while_loops``;
     ``exposed`` [(kind, computation)] of the exposed asynchronous ones.
     """
     comps = parse(text)
@@ -239,6 +242,7 @@ def report(text: str) -> dict:
         "conditionals_beside_transfers": sum(c in with_transfers for c, _ in conds),
         "kernels": kernel_calls(comps),
         "pallas_kernels": named_kernels(comps),
+        "pallas_kernels_rematerialised": named_kernels(comps, rematerialised=True),
         "while_loops": sum(ins.op == "while" for instrs in comps.values() for ins in instrs),
         "exposed": [(t.kind, t.computation) for t in moves if not t.overlapped],
     }

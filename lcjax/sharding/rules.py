@@ -71,6 +71,18 @@ def param_specs(params, *, n_kv_heads: int, tp: int, zero: bool = False):
                                    tp=tp, zero=zero), params, is_leaf=lambda x: isinstance(x, P))
 
 
+def is_stacked(path) -> bool:
+    """Whether the parameter at pytree ``path`` is one of the stacked layer weights [L, ...]."""
+    return _STACKED in _name(path)
+
+
+def layer_grad_axes(specs) -> tuple[tuple[str, ...], ...]:
+    """For each stacked layer parameter of ``specs`` (a pytree of PartitionSpecs like the parameters), in
+    ``jax.tree.leaves`` order of its ``layers`` subtree: the mesh axes its gradient is summed over
+    (:func:`replicated_axes`)."""
+    return tuple(replicated_axes(s) for s in jax.tree.leaves(specs[_STACKED], is_leaf=lambda x: isinstance(x, P)))
+
+
 def zero_dim(spec: P, zero_spec: P) -> int | None:
     """The dimension ``zero_spec`` splits over :data:`ZERO_AXES` where ``spec`` does not (None if none)."""
     for dim, (a, b) in enumerate(zip(spec, zero_spec)):

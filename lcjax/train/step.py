@@ -59,19 +59,32 @@ def _vary(tree, specs):
     return _over_replicated_axes(lambda x, axes: lax.pcast(x, axes, to="varying"), tree, specs)
 
 
-def _reduce_grads(grads, specs, grad_specs, wire_dtype=jnp.float32):
+def _reduce_grads(grads, specs, grad_specs, wire_dtype=jnp.float32, *, layers_done: bool = False):
     """Sum each gradient over the mesh axes its parameter is replicated over, exactly once: by a
     reduce-scatter over data × sequence along d_model where ``grad_specs`` splits what ``specs`` does not
     (ZeRO-1/2), by a ``psum`` over the remaining replicated axes. The sums run in ``wire_dtype``
-    (``train.grad_reduce_dtype``); the result is in the gradient's own dtype."""
-    def reduce(g, spec, grad_spec):
+    (``train.grad_reduce_dtype``); the result is in the gradient's own dtype. ``layers_done``: the stacked
+    layer weights' gradients were already summed inside the backward's layer loop (:func:`in_loop_grad_axes`)."""
+    def reduce(path, g, spec, grad_spec):
+        if layers_done and rules.is_stacked(path):
+            return g
         dtype, g = g.dtype, g.astype(wire_dtype)
         dim = rules.zero_dim(spec, grad_spec)
         if dim is not None:
             g = fsdp.reduce_scatter(g, rules.ZERO_AXES, dim)
         axes = rules.replicated_axes(grad_spec)
         return (lax.psum(g, axes) if axes else g).astype(dtype)
-    return jax.tree.map(reduce, grads, specs, grad_specs)
+    return jax.tree_util.tree_map_with_path(reduce, grads, specs, grad_specs)
+
+
+def in_loop_grad_axes(specs, cfg: Config, check_vma: bool) -> tuple[tuple[str, ...], ...]:
+    """Per stacked layer weight, the axes its gradient is summed over inside the backward's layer loop
+    (``Axes.layer_grad_sum``; lcjax.parallel.fsdp.sum_grads_in_backward), or () to sum after the loop: the
+    sums move into the loop when they are plain all-reduces (no FSDP or ZeRO, whose reduce-scatters are the
+    weight gathers' transposes or change the gradient's shape) and ``check_vma`` is off."""
+    if check_vma or zero_grads(cfg):
+        return ()
+    return rules.layer_grad_axes(specs)
 
 
 def grad_specs_of(params, cfg: Config, mesh):
@@ -88,10 +101,12 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
     (sharded P('data', 'sequence')). loss: float32 scalar, mean cross-entropy per target token (nats).
     grads: like params, sharded by :func:`grad_specs_of` (split over data × sequence under ZeRO).
     """
-    run = model_settings(cfg, fsdp=cfg.train.fsdp)
-    axes = run.axes
     grad_specs = grad_specs_of(specs, cfg, mesh)
     check_vma = sharded.check_vma(cfg.attention.kernel) if check_vma is None else check_vma
+    run = model_settings(cfg, fsdp=cfg.train.fsdp)
+    in_loop = in_loop_grad_axes(specs, cfg, check_vma)
+    run = run._replace(axes=run.axes._replace(layer_grad_sum=in_loop, grad_wire=cfg.train.grad_reduce_dtype))
+    axes = run.axes
     tp_correction = 1.0 if check_vma else 1.0 / mesh.shape[axes.model]
 
     def local(params, batch):
@@ -104,7 +119,8 @@ def make_loss_and_grads(graphdef, specs, mesh, cfg: Config, *, check_vma: bool |
 
         p = _vary(params, specs) if check_vma else params
         loss, grads = jax.value_and_grad(lambda q: loss_fn(q) * tp_correction)(p)
-        grads = _reduce_grads(grads, specs, grad_specs, jnp.dtype(cfg.train.grad_reduce_dtype))
+        grads = _reduce_grads(grads, specs, grad_specs, jnp.dtype(cfg.train.grad_reduce_dtype),
+                              layers_done=bool(in_loop))
         loss = lax.psum(loss, (axes.data, axes.sequence)) / tp_correction
         return loss, grads, count
 

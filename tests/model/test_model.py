@@ -133,22 +133,65 @@ def test_tied_embeddings_match_dense():
     _compare(loss, grads, float(ref_loss), ref_grads)
 
 
-@pytest.mark.parametrize("check_vma,mistake", [(True, "twice"), (False, "never")])
+@pytest.mark.parametrize("check_vma,mistake", [(True, "twice"), (False, "never"), (False, "never in the loop")])
 def test_a_wrong_reduction_is_caught(monkeypatch, oracle, check_vma, mistake):
-    """Summing gradients twice over `sequence` (check_vma on), or not at all (check_vma off), must fail."""
-    def wrong(tree, specs, grad_specs, wire_dtype=None):
-        def reduce(g, s):
+    """Summing gradients twice over `sequence` (check_vma on), or not at all (check_vma off: the embedding's
+    and norms' sums after the backward, or the layer weights' sums inside its layer loop), must fail."""
+    right_in_loop = step_lib.in_loop_grad_axes
+
+    def wrong(tree, specs, grad_specs, wire_dtype=None, *, layers_done=False):
+        def reduce(path, g, s):
             axes = step_lib.rules.replicated_axes(s)
+            if layers_done and step_lib.rules.is_stacked(path):
+                return g
             if mistake == "never":
                 axes = tuple(a for a in axes if a != "sequence")
             g = lax.psum(g, axes) if axes else g
             return lax.psum(g, "sequence") if mistake == "twice" and "sequence" in axes else g
-        return jax.tree.map(reduce, tree, specs)
+        return jax.tree_util.tree_map_with_path(reduce, tree, specs)
 
-    monkeypatch.setattr(step_lib, "_reduce_grads", wrong)
+    def wrong_in_loop(specs, cfg, check_vma):
+        return tuple(tuple(a for a in axes if a != "sequence") for axes in right_in_loop(specs, cfg, check_vma))
+
+    if mistake == "never in the loop":
+        monkeypatch.setattr(step_lib, "in_loop_grad_axes", wrong_in_loop)
+    else:
+        monkeypatch.setattr(step_lib, "_reduce_grads", wrong)
     loss, grads, _, _ = _sharded_loss_and_grads((1, 4, 2), check_vma=check_vma)
     with pytest.raises(AssertionError):
         _compare(loss, grads, *oracle)
+
+
+def _sequence_sums_in_loops(jaxpr, in_loop=False) -> int:
+    """psum equations over ``sequence`` inside ``scan``/``while`` bodies of ``jaxpr``, nested ones included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if in_loop and eqn.primitive.name == "psum" and "sequence" in eqn.params["axes"]:
+            count += 1
+        inner = in_loop or eqn.primitive.name in ("scan", "while")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    count += _sequence_sums_in_loops(sub, inner)
+    return count
+
+
+@pytest.mark.parametrize("in_loop", [True, False])
+def test_layer_gradients_are_summed_inside_the_layer_loop(monkeypatch, in_loop):
+    """With check_vma off and no FSDP/ZeRO each stacked layer weight's gradient is summed over data and
+    sequence inside the backward's layer loop (one psum per weight in the scan body); moved back after the
+    loop (``in_loop_grad_axes`` → ()), no loop body sums over ``sequence``."""
+    if not in_loop:
+        monkeypatch.setattr(step_lib, "in_loop_grad_axes", lambda specs, cfg, check_vma: ())
+    cfg = _config((1, 4, 2))
+    mesh = make_mesh(1, 4, 2)
+    graphdef, specs, _, state = init_state(cfg, mesh, {})
+    weights = len(jax.tree.leaves(nnx.to_pure_dict(state.params)["layers"]))
+    fn = step_lib.make_loss_and_grads(graphdef, specs, mesh, cfg, check_vma=False)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    sums = _sequence_sums_in_loops(jax.make_jaxpr(fn)(state.params, batch).jaxpr)
+    assert sums == (weights if in_loop else 0), (sums, weights)
 
 
 @pytest.mark.parametrize("mesh_shape,extra", [

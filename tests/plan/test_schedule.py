@@ -142,8 +142,10 @@ _STEP = textwrap.dedent("""\
                                    pytest.param("dots", marks=pytest.mark.slow),
                                    pytest.param("none", marks=pytest.mark.slow)])
 def test_remat_never_reruns_the_ring_forward(remat):
-    """The demo's train step on 1x4x2 H100 targets: each forward kernel call site has exactly one dQ call
-    site — the backward never re-runs the ring forward — under every policy but ``layer``."""
+    """The demo's train step on 1x4x2 H100 targets: no forward kernel call site inside a rematerialised
+    computation — the backward never re-runs the ring forward — under every policy but ``layer``. (Call
+    sites, not calls: XLA's collective pipeliner peels an iteration of the backward layer loop, so the
+    backward has more sites than the forward.)"""
     import json
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -152,8 +154,10 @@ def test_remat_never_reruns_the_ring_forward(remat):
                           str(ROOT / "configs/demo.yaml"), remat], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    kernels = json.loads(out.stdout.strip().splitlines()[-1])["pallas_kernels"]
-    assert kernels["lcjax_flash_fwd"] == kernels["lcjax_flash_bwd_dq"] > 0, kernels
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels, rerun = rep["pallas_kernels"], rep["pallas_kernels_rematerialised"]
+    assert kernels["lcjax_flash_fwd"] > 0 and kernels["lcjax_flash_bwd_dq"] > 0, kernels
+    assert rerun.get("lcjax_flash_fwd", 0) == 0, rep
 
 
 @needs_aot
@@ -168,8 +172,8 @@ def test_layer_remat_reruns_the_ring_forward():
                           str(ROOT / "configs/demo.yaml"), "layer"], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    kernels = json.loads(out.stdout.strip().splitlines()[-1])["pallas_kernels"]
-    assert kernels["lcjax_flash_fwd"] == 2 * kernels["lcjax_flash_bwd_dq"], kernels
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rep["pallas_kernels_rematerialised"].get("lcjax_flash_fwd", 0) > 0, rep
 
 
 _TRAIN_STEP = textwrap.dedent("""\
@@ -196,17 +200,13 @@ def _compile_train_step(mesh, *overrides, lcjax_flags=True):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-TP_FIRST_HOP = "one all-gather-matmul first hop exposed in the forward layer loop at the demo shape"
-
-
 @needs_aot
 @pytest.mark.parametrize("mesh, overrides", [
     ("2,4,1", ("train.fsdp=true", "train.remat=full", "model.n_kv_heads=8")),
-    # sequence-parallel TP (default on): at the demo's small matmuls XLA schedules the local block's matmul of
-    # one all-gather-matmul after its first hop, which stays exposed (0.5 MB; docs/performance.md; issue 18)
-    pytest.param("1,4,2", (), marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=TP_FIRST_HOP)]),
-    pytest.param("2,2,2", ("train.remat=full",),
-                 marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=TP_FIRST_HOP)])])
+    # sequence-parallel TP (default on) with a ring of 4 and of 2 (the ring unrolled): every all-gather-matmul
+    # and matmul-reduce-scatter hop and every ring permute has a matmul or kernel under it
+    ("1,4,2", ()),
+    pytest.param("2,2,2", ("train.remat=full",), marks=pytest.mark.slow)])
 def test_train_step_collectives_in_loops_are_overlapped(mesh, overrides):
     """The demo's whole train step (T=4096, bf16, Pallas kernels) on H100 targets with lcjax's XLA flags:
     no collective inside a loop body (the layer loop, the ring) is exposed — ring K/V and dK/dV permutes,
