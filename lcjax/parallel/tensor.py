@@ -91,8 +91,8 @@ def all_gather_matmul(x, ws, axis: str):
     for s in range(tp):
         nxt = lax.ppermute(block, axis, left) if s < tp - 1 else None
         ys = [block @ w for w in ws]
-        if nxt is not None:
-            ys, nxt = lax.optimization_barrier((ys, nxt))
+        if nxt is not None:  # the received block usable only after the local products exist: else XLA
+            ys, nxt = lax.optimization_barrier((ys, nxt))  # fuses both into one GEMM that awaits the transfer
         outs = [lax.dynamic_update_slice_in_dim(o, y, ((r + s) % tp) * t, axis=1) for o, y in zip(outs, ys)]
         block = nxt
     return tuple(outs)
@@ -125,8 +125,9 @@ def _after(done, value):
     """``value``, made to wait for ``done`` (an optimization barrier, a no-op at run time): the ring's
     step s + 1 multiplies only after step s has, so XLA's dot merger (which joins independent dots sharing
     an operand, here the slices of one x) cannot fuse the steps into one matmul that leaves the partial
-    sum's transfer nothing to run under. (The all-gather side goes without: a barrier there kept a 67 MB
-    transfer exposed and cost 0.44 GB per device in the LLaMA-2-7B compile, docs/performance.md.)"""
+    sum's transfer nothing to run under. (The all-gather side does not use it: this kind of barrier there
+    kept a 67 MB transfer exposed and cost 0.44 GB per device in the LLaMA-2-7B compile; it ties only each
+    step's own products to the block in flight instead, docs/performance.md.)"""
     return lax.optimization_barrier((done, value))[1]
 
 
