@@ -44,6 +44,7 @@ def _check(q, k, v, do, q_pos, k_pos, q_seg, k_seg, **kw):
     return out, lse, grads
 
 
+@pytest.mark.slow  # 20 s in the interpreter; the irregular-layouts case below stays in the default suite
 def test_interpreter_matches_reference_with_pipeline_wraparound(monkeypatch):
     """128 queries at positions 128..255 over 256 keys: two documents (boundary at 160), causal, window
     100, GQA 2:1, H = 64. With two pipeline slots every kernel refills slots (4 key tiles per query block;
