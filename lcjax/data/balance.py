@@ -17,8 +17,8 @@ work and a mask inside it is free only where the ranges exclude the whole tile.
 - :func:`balanced_permutation`: the ``balanced`` layout. The window's segment ids are renumbered
   (:func:`relabel_documents`) so the documents sharing a chunk are consecutive; the window (in natural
   order) is cut into chunks of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of
-  one document where it can, the documents' remainders packed into the rest (:func:`chunks_of`,
-  :func:`remainder_order`); each chunk's cost is the tile-level area of its queries; chunks go to shards
+  one document where it can, the documents' remainders packed into the rest, each chunk filled exactly
+  by whole remainders where they allow (:func:`chunks_of`, :func:`remainder_order`); each chunk's cost is the tile-level area of its queries; chunks go to shards
   greedily, largest first, each to the least-loaded shard that still has room (a min-heap over shard
   loads; every shard takes T/(P·C) chunks). This is the longest-processing-time rule (Graham 1969), whose
   largest overshoot is one chunk's cost; MagiAttention (2025) also balances masked attention across ranks
@@ -172,8 +172,9 @@ def remainder_order(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
     give their first L mod C tokens to the shared chunks (:func:`chunks_of`); runs with L mod C = 0 last.
 
     Greedy over the stream of shared chunks: while the current chunk has room for the whole remainder of
-    a run that also has whole chunks, the one with the most whole chunks (then the longest remainder) goes
-    next, so it shares one chunk only; otherwise the next run without whole chunks (window order) goes
+    a run that also has whole chunks, one of those goes next (:func:`_fitting_remainder`: one that fills
+    the room exactly, else one whose leftover room another such remainder fills exactly, else the one
+    with the most whole chunks, then the longest remainder), so it shares one chunk only; otherwise the next run without whole chunks (window order) goes
     next and may straddle two chunks; when none is left, the run with the fewest whole chunks. A
     remainder in a shared chunk is computed against every whole chunk of its document (the tile ranges
     cannot exclude them), once per shared chunk it lies in: splitting a document of q whole chunks costs
