@@ -14,9 +14,11 @@ work and a mask inside it is free only where the ranges exclude the whole tile.
 - :func:`balance`: max over shards of the computed area ÷ (exact area ÷ P); 1.0 means no shard idles and
   no masked tile is computed. Striped layouts spread work evenly but their tiles mix distant positions, so
   few tiles are skipped; zigzag skips well but, with documents, leaves shards idle.
-- :func:`balanced_permutation`: the ``balanced`` layout. The window (in natural order) is cut into chunks
-  of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of one document where it can
-  (:func:`chunks_of`); each chunk's cost is the tile-level area of its queries; chunks go to shards
+- :func:`balanced_permutation`: the ``balanced`` layout. The window's segment ids are renumbered
+  (:func:`relabel_documents`) so the documents sharing a chunk are consecutive; the window (in natural
+  order) is cut into chunks of C tokens (lcjax.config.balance_chunk: a kernel tile, 128), whole chunks of
+  one document where it can, the documents' remainders packed into the rest, each chunk filled exactly
+  by whole remainders where they allow (:func:`chunks_of`, :func:`remainder_order`); each chunk's cost is the tile-level area of its queries; chunks go to shards
   greedily, largest first, each to the least-loaded shard that still has room (a min-heap over shard
   loads; every shard takes T/(P·C) chunks). This is the longest-processing-time rule (Graham 1969), whose
   largest overshoot is one chunk's cost; MagiAttention (2025) also balances masked attention across ranks
@@ -165,12 +167,91 @@ def _runs(segment_ids: np.ndarray):
     return np.cumsum(new) - 1, start, np.diff(np.r_[start, len(seg)])
 
 
+def remainder_order(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
+    """int64 [n_runs]: the order in which the runs of equal segment ids (documents, padding) of a window
+    give their first L mod C tokens to the shared chunks (:func:`chunks_of`); runs with L mod C = 0 last.
+
+    Greedy over the stream of shared chunks: while the current chunk has room for the whole remainder of
+    a run that also has whole chunks, one of those goes next (:func:`_fitting_remainder`: one that fills
+    the room exactly, else one whose leftover room another such remainder fills exactly, else the one
+    with the most whole chunks, then the longest remainder), so it shares one chunk only; otherwise the next run without whole chunks (window order) goes
+    next and may straddle two chunks; when none is left, the run with the fewest whole chunks. A
+    remainder in a shared chunk is computed against every whole chunk of its document (the tile ranges
+    cannot exclude them), once per shared chunk it lies in: splitting a document of q whole chunks costs
+    q tiles, so the splits fall on the shortest documents. O(n_runs · n_long) for n_long runs with whole
+    chunks (≤ T/C).
+    """
+    _, _, length = _runs(segment_ids)
+    q, r = length // chunk, length % chunk
+    long = np.flatnonzero((r > 0) & (q > 0))
+    long = long[np.lexsort((-r[long], -q[long]))]  # most whole chunks, then longest remainder, first
+    lr = r[long]
+    left = np.ones(len(long), bool)
+    short = np.flatnonzero((r > 0) & (q == 0)).tolist()[::-1]  # a stack: window order
+    order, fill = [], 0
+    while left.any() or short:
+        pick = _fitting_remainder(lr, left, chunk - fill)
+        if pick is None and short:
+            order.append(short.pop())
+            fill = (fill + int(r[order[-1]])) % chunk
+            continue
+        if pick is None:
+            pick = np.flatnonzero(left)[-1]  # the fewest whole chunks
+        left[pick] = False
+        order.append(long[pick])
+        fill = (fill + int(lr[pick])) % chunk
+    return np.array(order + np.flatnonzero(r == 0).tolist(), np.int64)
+
+
+def _fitting_remainder(lr: np.ndarray, left: np.ndarray, room: int) -> int | None:
+    """Index into ``lr`` (remainders of runs with whole chunks, most whole chunks first) of the next one to
+    put in a shared chunk with ``room`` tokens free, or None when none of those still ``left`` fits.
+
+    The first (most whole chunks) of: a remainder that fills the room exactly; one that leaves a room
+    another remainder left fills exactly (so the next pick closes the chunk); any that fits. Exact fills
+    end a shared chunk on a document boundary, so no document straddles two shared chunks there.
+    """
+    fits = np.flatnonzero(left & (lr <= room))
+    if not len(fits):
+        return None
+    exact = fits[lr[fits] == room]
+    if len(exact):
+        return int(exact[0])
+    count = np.bincount(lr[left], minlength=room + 1)
+    need = room - lr[fits]
+    pair = count[need] - (need == lr[fits]) > 0
+    return int(fits[np.argmax(pair)]) if pair.any() else int(fits[0])
+
+
+def relabel_documents(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
+    """int32 [T]: the window's segment ids renumbered 1, 2, … in :func:`remainder_order` (natural order
+    kept; equal ids stay equal, different ids stay different, so the attention mask is unchanged).
+
+    A kernel skips a tile pair only when the tiles' segment ranges (min..max) do not overlap; renumbering
+    makes the documents that share a chunk consecutive, so a shared chunk's range holds only its own
+    documents. The balanced layout applies it before :func:`balanced_permutation` (the loader does).
+    A segment id used by several runs takes the rank of its earliest run in that order.
+    """
+    seg = np.asarray(segment_ids)
+    if not len(seg):
+        return seg.astype(np.int32)
+    run, start, _ = _runs(seg)
+    rank = np.empty(len(start), np.int64)
+    rank[remainder_order(seg, chunk)] = np.arange(len(start))
+    values, inverse = np.unique(seg[start], return_inverse=True)
+    first = np.full(len(values), len(start), np.int64)
+    np.minimum.at(first, inverse, rank)  # a reused id: its earliest run
+    label = np.empty(len(values), np.int64)
+    label[np.argsort(first, kind="stable")] = np.arange(1, len(values) + 1)
+    return label[inverse][run].astype(np.int32)
+
+
 def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
     """int64 [T/C, C]: the natural-order token indices of each chunk of a window cut for the balanced layout.
 
     Every run of equal segment ids (a document, or the padding) is cut from its end into whole chunks of
     C tokens, each holding one document only (so its tile's ranges are tight); the first L mod C tokens of
-    each run (its first in window order) are concatenated in window order and cut into the remaining chunks.
+    each run are concatenated in :func:`remainder_order` and cut into the remaining (shared) chunks.
     Cutting documents at their own starts rather than at multiples of C halves the tiles that straddle
     two documents — such a tile is computed against every tile of both. T must be divisible by C.
     """
@@ -180,7 +261,9 @@ def chunks_of(segment_ids: np.ndarray, chunk: int) -> np.ndarray:
     head = length % chunk  # tokens of each run before its whole chunks
     mixed = np.arange(t) - start[run] < head[run]
     index = np.arange(t)
-    return np.concatenate([index[~mixed], index[mixed]]).reshape(-1, chunk)
+    order = remainder_order(seg, chunk)
+    shared = np.concatenate([start[i] + np.arange(head[i]) for i in order] + [np.zeros(0, np.int64)])
+    return np.concatenate([index[~mixed], shared]).reshape(-1, chunk)
 
 
 def chunk_costs(positions: np.ndarray, segment_ids: np.ndarray, chunks: np.ndarray, *, causal: bool = True,
@@ -227,6 +310,8 @@ def balanced_permutation(positions: np.ndarray, segment_ids: np.ndarray, num_sha
 
     The window is cut into chunks of ``chunk`` tokens (:func:`chunks_of`), which are dispatched by their
     :func:`chunk_costs` (:func:`dispatch`); each shard holds its chunks ordered by their first token.
+    ``segment_ids`` as renumbered by :func:`relabel_documents` (the loader does): with other ids the order
+    is as valid, only less balanced (shared chunks' segment ranges may span other documents).
     Raises ValueError when T is not divisible by P·C.
     """
     t = len(positions)

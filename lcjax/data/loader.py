@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 
 from lcjax.config import balance_chunk, padded_seq_len
-from lcjax.data.balance import balanced_permutation
+from lcjax.data.balance import balanced_permutation, relabel_documents
 from lcjax.ops.layout import LAYOUTS, permutation
 
 FIELDS = ("tokens", "labels", "positions", "segment_ids", "loss_mask")
@@ -122,7 +122,8 @@ class LayOut:
     tokens, labels, positions, segment ids, loss mask): each row padded to
     :func:`lcjax.config.padded_seq_len` (:func:`pad_window`), then permuted along T into ``layout`` order
     for ``num_shards`` sequence shards (``attention.layout``, ``mesh.sequence``), all fields alike;
-    ``balanced`` decides each row's order from its own documents and ``attention_window``."""
+    ``balanced`` decides each row's order from its own documents and ``attention_window``, after renumbering
+    the row's segment ids (lcjax.data.balance.relabel_documents: same documents, same mask)."""
 
     def __init__(self, layout: str, num_shards: int, attention_window: int | None = None):
         self.layout, self.num_shards, self.attention_window = layout, num_shards, attention_window
@@ -134,6 +135,8 @@ class LayOut:
         rows = []
         for b in range(batch["tokens"].shape[0]):
             row = pad_window({name: array[b] for name, array in batch.items()}, padded)
+            if self.layout == "balanced" and self.num_shards > 1:  # documents sharing a chunk: consecutive ids
+                row = {**row, "segment_ids": relabel_documents(row["segment_ids"], chunk).astype(np.int32)}
             order = order_window(row, self.layout, self.num_shards, chunk=chunk,
                                  attention_window=self.attention_window)
             rows.append({name: x[order] for name, x in row.items()})
