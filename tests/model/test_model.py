@@ -102,7 +102,8 @@ def test_every_mesh_matches_dense_single_device(mesh_shape, oracle):
 
 
 @pytest.mark.parametrize("mesh_shape,extra", [((1, 4, 2), ("attention.impl=ulysses",)),
-                                              ((1, 8, 1), ("attention.impl=hybrid", "attention.ulysses_size=4")),
+                                              pytest.param((1, 8, 1), ("attention.impl=hybrid", "attention.ulysses_size=4"),
+                                                           marks=pytest.mark.slow),  # hybrid: tests/parallel
                                               pytest.param((2, 2, 2), ("attention.layout=striped",),
                                                            marks=pytest.mark.slow),  # striped: any_positions
                                               ((1, 4, 2), ("attention.layout=contiguous", "attention.window=24"))])

@@ -56,6 +56,7 @@ def test_ring_matches_reference(sp, layout, packed, window):
         assert relative_error(g, lay(r)) <= 1e-5
 
 
+@pytest.mark.slow  # the ring with check_vma off stays covered by the Pallas and check_vma-off model tests
 def test_ring_without_check_vma():
     q, k, v, do, pos, seg = _data(True)
     lay = lambda x: permute(x, "zigzag", 4)

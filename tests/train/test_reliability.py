@@ -145,7 +145,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(corpus, tmp_path, capsys):
 
 # 3: restore on another mesh; --init-from with a new seq_len
 
-@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2), (1, 1, 1)])
+@pytest.mark.parametrize("mesh", [(1, 8, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow), (1, 1, 1)])
 def test_checkpoint_continues_on_another_mesh(corpus, base_run, tmp_path, mesh):
     run_dir = tmp_path / "run"
     shutil.copytree(base_run, run_dir)
@@ -193,6 +193,7 @@ def _adam(opt_state):
     return opt_state[1][0], opt_state[1][-1]
 
 
+@pytest.mark.slow  # test_checkpoint_continues_on_another_mesh restores on other meshes in the default suite
 def test_init_optimizer_restores_the_moments_on_another_mesh(corpus, base_run, tmp_path):
     """--init-optimizer: the source's AdamW moments and count, resharded onto (2, 2, 2) with ZeRO-1, bitwise;
     the schedule restarts with the new run. Through a whole run: after one update the moments are those of

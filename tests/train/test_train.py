@@ -51,6 +51,7 @@ def test_run_dir_contents_and_loss_drop(straight_run):
     assert config_lib.load(run_dir / "config.yaml").train.steps == 12
 
 
+@pytest.mark.slow  # tests/train/test_reliability.py::test_killed_run_resumes_bitwise covers resume by default
 def test_resume_reproduces_the_uninterrupted_run(straight_run, tmp_path):
     tmp, straight = straight_run
     run_dir = tmp_path / "run"
@@ -65,7 +66,7 @@ def test_resume_reproduces_the_uninterrupted_run(straight_run, tmp_path):
         train(_cfg(tmp, "train.steps=12"), run_dir, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("mesh", [("8", "1"), ("2", "4")])
+@pytest.mark.parametrize("mesh", [("8", "1"), pytest.param(("2", "4"), marks=pytest.mark.slow)])
 def test_first_losses_do_not_depend_on_the_mesh(straight_run, tmp_path, mesh):
     tmp, straight = straight_run
     run_dir = tmp_path / "run"
