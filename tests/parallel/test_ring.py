@@ -143,6 +143,7 @@ def test_zigzag_balances_the_work_that_the_ring_schedule_computes():
     assert area["zigzag"].sum() <= 1.05 * t * t / 2  # skipped blocks: close to the causal half
 
 
+@pytest.mark.slow  # the script's --doc-lengths path runs in tests/data/test_balance.py
 def test_bench_attention_script_writes_records(tmp_path):
     import json
     import subprocess
