@@ -136,7 +136,7 @@ class LayOut:
         for b in range(batch["tokens"].shape[0]):
             row = pad_window({name: array[b] for name, array in batch.items()}, padded)
             if self.layout == "balanced" and self.num_shards > 1:  # documents sharing a chunk: consecutive ids
-                row = {**row, "segment_ids": relabel_documents(row["segment_ids"], chunk).astype(np.int32)}
+                row = {**row, "segment_ids": relabel_documents(row["segment_ids"], chunk)}
             order = order_window(row, self.layout, self.num_shards, chunk=chunk,
                                  attention_window=self.attention_window)
             rows.append({name: x[order] for name, x in row.items()})

@@ -5,7 +5,8 @@ data-parallel devices (here ``data`` × ``sequence``: both see different tokens 
 all-gathered just before use, layer by layer inside the scanned layer body, so only one layer's full
 weights are alive at a time. Autodiff transposes the tiled ``all_gather`` into a ``psum_scatter``: each
 device receives the sum of its own slice of the gradient (a reduce-scatter, never an all-reduce then a
-slice).
+slice). Without FSDP or ZeRO, :func:`sum_grads_in_backward` puts the plain data-parallel all-reduce of
+each layer's gradients at the same place, inside the backward's layer loop.
 """
 
 from __future__ import annotations
