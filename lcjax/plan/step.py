@@ -1,8 +1,10 @@
 """One training step per device, analytically: memory, communication, FLOPs, time, tokens/s and MFU.
 
 Time model (an estimate; every input is named): compute = hardware FLOPs / (peak · efficiency);
-TP all-reduces, Ulysses all-to-alls, the gradient reduction and the embedding's all-reduce wait for the
-network (exposed); a ring hop hides under the attention of the block in hand and only its excess is exposed
+TP all-reduces, Ulysses all-to-alls and the embedding's all-reduce wait for the network (exposed); the
+layers' gradient reduction runs inside the backward's layer loop (plain all-reduces, or FSDP's
+reduce-scatters; lcjax.train.step.in_loop_grad_axes) under the next layer's backward, only its excess and
+the last layer's exposed, while ZeRO-1/2's and the other weights' reductions wait after the loop; a ring hop hides under the attention of the block in hand and only its excess is exposed
 (Liu et al. 2023, arXiv:2310.01889 §3). A contiguous-layout causal ring runs at P/(2P−1) of balanced
 speed in attention (formulas §6); zigzag and striped are taken as balanced. Collectives use the
 intra-node bandwidth when their devices lie within one node (mesh order data, sequence, model: ``model``
@@ -18,7 +20,7 @@ from lcjax.plan import comm, flops, memory
 from lcjax.plan import offload as offload_lib
 from lcjax.plan.hardware import Device
 from lcjax.plan.memory import ActivationSpec, MemoryBytes, gathered_kv_bytes, memory_per_device
-from lcjax.plan.shapes import Shape, param_elements_per_device
+from lcjax.plan.shapes import Shape, layer_matrix_elements_per_device, param_elements_per_device
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,23 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
 
 
+def _grad_sync_exposed_seconds(i: StepInputs, compute_s: float, rate: float, bw: float) -> float:
+    """Seconds the data × sequence gradient reduction waits on the network (``bw`` bytes/s). Without
+    ZeRO-1/2 each layer's reduction runs in the backward's layer loop (the trainer's in-loop all-reduce on
+    the GPU kernels' path, FSDP's reduce-scatters) under the next layer's backward — the backward seconds
+    per layer being (compute − the model's forward) / L — so only the excess and the last layer's are
+    exposed; the embedding, head and final norm (and everything under ZeRO-1/2) after the loop."""
+    s, group, sharding = i.shape, i.data * i.sequence, i.optimizer_sharding
+    layer = layer_matrix_elements_per_device(s, i.model) + 2 * s.D
+    rest = param_elements_per_device(s, i.model) - s.L * layer
+    sync = lambda elements: comm.gradient_sync_bytes(elements * 4, group, sharding) / bw
+    if sharding in ("zero1", "zero2"):
+        return sync(s.L * layer + rest)
+    forward_s = flops.flops_per_token(s, i.seq_len, causal=True) / 3 * i.tokens_per_device / i.model / rate
+    backward_layer_s = max(0.0, compute_s - forward_s) / s.L
+    return (s.L - 1) * max(0.0, sync(layer) - backward_layer_s) + sync(layer) + sync(rest)
+
+
 def _activation_split(i: StepInputs) -> int:
     """Over how many shards the hidden states between TP regions are split in the memory estimate: tp
     under sequence-parallel TP for the ``formulas`` model (Korthikanti et al. 2022 §4.2.2); 1 for the
@@ -206,7 +225,8 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
     compute_s = flops.hardware_flops_per_token(s, i.seq_len, i.remat) * tokens / i.model / rate
     grads = comm.gradient_sync_bytes(param_elements_per_device(s, i.model) * 4, group, i.optimizer_sharding)
     embed = comm.all_reduce_bytes(tokens * s.D * cb, i.model)
-    exposed = (s.L * _layer_exposed_seconds(i, lc, dev, rate) + grads / dev.bandwidth(i.devices)
+    exposed = (s.L * _layer_exposed_seconds(i, lc, dev, rate)
+               + _grad_sync_exposed_seconds(i, compute_s, rate, dev.bandwidth(i.devices))
                + (embed / dev.bandwidth(i.model) if i.model > 1 else 0.0))
     return StepPlan(i, dev, memory, lc, grads + embed, compute_s, exposed, model_flops(s, i.seq_len), off)
 

@@ -190,3 +190,29 @@ def test_sequence_parallel_tp_in_the_plan():
     s, tokens = on.shape, on.tokens_per_device
     assert (memory.layer_activation_bytes(s, tokens, 2) - memory.layer_activation_bytes(s, tokens, 2, split=2)
             == 2 * tokens * 2 * s.D)
+
+
+def test_layer_gradient_reduction_hides_under_the_backward():
+    """The layers' gradient reduction runs in the backward's layer loop (as the trainer's in-loop sum and
+    FSDP's reduce-scatters do): without ZeRO, (L−1) layers' sums are covered up to one layer's backward
+    ((compute − the model's forward)/L) and the last layer's and the non-layer weights' are exposed; under
+    ZeRO-2 (same all-reduce bytes, reduced after the loop) all of it is. Everything else in the step is the
+    same, so the exposed time differs by exactly the hidden part; on a slow enough network nothing hides
+    beyond one backward per layer."""
+    from lcjax.plan.hardware import DEVICES
+    from lcjax.plan.shapes import layer_matrix_elements_per_device
+
+    base = StepInputs(shape=LLAMA2_7B, seq_len=32768, global_batch=16, data=16, sequence=4, model=1)
+    s = base.shape
+    layer = layer_matrix_elements_per_device(s, 1) + 2 * s.D
+    rest = param_elements_per_device(s, 1) - s.L * layer
+    for dev in (DEVICES["h100"], replace(DEVICES["h100"], inter_node_bw=1e6)):
+        none, zero2 = (plan_step(replace(base, optimizer_sharding=o), dev) for o in ("none", "zero2"))
+        assert none.compute_s == zero2.compute_s
+        sync = lambda n: comm.gradient_sync_bytes(n * 4, 64, "none") / dev.bandwidth(64)
+        backward = (none.compute_s - flops.flops_per_token(s, base.seq_len, causal=True) / 3
+                    * base.tokens_per_device / (dev.peak(2) * dev.efficiency)) / s.L
+        hidden = (s.L - 1) * min(sync(layer), backward)
+        assert 0 < hidden < sync(s.L * layer)
+        assert zero2.comm_exposed_s - none.comm_exposed_s == pytest.approx(hidden, rel=1e-6)
+    assert hidden == pytest.approx((s.L - 1) * backward)  # the slow network: one backward per layer hidden
