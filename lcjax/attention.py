@@ -38,12 +38,13 @@ def _check(q, k, positions, mesh, impl, kernel, ulysses_size):
         raise ValueError(f"batch {b} must be divisible by the data axis size {dp}")
     if n % tp or kh % tp:
         raise ValueError(f"query heads {n} and kv heads {kh} must be divisible by the model axis size {tp}")
-    if ulysses_size is not None and impl != "hybrid":  # e.g. allgather inside Ulysses groups: not built
-        raise ValueError(f"ulysses_size is only used by impl 'hybrid' (impl is {impl!r}): Ulysses composes "
-                         f"with the ring ('hybrid'); 'allgather' gathers over the whole sequence axis")
-    if impl == "hybrid" and (ulysses_size is None or ulysses_size < 1 or sp % ulysses_size):
-        raise ValueError(f"ulysses_size {ulysses_size} must divide the sequence axis size {sp} for 'hybrid'")
-    if impl in ("ulysses", "hybrid"):
+    if ulysses_size is not None and impl not in ("hybrid", "allgather"):
+        raise ValueError(f"ulysses_size is only used by impl 'hybrid' and 'allgather' (impl is {impl!r}): the "
+                         f"Ulysses group inside which a ring or an all-gather runs across the groups")
+    if (impl == "hybrid" or ulysses_size is not None) and (ulysses_size is None or ulysses_size < 1
+                                                           or sp % ulysses_size):
+        raise ValueError(f"ulysses_size {ulysses_size} must divide the sequence axis size {sp} for {impl!r}")
+    if impl in ("ulysses", "hybrid") or ulysses_size is not None:
         check_heads(n // tp, kh // tp, sp if impl == "ulysses" else ulysses_size)
 
 
@@ -114,7 +115,8 @@ def attention(q, k, v, *, positions, segment_ids=None, causal=True, window=None,
       mesh: a mesh with axes (data, sequence, model); None puts every device on ``sequence``.
       impl: "ring" (K/V travel around the ``sequence`` axis), "ulysses" (all-to-all: heads ⇄ sequence),
         "hybrid" (Ulysses inside groups of ``ulysses_size`` shards, ring across groups), "allgather" (K/V of
-        all shards gathered, Llama 3 style; any layout) or "local". Every impl and layout is exact for any
+        all shards gathered, Llama 3 style; any layout; with ``ulysses_size``, all-to-all inside groups of
+        that many shards and the K/V gathered across the groups) or "local". Every impl and layout is exact for any
         positions and segment ids; a ring with a window sends only the blocks the window can reach when the
         (concrete) positions are ordered (lcjax.parallel.ring.kv_sends), every block otherwise.
       layout: "zigzag", "striped" or "contiguous": how the T tokens are spread over ``sequence``.

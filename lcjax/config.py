@@ -443,12 +443,14 @@ def _sequence(cfg: Config) -> str | None:
 
 def _ulysses(cfg: Config) -> str | None:
     a, m, sp, tp = cfg.attention, cfg.model, cfg.mesh.sequence, cfg.mesh.model
-    if a.impl == "hybrid":
+    if a.impl == "hybrid" or (a.impl == "allgather" and a.ulysses_size is not None):
         if a.ulysses_size is None or a.ulysses_size < 1 or sp % a.ulysses_size:
-            return f"attention.ulysses_size {a.ulysses_size} must divide mesh.sequence = {sp} for impl 'hybrid'"
+            return (f"attention.ulysses_size {a.ulysses_size} must divide mesh.sequence = {sp} for impl "
+                    f"{a.impl!r}")
     elif a.ulysses_size is not None:
-        return f"attention.ulysses_size is only used by attention.impl 'hybrid' (impl is {a.impl!r})"
-    if a.impl not in ("ulysses", "hybrid"):
+        return (f"attention.ulysses_size is only used by attention.impl 'hybrid' and 'allgather' "
+                f"(impl is {a.impl!r})")
+    if a.impl not in ("ulysses", "hybrid") and a.ulysses_size is None:
         return None
     group = sp if a.impl == "ulysses" else a.ulysses_size
     heads, kv = m.n_heads // tp, max(m.n_kv_heads // tp, 1)

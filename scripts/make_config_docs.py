@@ -87,10 +87,11 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "attention.impl": ("Attention over the `sequence` axis: `ring` (K/V travel by ppermute), `ulysses` "
                        "(all-to-all heads ⇄ sequence), `hybrid` (Ulysses inside groups of "
                        "`attention.ulysses_size`, ring across them), `allgather` (K/V of every shard gathered, "
-                       "Llama 3 style; any layout and mask), `local` (no sequence parallelism).",
-                       f"{choices('ATTENTION_IMPLS')}; `local` needs `mesh.sequence` = 1; `ulysses` and "
-                       "`hybrid` need the query heads per model shard (and the kv heads, or the group "
-                       "size) divisible by the Ulysses group."),
+                       "Llama 3 style; any layout and mask; with `attention.ulysses_size`, all-to-all inside "
+                       "groups and the K/V gathered across them), `local` (no sequence parallelism).",
+                       f"{choices('ATTENTION_IMPLS')}; `local` needs `mesh.sequence` = 1; `ulysses`, "
+                       "`hybrid` (and `allgather` with `attention.ulysses_size`) need the query heads per model "
+                       "shard (and the kv heads, or the group size) divisible by the Ulysses group."),
     "attention.layout": ("Order of the tokens across sequence shards: `zigzag` (2·SP chunks, shard i holds "
                          "chunks i and 2·SP−1−i: balanced causal work), `striped` (token t on shard t mod "
                          "SP), `contiguous`, `balanced` (the loader assigns 128-token chunks of each packed window to shards so "
@@ -110,8 +111,11 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
                          "position."),
     "attention.window": ("Sliding window W: a query at position p sees keys p−W+1 … p; null: no window.",
                          "null or >= 1."),
-    "attention.ulysses_size": ("Shards per all-to-all group of `attention.impl: hybrid`.",
-                               "Set only for `hybrid`, where it must divide `mesh.sequence`."),
+    "attention.ulysses_size": ("Shards per all-to-all group of `attention.impl: hybrid` (a ring across the "
+                               "groups) or `allgather` (K/V gathered across the groups: the gathered K/V and "
+                               "their traffic ÷ the group size); null for `allgather`: no groups.",
+                               "Set only for `hybrid` (required) and `allgather`, where it must divide "
+                               "`mesh.sequence`."),
     "attention.block_q": ("Query tile of the kernel; null: the kernel's own tiles (512 for `xla`, the tuned "
                           "table lcjax/kernels/flash_attention/triton_tiles.json for the Triton kernels, the whole "
                           "block for `cudnn`: the half blocks in the zigzag ring). An integer overrides them "

@@ -19,6 +19,12 @@ Per shard per layer: forward receives (P−1)·T/P tokens of K/V; backward recei
 reduce-scatters (P−1)·T/P tokens of dK/dV. Peak extra memory: the gathered K/V [B, (P−1)·T/P, K', H] ×2 and,
 in the backward, their float32 gradients.
 
+Inside Ulysses groups (``attention.ulysses_size`` U, lcjax.parallel.ulysses): an all-to-all first gives each
+shard its group's U·T/P tokens for N'/U of the heads, then the K/V are gathered over ``groups`` — the P/U
+shards that hold the same heads, one per Ulysses group (``axis_index_groups``) — so each shard receives
+1/U of the K/V heads from (P/U − 1) groups: the all-gather's traffic ÷ U, for as many Ulysses shards as
+the heads allow.
+
 Shapes (per shard): q [B, T/P, N', H]; k, v [B, T/P, K', H]; positions, segment_ids int32 [B, T/P].
 """
 
@@ -29,6 +35,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -39,10 +46,26 @@ from lcjax.parallel.spec import AttentionSpec
 
 class GatherPlan(NamedTuple):
     """Static settings of one all-gather attention (hashable: a non-differentiable custom VJP argument):
-    the attention spec, unchanged, and the axis K/V are gathered over."""
+    the attention spec, unchanged, the axis K/V are gathered over and ``groups``: None (the whole axis) or
+    the shards gathered together (a tuple of equal-size tuples of axis indices covering the axis)."""
 
     spec: AttentionSpec
     axis_name: str
+    groups: tuple | None = None
+
+
+def _size_and_index(axis_name: str, groups):
+    """(shards gathered together, this shard's place among them) over ``axis_name`` or its ``groups``."""
+    if groups is None:
+        return lax.axis_size(axis_name), lax.axis_index(axis_name)
+    place = np.zeros(sum(len(g) for g in groups), np.int32)
+    for g in groups:
+        place[list(g)] = np.arange(len(g))
+    return len(groups[0]), jnp.asarray(place)[lax.axis_index(axis_name)]
+
+
+def _index_groups(groups):
+    return None if groups is None else [list(g) for g in groups]
 
 
 def _rotation(idx, size: int, start: int):
@@ -50,25 +73,26 @@ def _rotation(idx, size: int, start: int):
     return (idx + start + jnp.arange(size - start, dtype=jnp.int32)) % size
 
 
-def gather_others(x, axis_name: str):
-    """[B, L, ...] on each shard -> [B, (P−1)·L, ...]: the blocks of the other P−1 shards of ``axis_name``,
-    in the order idx+1, idx+2, … (mod P)."""
-    size, idx = lax.axis_size(axis_name), lax.axis_index(axis_name)
-    gathered = lax.all_gather(x, axis_name)  # [P, B, L, ...]
+def gather_others(x, axis_name: str, groups=None):
+    """[B, L, ...] on each shard -> [B, (P−1)·L, ...]: the blocks of the other P−1 shards of ``axis_name``
+    (of its group among ``groups``, P then the group size), in the order idx+1, idx+2, … (mod P)."""
+    size, idx = _size_and_index(axis_name, groups)
+    gathered = lax.all_gather(x, axis_name, axis_index_groups=_index_groups(groups))  # [P, B, L, ...]
     rest = jnp.take(gathered, _rotation(idx, size, 1), axis=0)
     return jnp.moveaxis(rest, 0, 1).reshape(x.shape[0], (size - 1) * x.shape[1], *x.shape[2:])
 
 
-def scatter_home(own, others, axis_name: str):
+def scatter_home(own, others, axis_name: str, groups=None):
     """The inverse of :func:`gather_others` for gradients: ``own`` [B, L, ...] (this shard's block) and
-    ``others`` [B, (P−1)·L, ...] (the other blocks, in :func:`gather_others` order) summed over the axis
-    into each block's owner: returns this shard's [B, L, ...] (a reduce-scatter)."""
-    size, idx = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    ``others`` [B, (P−1)·L, ...] (the other blocks, in :func:`gather_others` order) summed over the axis (or
+    this shard's group of ``groups``) into each block's owner: returns this shard's [B, L, ...] (a
+    reduce-scatter)."""
+    size, idx = _size_and_index(axis_name, groups)
     b, n = own.shape[:2]
     blocks = jnp.moveaxis(others.reshape(b, size - 1, n, *own.shape[2:]), 1, 0)
     ring_order = jnp.concatenate([own[None], blocks])  # blocks of shards idx, idx+1, ...
     by_shard = jnp.take(ring_order, (jnp.arange(size, dtype=jnp.int32) - idx) % size, axis=0)
-    return lax.psum_scatter(by_shard, axis_name, scatter_dimension=0)
+    return lax.psum_scatter(by_shard, axis_name, scatter_dimension=0, axis_index_groups=_index_groups(groups))
 
 
 def _tie(q, k, v, pos, seg):
@@ -87,10 +111,10 @@ def _fwd(q, k, v, pos, seg, plan: GatherPlan):
     checkpoint names ``attention``/``attention_lse`` as in the ring."""
     kernel, kw = get_kernel(plan.spec.kernel), _kw(plan)
     q, k, v, pos, seg = _tie(q, k, v, pos, seg)
-    if lax.axis_size(plan.axis_name) == 1:
+    if _size_and_index(plan.axis_name, plan.groups)[0] == 1:
         out, lse = kernel.flash_forward(q, k, v, pos, pos, seg, seg, **kw)
         return out.astype(q.dtype), (q, k, v, pos, seg, out.astype(q.dtype), lse)
-    rest = [gather_others(x, plan.axis_name) for x in (k, v, pos, seg)]  # in flight during the local block
+    rest = [gather_others(x, plan.axis_name, plan.groups) for x in (k, v, pos, seg)]  # in flight meanwhile
     acc = kernel.flash_forward(q, k, v, pos, pos, seg, seg, **kw)
     r_k, r_v, r_pos, r_seg = rest
     out, lse = merge(*acc, *kernel.flash_forward(q, r_k, r_v, pos, r_pos, seg, r_seg, **kw))
@@ -107,13 +131,13 @@ def _bwd(plan: GatherPlan, res, dout):
     q, k, v, pos, seg = _tie(q, k, v, pos, seg)
     wire = jnp.dtype(plan.spec.dkv_dtype)
     zeros_int = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
-    if lax.axis_size(plan.axis_name) == 1:
+    if _size_and_index(plan.axis_name, plan.groups)[0] == 1:
         dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, pos, pos, seg, seg, **kw)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros_int(pos), zeros_int(seg)
-    r_k, r_v, r_pos, r_seg = (gather_others(x, plan.axis_name) for x in (k, v, pos, seg))
+    r_k, r_v, r_pos, r_seg = (gather_others(x, plan.axis_name, plan.groups) for x in (k, v, pos, seg))
     dq, dk, dv = kernel.flash_backward(q, k, v, out, lse, dout, pos, pos, seg, seg, **kw)
     dq_r, dk_r, dv_r = kernel.flash_backward(q, r_k, r_v, out, lse, dout, pos, r_pos, seg, r_seg, **kw)
-    home = lambda own, rest: scatter_home(own.astype(wire), rest.astype(wire), plan.axis_name)
+    home = lambda own, rest: scatter_home(own.astype(wire), rest.astype(wire), plan.axis_name, plan.groups)
     dk, dv = home(dk, dk_r), home(dv, dv_r)
     return (dq + dq_r).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros_int(pos), zeros_int(seg)
 
@@ -134,7 +158,7 @@ def allgather_attention(q, k, v, positions, segment_ids, *, axis_name, causal=Tr
     return allgather(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
 
 
-def allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name):
+def allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name, groups=None):
     """Attention of this shard's queries to the whole sequence, by gathering K/V over ``axis_name``.
 
     Args:
@@ -145,6 +169,8 @@ def allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name
         block_k: the kernel's tiles (None: its own); kernel; dkv_dtype: dtype of the dK/dV reduce-scatter,
         "float32" or "bfloat16"). ``spec.impl``, ``layout`` and ``ordered`` are not read here.
       axis_name: the mesh axis the sequence is sharded over.
+      groups: None (gather over the whole axis) or a tuple of equal-size tuples of axis indices that
+        gather among themselves (the shards holding the same heads inside Ulysses groups).
     Returns:
       [B, T/P, N', H] in q's dtype.
     Raises:
@@ -152,4 +178,5 @@ def allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name
     """
     segment_ids = checked_segments(positions, segment_ids, causal=spec.causal, window=spec.window,
                                    dkv_dtype=spec.dkv_dtype)
-    return _allgather(q, k, v, positions, segment_ids, GatherPlan(spec, axis_name))
+    groups = None if groups is None else tuple(tuple(int(d) for d in g) for g in groups)
+    return _allgather(q, k, v, positions, segment_ids, GatherPlan(spec, axis_name, groups))

@@ -30,6 +30,8 @@ def _hybrid(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
 def _allgather(q, k, v, positions, segment_ids, spec: AttentionSpec, axis_name):
     if axis_name is None:  # no sequence axis: nothing to gather
         return ring(q, k, v, positions, segment_ids, spec, axis_name=None)
+    if spec.ulysses_size not in (None, 1):  # Ulysses inside groups, gathered across them
+        return ulysses(q, k, v, positions, segment_ids, spec, axis_name=axis_name, group=spec.ulysses_size)
     return allgather(q, k, v, positions, segment_ids, spec, axis_name=axis_name)
 
 
@@ -44,7 +46,8 @@ def sequence_parallel(q, k, v, positions, segment_ids, spec: AttentionSpec, *, a
     spec.impl: "local" (no sequence parallelism: the axis must have size 1 or be None), "ring" (K/V travel
     by ppermute), "ulysses" (all-to-all over the whole axis), "hybrid" (all-to-all inside groups of
     ``spec.ulysses_size`` shards, ring across them), "allgather" (K/V gathered over the axis, Llama 3 style:
-    lcjax.parallel.allgather). Shapes: q [B, T/P, N', H]; k, v [B, T/P, K', H];
+    lcjax.parallel.allgather; with ``spec.ulysses_size`` U, all-to-all inside groups of U and the K/V
+    gathered across the groups). Shapes: q [B, T/P, N', H]; k, v [B, T/P, K', H];
     positions, segment_ids int32 [B, T/P] in ``spec.layout`` order; returns [B, T/P, N', H] in q's dtype
     (lcjax.parallel.ring.ring). Raises ValueError for an unknown impl or heads the impl cannot divide.
     """
@@ -74,7 +77,8 @@ def forward_recv_bytes(spec: AttentionSpec, n_shards: int, seq_len: int, *, batc
     layout receives only what it can see; ``recv_bytes``); allgather: the other P−1 blocks' K/V; ulysses:
     (P−1)/P of the group's q, k, v for its heads (kv heads repeated up to the group when fewer) plus the
     group's positions; hybrid: Ulysses inside groups of ``ulysses_size``, then a ring across the groups on
-    1/``ulysses_size`` of the heads; local: 0. Raises ValueError for another impl or a ``ulysses_size``
+    1/``ulysses_size`` of the heads (allgather with ``ulysses_size``: the other groups' K/V of those heads
+    gathered instead); local: 0. Raises ValueError for another impl or a ``ulysses_size``
     that does not divide the shards.
     """
     from lcjax.parallel.ring import recv_bytes
@@ -87,9 +91,9 @@ def forward_recv_bytes(spec: AttentionSpec, n_shards: int, seq_len: int, *, batc
         return 0
     if impl == "ring":
         return recv_bytes(n_shards, seq_len, kv_heads=kv_heads, **ring_kw)
-    if impl == "allgather":
+    if impl == "allgather" and spec.ulysses_size in (None, 1):
         return batch * (n_shards - 1) * local * per_token_kv
-    if impl in ("ulysses", "hybrid"):
+    if impl in ("ulysses", "hybrid", "allgather"):
         u = n_shards if impl == "ulysses" else spec.ulysses_size
         if not u or n_shards % u:
             raise ValueError(f"attention.ulysses_size {u} must divide the {n_shards} shards")
@@ -97,5 +101,8 @@ def forward_recv_bytes(spec: AttentionSpec, n_shards: int, seq_len: int, *, batc
         gathered = batch * (u - 1) * local * (qkv // u + 8)
         if u == n_shards:
             return gathered
+        if impl == "allgather":  # the other groups' K/V of this shard's 1/U of the kv heads
+            kv_per_token = 2 * max(kv_heads, u) // u * head_dim * itemsize + 8
+            return gathered + batch * (n_shards // u - 1) * u * local * kv_per_token
         return gathered + recv_bytes(n_shards // u, seq_len, kv_heads=max(kv_heads, u) // u, **ring_kw)
     raise ValueError(f"attention.impl {impl!r} must be one of {', '.join(IMPLS)}")

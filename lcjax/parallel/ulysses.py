@@ -7,7 +7,8 @@ per shard instead of the ring's K/V traffic, but U cannot exceed the number of h
 
 Hybrid (Fang & Zhao 2024, "USP", arXiv:2405.07719): the ``sequence`` axis of size P is factorised as
 groups of U consecutive shards (Ulysses inside a group) and a ring over the P/U groups (ring attention
-across them, lcjax.parallel.ring with ``group=U``).
+across them, lcjax.parallel.ring with ``group=U``). With ``spec.impl`` "allgather" the K/V are gathered
+across the groups instead (lcjax.parallel.allgather over :func:`across_groups`).
 
 GQA: K kv heads split over the group when U divides K; when K < U (and K divides U) each kv head is
 repeated U/K times before the all-to-all so that shard r gets kv head r // (U/K), the one its query heads
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lcjax.parallel.allgather import allgather
 from lcjax.parallel.ring import ring
 from lcjax.parallel.spec import AttentionSpec
 
@@ -48,6 +50,12 @@ def _gather_sequence(x, axis_name, groups, group):
     return lax.all_to_all(tiled, axis_name, 2, 1, axis_index_groups=groups, tiled=True)[..., 0]
 
 
+def across_groups(size: int, group: int) -> tuple:
+    """The shards holding the same heads, one per Ulysses group of ``group`` consecutive shards of
+    ``size``: ((0, U, 2U, …), (1, U+1, …), …) — what an all-gather across the groups runs over."""
+    return tuple(tuple(range(u, size, group)) for u in range(group))
+
+
 def zigzag_group_order(local_len: int, group: int) -> np.ndarray:
     """Permutation of a group's gathered tokens [early_0, late_0, early_1, late_1, …] (each shard's two
     zigzag chunks of ``local_len``/2) into [early_0 … early_{U−1}, late_{U−1} … late_0]: the zigzag layout of
@@ -69,7 +77,8 @@ def ulysses_attention(q, k, v, positions, segment_ids, *, axis_name, group=None,
 
 def ulysses(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name, group=None):
     """Sequence-parallel attention by all-to-all over groups of ``group`` shards of ``axis_name``
-    (default: the whole axis, pure Ulysses), with a ring across the groups when there are several.
+    (default: the whole axis, pure Ulysses), with a ring across the groups when there are several — or,
+    for ``spec.impl`` "allgather", the K/V gathered across them (lcjax.parallel.allgather).
 
     Args: as lcjax.parallel.ring.ring (``spec`` passed on unchanged); ``group`` must divide the axis size.
     Returns: [B, T/P, N', H] in q's dtype, this shard's tokens in layout order.
@@ -87,6 +96,10 @@ def ulysses(q, k, v, positions, segment_ids, spec: AttentionSpec, *, axis_name, 
     q, k, v = heads_to_sequence(q), heads_to_sequence(k), heads_to_sequence(v)
     positions = _gather_sequence(positions, axis_name, groups, group)
     segment_ids = _gather_sequence(segment_ids, axis_name, groups, group)
+    if spec.impl == "allgather":  # every key is gathered: no ring order to keep
+        out = allgather(q, k, v, positions, segment_ids, spec, axis_name=axis_name,
+                        groups=across_groups(size, group))
+        return lax.all_to_all(out, axis_name, 1, 2, axis_index_groups=groups, tiled=True)
     reorder = spec.layout == "zigzag" and group < size
     if reorder:
         order = zigzag_group_order(q.shape[1] // group, group)

@@ -58,8 +58,8 @@ def test_layouts_defined_only_for_divisible_lengths_refuse_with_the_rule(layout,
         attention(q, k, v, positions=pos, segment_ids=seg, mesh=make_mesh(1, SHARDS, 1), impl="ring", layout=layout)
 
 
-def test_allgather_with_ulysses_groups_is_refused_with_one_line():
+def test_ulysses_size_outside_hybrid_and_allgather_is_refused_with_one_line():
     q, k, v, _, pos, seg, _ = _case()
-    with pytest.raises(ValueError, match="ulysses_size is only used by impl 'hybrid' \\(impl is 'allgather'\\)"):
+    with pytest.raises(ValueError, match="ulysses_size is only used by impl 'hybrid' and 'allgather' \\(impl is 'ring'\\)"):
         attention(q[:, :52], k[:, :52], v[:, :52], positions=pos[:, :52], segment_ids=seg[:, :52],
-                  mesh=make_mesh(1, SHARDS, 1), impl="allgather", layout="contiguous", ulysses_size=2)
+                  mesh=make_mesh(1, SHARDS, 1), impl="ring", layout="contiguous", ulysses_size=2)

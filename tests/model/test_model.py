@@ -106,7 +106,8 @@ def test_every_mesh_matches_dense_single_device(mesh_shape, oracle):
                                                            marks=pytest.mark.slow),  # hybrid: tests/parallel
                                               pytest.param((2, 2, 2), ("attention.layout=striped",),
                                                            marks=pytest.mark.slow),  # striped: any_positions
-                                              ((1, 4, 2), ("attention.layout=contiguous", "attention.window=24"))])
+                                              ((1, 4, 2), ("attention.layout=contiguous", "attention.window=24")),
+                                              ((1, 4, 2), ("attention.impl=allgather", "attention.ulysses_size=2"))])
 def test_attention_impls_and_layouts_match_dense(mesh_shape, extra):
     loss, grads, params, cfg = _sharded_loss_and_grads(mesh_shape, *extra)
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}

@@ -42,7 +42,7 @@ def _qkv(t=T):
             jax.random.normal(ks[2], (B, t, K, H)), jax.random.normal(ks[3], (B, t, N, H)))
 
 
-def _check(impl, layout, mesh_shape, kind, window, kernel="xla", jit_positions=False, causal=True):
+def _check(impl, layout, mesh_shape, kind, window, kernel="xla", jit_positions=False, causal=True, ulysses_size=None):
     """Forward and dq, dk, dv through lcjax.attention.attention vs the dense reference (≤ 1e-5); the
     forward run twice is bitwise equal."""
     q, k, v, do = _qkv()
@@ -55,7 +55,7 @@ def _check(impl, layout, mesh_shape, kind, window, kernel="xla", jit_positions=F
     lay = lambda x: permute(x, layout, sp)
     run = lambda q, k, v, p, s: attention(q, k, v, positions=p, segment_ids=s, window=window, causal=causal,
                                           mesh=mesh, impl=impl, layout=layout, kernel=kernel, block_q=8,
-                                          block_k=8, ulysses_size=2 if impl == "hybrid" else None)
+                                          block_k=8, ulysses_size=2 if impl == "hybrid" else ulysses_size)
     qkv, ps = (lay(q), lay(k), lay(v)), (lay(pos), lay(seg))
     # positions traced (jit arguments) or concrete (closed over: the entry checks whether they are ordered)
     call = (lambda q, k, v, p, s: run(q, k, v, p, s)) if jit_positions else (lambda q, k, v, p, s: run(q, k, v, *ps))
@@ -82,6 +82,32 @@ def test_every_impl_and_layout_is_exact_for_any_positions(impl, layout):
     window = 6 if layout in ("contiguous", "zigzag") else None
     mesh = (1, 4, 2) if impl == "allgather" and layout == "striped" else (1, 4, 1)  # all-gather with TP
     _check(impl, layout, mesh, "hard", window)
+
+
+@pytest.mark.parametrize("mesh,ulysses_size,layout", [((1, 8, 1), 2, "zigzag"), ((1, 8, 1), 4, "contiguous"),
+                                                       ((1, 4, 2), 2, "striped")])
+def test_allgather_inside_ulysses_groups_is_exact(mesh, ulysses_size, layout):
+    """All-to-all inside groups of U shards, K/V gathered across the groups: kv heads split over the group
+    (2 kv heads, U = 2) or repeated (U = 4; or 1 kv head per model shard, U = 2), reused ids, constant
+    padding, a window; against the dense reference, forward and gradients."""
+    _check("allgather", layout, mesh, "hard", 6 if layout != "striped" else None, ulysses_size=ulysses_size)
+
+
+def test_allgather_inside_ulysses_groups_gathers_across_the_groups_only():
+    """The compiled forward's all-gathers run over the shards holding the same heads ({0,2,4,6},{1,3,5,7}
+    for U = 2 on 8 shards), never over the whole axis; the bytes per shard shrink with U."""
+    from lcjax.parallel.sequence import forward_recv_bytes
+
+    q, k, v, _ = _qkv()
+    pos, seg = _tokens("hard")
+    fwd = lambda q, k, v: attention(q, k, v, positions=pos, segment_ids=seg, mesh=make_mesh(1, 8, 1),
+                                    impl="allgather", layout="contiguous", ulysses_size=2, block_q=8, block_k=8)
+    hlo = jax.jit(fwd).lower(q, k, v).compile().as_text()
+    gathers = [line for line in hlo.splitlines() if " all-gather(" in line or "all-gather-start(" in line]
+    assert gathers and all("replica_groups={{0,2,4,6},{1,3,5,7}}" in g for g in gathers), gathers
+    spec = lambda u: AttentionSpec(impl="allgather", ulysses_size=u)
+    plain, grouped = (forward_recv_bytes(spec(u), 8, 131072, heads=32, kv_heads=8) for u in (None, 2))
+    assert grouped < plain
 
 
 @pytest.mark.parametrize("layout,window", [("zigzag", 5)])
