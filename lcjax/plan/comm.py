@@ -67,6 +67,22 @@ def allgather_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) ->
     return fwd, fwd + (sp - 1) * 2 * tokens * kv * 4
 
 
+def grouped_allgather_bytes(s: Shape, tokens: int, sp: int, group: int, tp: int = 1,
+                            cb: int = 2) -> tuple[int, int]:
+    """All-gather inside Ulysses groups of ``group`` shards (lcjax.parallel.ulysses.across_groups),
+    (forward, backward): the Ulysses all-to-alls inside the group (:func:`ulysses_bytes` over ``group``
+    shards, each way) plus the all-gather of K and V across the sp/group groups for the group's
+    group·tokens tokens and this shard's max(kv heads, group)/group kv heads (its reduce-scatter of dK, dV
+    in float32 in the backward), as :func:`allgather_bytes` does over the whole axis."""
+    if sp == 1:
+        return 0, 0
+    a2a = ulysses_bytes(s, tokens, group, tp, cb)
+    rings = sp // group
+    kv = max(local_heads(s, tp)[1], group) // group * s.H
+    fwd = (rings - 1) * 2 * group * tokens * kv * cb
+    return a2a + fwd, a2a + fwd + (rings - 1) * 2 * group * tokens * kv * 4
+
+
 def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> int:
     """DeepSpeed-Ulysses, one direction (forward = backward): all-to-all of Q, K, V and of the output, the
     aggregate message (sequence-wide) being sp·tokens·(2·D' + 2·d_kv')·cb, so each device sends
@@ -79,13 +95,17 @@ def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> i
     return (sp - 1) * aggregate // (sp * sp)
 
 
-def layer_comm(s: Shape, tokens: int, *, sp: int, tp: int, impl: str = "ring", cb: int = 2) -> LayerComm:
-    """:class:`LayerComm` of one layer on one device for attention ``impl`` (ATTENTION_IMPLS)."""
+def layer_comm(s: Shape, tokens: int, *, sp: int, tp: int, impl: str = "ring", cb: int = 2,
+               ulysses_size: int | None = None) -> LayerComm:
+    """:class:`LayerComm` of one layer on one device for attention ``impl`` (ATTENTION_IMPLS); for
+    ``allgather`` with ``ulysses_size`` > 1, :func:`grouped_allgather_bytes`."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} must be one of {', '.join(ATTENTION_IMPLS)}")
     tp_one = tp_bytes(s, tokens, tp, cb)
     if impl == "ring":
         fwd, bwd = ring_bytes(s, tokens, sp, tp, cb)
+    elif impl == "allgather" and ulysses_size not in (None, 1):
+        fwd, bwd = grouped_allgather_bytes(s, tokens, sp, ulysses_size, tp, cb)
     elif impl == "allgather":
         fwd, bwd = allgather_bytes(s, tokens, sp, tp, cb)
     elif impl == "ulysses":

@@ -193,13 +193,21 @@ def activation_bytes(s: Shape, tokens: int, tp: int = 1, spec: ActivationSpec = 
     return layers + working + head_activation_bytes(s, tokens, tp, cb, stored, sp.loss_tokens, sp.split)
 
 
-def gathered_kv_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, compute_bytes: int = 2) -> int:
+def gathered_kv_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, compute_bytes: int = 2,
+                      ulysses_size: int | None = None) -> int:
     """Working set of all-gather attention (lcjax.parallel.allgather) in one layer's backward, the larger
     pass: the other P−1 shards' K and V (compute dtype), their float32 dK, dV, and the P-block float32
-    buffer reduce-scattered home: 2·tokens·d_kv'·((P−1)·(cb + 4) + 4·P), d_kv' = local kv heads × H."""
+    buffer reduce-scattered home: 2·tokens·d_kv'·((P−1)·(cb + 4) + 4·P), d_kv' = local kv heads × H.
+    Inside Ulysses groups of U = ``ulysses_size``: the same over P/U groups of U·tokens tokens with
+    max(local kv heads, U)/U kv heads."""
     if sp == 1:
         return 0
     kv = local_heads(s, tp)[1] * s.H
+    if ulysses_size not in (None, 1):
+        kv = max(local_heads(s, tp)[1], ulysses_size) // ulysses_size * s.H
+        tokens, sp = tokens * ulysses_size, sp // ulysses_size
+        if sp == 1:
+            return 0
     return 2 * tokens * kv * ((sp - 1) * (compute_bytes + 4) + 4 * sp)
 
 

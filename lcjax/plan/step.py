@@ -32,7 +32,8 @@ class StepInputs:
     ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled); ``offload`` none, layer
     or saved, ``seq_chunk`` and ``head_chunks`` as ``train.*`` (lcjax.plan.offload, lcjax.plan.memory);
     ``sequence_tp``: sequence-parallel TP in effect (hidden states between TP regions split over ``model``;
-    the TP all-gathers and reduce-scatters run under the projections' matmuls)."""
+    the TP all-gathers and reduce-scatters run under the projections' matmuls); ``ulysses_size``: the
+    Ulysses group inside which ``allgather`` runs (``attention.ulysses_size``; None: the whole axis)."""
 
     shape: Shape
     seq_len: int
@@ -54,6 +55,7 @@ class StepInputs:
     seq_chunk: int = 0
     head_chunks: int = 1
     sequence_tp: bool = False
+    ulysses_size: int | None = None
 
     @property
     def devices(self) -> int:
@@ -85,7 +87,9 @@ class StepInputs:
                    optimizer_sharding=optimizer_sharding, activation_model=activation_model,
                    stored_bytes=stored_bytes, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile,
                    offload=t.offload if offload is None else offload, seq_chunk=t.seq_chunk,
-                   head_chunks=t.head_chunks, sequence_tp=sequence_tp_applies(cfg))
+                   head_chunks=t.head_chunks, sequence_tp=sequence_tp_applies(cfg),
+                   ulysses_size=cfg.attention.ulysses_size if (attention or cfg.attention.impl) == "allgather"
+                   else None)
 
 
 def sequence_tp_applies(cfg: config_lib.Config) -> bool:
@@ -160,9 +164,13 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     if i.attention == "ulysses":
         return tp_s + (lc.seq_fwd + lc.seq_bwd) / bw
     # the ring hides each hop under a block's attention; the all-gather only under the local block's
-    hidden = (i.sequence - 1) / i.sequence if i.attention == "ring" else 1 / i.sequence
+    # (inside Ulysses groups of U: the group's block, U/sp of the keys, after the exposed all-to-alls)
+    u = i.ulysses_size if i.attention == "allgather" and i.ulysses_size not in (None, 1) else 1
+    a2a = comm.ulysses_bytes(i.shape, i.tokens_per_device, u, i.model, i.compute_bytes) if u > 1 else 0
+    hidden = (i.sequence - 1) / i.sequence if i.attention == "ring" else u / i.sequence
     fwd, bwd = _attention_seconds(i, rate)
-    return tp_s + max(0.0, lc.seq_fwd / bw - fwd * hidden) + max(0.0, lc.seq_bwd / bw - bwd * hidden)
+    return (tp_s + 2 * a2a / bw + max(0.0, (lc.seq_fwd - a2a) / bw - fwd * hidden)
+            + max(0.0, (lc.seq_bwd - a2a) / bw - bwd * hidden))
 
 
 def _grad_sync_exposed_seconds(i: StepInputs, compute_s: float, rate: float, bw: float) -> float:
@@ -212,10 +220,11 @@ def plan_step(i: StepInputs, dev: Device) -> StepPlan:
                           stored_bytes=i.stored_bytes, mlp_tokens=_tile_tokens(i, i.mlp_tile),
                           loss_tokens=_tile_tokens(i, i.loss_tile), chunk_tokens=_tile_tokens(i, i.seq_chunk),
                           head_chunks=i.head_chunks, split=_activation_split(i))
-    working = gathered_kv_bytes(s, tokens, i.sequence, i.model, cb) if i.attention == "allgather" else 0
+    working = (gathered_kv_bytes(s, tokens, i.sequence, i.model, cb, i.ulysses_size) if i.attention == "allgather"
+               else 0)
     memory = memory_per_device(s, tokens, i.model, group, acts, optimizer_sharding=i.optimizer_sharding,
                                attention_working=working)
-    lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb)
+    lc = comm.layer_comm(s, tokens, sp=i.sequence, tp=i.model, impl=i.attention, cb=cb, ulysses_size=i.ulysses_size)
     if i.remat != "none":  # the recomputed forward communicates again (the ring only under ``layer``)
         lc = replace(lc, tp_fwd=2 * lc.tp_fwd, seq_fwd=(2 if i.remat == "layer" else 1) * lc.seq_fwd)
     rate = dev.peak(cb) * dev.efficiency

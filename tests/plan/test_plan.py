@@ -216,3 +216,25 @@ def test_layer_gradient_reduction_hides_under_the_backward():
         assert 0 < hidden < sync(s.L * layer)
         assert zero2.comm_exposed_s - none.comm_exposed_s == pytest.approx(hidden, rel=1e-6)
     assert hidden == pytest.approx((s.L - 1) * backward)  # the slow network: one backward per layer hidden
+
+
+def test_allgather_inside_ulysses_groups_in_the_plan():
+    """attention.ulysses_size with impl allgather reaches the plan: the group's all-to-alls plus a gather
+    over sp/U groups of U·tokens tokens and 1/U of the kv heads (closed forms); U = sp is Ulysses alone
+    (nothing gathered); the gathered K/V working set shrinks with U."""
+    s, tokens, sp = LLAMA2_7B, 4096, 8
+    kv = s.K * s.H
+    a2a = comm.ulysses_bytes(s, tokens, 2, 1, 2)
+    assert comm.grouped_allgather_bytes(s, tokens, sp, 2) == (
+        a2a + 3 * 2 * 2 * tokens * kv // 2 * 2, a2a + 3 * 2 * 2 * tokens * kv // 2 * (2 + 4))
+    assert comm.grouped_allgather_bytes(s, tokens, sp, sp) == (comm.ulysses_bytes(s, tokens, sp),) * 2
+    assert memory.gathered_kv_bytes(s, tokens, sp, ulysses_size=sp) == 0
+    working = [memory.gathered_kv_bytes(s, tokens, sp, ulysses_size=u) for u in (None, 2, 4)]
+    assert working[0] > working[1] > working[2] > 0
+    assert comm.layer_comm(s, tokens, sp=sp, tp=1, impl="allgather", ulysses_size=2).seq_fwd == \
+        comm.grouped_allgather_bytes(s, tokens, sp, 2)[0]
+    path = str(ROOT / "configs/models/llama2_7b.yaml")
+    cfg = config_lib.load(path, ["mesh.data=1", "mesh.sequence=8", "mesh.model=1", "attention.impl=allgather",
+                                 "attention.ulysses_size=2", "data.global_batch=1"])
+    i = StepInputs.from_config(cfg)
+    assert i.ulysses_size == 2 and StepInputs.from_config(cfg, attention="ring").ulysses_size is None
