@@ -79,8 +79,9 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--seq-len", type=int, help="tokens per sequence (default data.seq_len)")
     plan.add_argument("--devices", type=int, help="device count (default the config's mesh size)")
     plan.add_argument("--device", default="h100", help="preset: a100, h100, h200, h800, cpu (default h100)")
-    plan.add_argument("--attention", choices=("ring", "ulysses", "allgather", "local"),
-                      help="attention over sequence (default attention.impl)")
+    plan.add_argument("--attention", choices=("ring", "ulysses", "hybrid", "allgather", "local"),
+                      help="attention over sequence (default attention.impl; hybrid takes the group size "
+                           "from attention.ulysses_size)")
     plan.add_argument("--remat", help="none, layer or full (default: the config's train.remat; the "
                                       "selective policies count as full)")
     plan.add_argument("--optimizer-sharding",

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from lcjax.plan.shapes import Shape, local_heads
 
-ATTENTION_IMPLS = ("ring", "ulysses", "allgather", "local")
+ATTENTION_IMPLS = ("ring", "ulysses", "hybrid", "allgather", "local")
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,22 @@ def grouped_allgather_bytes(s: Shape, tokens: int, sp: int, group: int, tp: int 
     return a2a + fwd, a2a + fwd + (rings - 1) * 2 * group * tokens * kv * 4
 
 
+def hybrid_bytes(s: Shape, tokens: int, sp: int, group: int, tp: int = 1, cb: int = 2) -> tuple[int, int]:
+    """Ulysses inside groups of ``group`` shards and a ring across the sp/group groups (USP; ``hybrid``),
+    (forward, backward): the all-to-alls (:func:`ulysses_bytes` over ``group`` shards, each way) plus
+    :func:`ring_bytes`' terms for a ring of sp/group positions carrying group·tokens tokens of
+    max(kv heads, group)/group kv heads."""
+    if sp == 1:
+        return 0, 0
+    a2a = ulysses_bytes(s, tokens, group, tp, cb)
+    rings = sp // group
+    if rings == 1:
+        return a2a, a2a
+    kv = max(local_heads(s, tp)[1], group) // group * s.H
+    fwd = (rings - 1) * 2 * group * tokens * kv * cb
+    return a2a + fwd, a2a + fwd + rings * 2 * group * tokens * kv * 4
+
+
 def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> int:
     """DeepSpeed-Ulysses, one direction (forward = backward): all-to-all of Q, K, V and of the output, the
     aggregate message (sequence-wide) being sp·tokens·(2·D' + 2·d_kv')·cb, so each device sends
@@ -98,12 +114,18 @@ def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> i
 def layer_comm(s: Shape, tokens: int, *, sp: int, tp: int, impl: str = "ring", cb: int = 2,
                ulysses_size: int | None = None) -> LayerComm:
     """:class:`LayerComm` of one layer on one device for attention ``impl`` (ATTENTION_IMPLS); for
-    ``allgather`` with ``ulysses_size`` > 1, :func:`grouped_allgather_bytes`."""
+    ``hybrid`` (:func:`hybrid_bytes`) and ``allgather`` with ``ulysses_size`` > 1
+    (:func:`grouped_allgather_bytes`), the Ulysses group's size. Raises ValueError for another impl or a
+    hybrid without a group dividing ``sp``."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} must be one of {', '.join(ATTENTION_IMPLS)}")
     tp_one = tp_bytes(s, tokens, tp, cb)
     if impl == "ring":
         fwd, bwd = ring_bytes(s, tokens, sp, tp, cb)
+    elif impl == "hybrid":
+        if not ulysses_size or sp % ulysses_size:
+            raise ValueError(f"attention impl 'hybrid' needs a ulysses_size dividing {sp}, got {ulysses_size}")
+        fwd, bwd = hybrid_bytes(s, tokens, sp, ulysses_size, tp, cb)
     elif impl == "allgather" and ulysses_size not in (None, 1):
         fwd, bwd = grouped_allgather_bytes(s, tokens, sp, ulysses_size, tp, cb)
     elif impl == "allgather":

@@ -26,14 +26,15 @@ from lcjax.plan.shapes import Shape, layer_matrix_elements_per_device, param_ele
 @dataclass(frozen=True)
 class StepInputs:
     """What a step's cost depends on. Mesh sizes (data, sequence, model); ``compute_bytes`` 2 (bfloat16)
-    or 4 (float32); ``attention`` ring, ulysses, allgather or local; ``remat`` none, layer or full;
+    or 4 (float32); ``attention`` ring, ulysses, hybrid, allgather or local; ``remat`` none, layer or full;
     ``optimizer_sharding`` none, zero1, zero2 or fsdp; ``activation_model`` lcjax or formulas; ``stored_bytes`` 4 models the CPU
     backend keeping bfloat16 activations as float32 (None: ``compute_bytes``) (lcjax.plan.memory);
     ``mlp_tile`` / ``loss_tile`` tokens per shard of a tiled MLP / loss (0: untiled); ``offload`` none, layer
     or saved, ``seq_chunk`` and ``head_chunks`` as ``train.*`` (lcjax.plan.offload, lcjax.plan.memory);
     ``sequence_tp``: sequence-parallel TP in effect (hidden states between TP regions split over ``model``;
     the TP all-gathers and reduce-scatters run under the projections' matmuls); ``ulysses_size``: the
-    Ulysses group inside which ``allgather`` runs (``attention.ulysses_size``; None: the whole axis)."""
+    Ulysses group of ``hybrid``, or inside which ``allgather`` runs (``attention.ulysses_size``; None:
+    the whole axis)."""
 
     shape: Shape
     seq_len: int
@@ -88,8 +89,8 @@ class StepInputs:
                    stored_bytes=stored_bytes, mlp_tile=t.mlp_tile, loss_tile=t.loss_tile,
                    offload=t.offload if offload is None else offload, seq_chunk=t.seq_chunk,
                    head_chunks=t.head_chunks, sequence_tp=sequence_tp_applies(cfg),
-                   ulysses_size=cfg.attention.ulysses_size if (attention or cfg.attention.impl) == "allgather"
-                   else None)
+                   ulysses_size=(cfg.attention.ulysses_size
+                                 if (attention or cfg.attention.impl) in ("hybrid", "allgather") else None))
 
 
 def sequence_tp_applies(cfg: config_lib.Config) -> bool:
@@ -164,10 +165,12 @@ def _layer_exposed_seconds(i: StepInputs, lc: comm.LayerComm, dev: Device, rate:
     if i.attention == "ulysses":
         return tp_s + (lc.seq_fwd + lc.seq_bwd) / bw
     # the ring hides each hop under a block's attention; the all-gather only under the local block's
-    # (inside Ulysses groups of U: the group's block, U/sp of the keys, after the exposed all-to-alls)
-    u = i.ulysses_size if i.attention == "allgather" and i.ulysses_size not in (None, 1) else 1
+    # (inside Ulysses groups of U: after the exposed all-to-alls, a ring of sp/U positions, or the gather
+    # under the group's own block, U/sp of the keys)
+    u = i.ulysses_size if i.attention in ("hybrid", "allgather") and i.ulysses_size not in (None, 1) else 1
     a2a = comm.ulysses_bytes(i.shape, i.tokens_per_device, u, i.model, i.compute_bytes) if u > 1 else 0
-    hidden = (i.sequence - 1) / i.sequence if i.attention == "ring" else u / i.sequence
+    positions = i.sequence // u
+    hidden = (positions - 1) / positions if i.attention in ("ring", "hybrid") else u / i.sequence
     fwd, bwd = _attention_seconds(i, rate)
     return (tp_s + 2 * a2a / bw + max(0.0, (lc.seq_fwd - a2a) / bw - fwd * hidden)
             + max(0.0, (lc.seq_bwd - a2a) / bw - bwd * hidden))
@@ -274,8 +277,10 @@ def candidates(cfg: config_lib.Config, n_devices: int, dev: Device, *, attention
     check_options(impl, remat, optimizer_sharding, activation_model)
     plans, rejected = [], []
     for mesh in mesh_factorisations(n_devices):
+        grouped = impl in ("hybrid", "allgather")  # the config's ulysses_size only where it is used
         trial = replace(cfg, mesh=config_lib.MeshConfig(*mesh),
-                        attention=replace(cfg.attention, impl="ring" if impl == "ulysses" else impl))
+                        attention=replace(cfg.attention, impl="ring" if impl == "ulysses" else impl,
+                                          ulysses_size=cfg.attention.ulysses_size if grouped else None))
         try:
             config_lib.validate(trial)
             if impl == "ulysses" and ulysses_rule(Shape.from_model_config(cfg.model), mesh[1], mesh[2]):

@@ -238,3 +238,23 @@ def test_allgather_inside_ulysses_groups_in_the_plan():
                                  "attention.ulysses_size=2", "data.global_batch=1"])
     i = StepInputs.from_config(cfg)
     assert i.ulysses_size == 2 and StepInputs.from_config(cfg, attention="ring").ulysses_size is None
+
+
+def test_hybrid_in_the_plan():
+    """impl hybrid (Ulysses inside groups of U, ring across them) is planned, not refused: the all-to-alls
+    plus the ring's terms over sp/U positions of U·tokens tokens and 1/U of the kv heads; U = sp is
+    Ulysses alone; ``lcjax plan`` on a hybrid config lists meshes whose sequence size U divides."""
+    s, tokens, sp = LLAMA2_7B, 4096, 8
+    a2a = comm.ulysses_bytes(s, tokens, 2, 1, 2)
+    kv = s.K * s.H // 2
+    assert comm.hybrid_bytes(s, tokens, sp, 2) == (a2a + 3 * 2 * 2 * tokens * kv * 2,
+                                                   a2a + 3 * 2 * 2 * tokens * kv * 2 + 4 * 2 * 2 * tokens * kv * 4)
+    assert comm.hybrid_bytes(s, tokens, sp, sp) == (comm.ulysses_bytes(s, tokens, sp),) * 2
+    with pytest.raises(ValueError, match="needs a ulysses_size dividing 8"):
+        comm.layer_comm(s, tokens, sp=sp, tp=1, impl="hybrid", ulysses_size=3)
+    out = subprocess.run([sys.executable, "-m", "lcjax.cli", "plan", "--config", str(ROOT / "configs/demo.yaml"),
+                          "--set", "attention.impl=hybrid", "--set", "attention.ulysses_size=2", "--json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    meshes = [tuple(c["mesh"].values()) for c in json.loads(out.stdout)["candidates"]]
+    assert meshes and all(m[1] % 2 == 0 for m in meshes)
