@@ -79,14 +79,16 @@ _ATTENTION = textwrap.dedent("""\
     from lcjax.attention import attention
     from lcjax.plan.schedule import report
     from lcjax.sharding.mesh import deviceless_gpus, make_mesh
-    layout, kernel, t = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    layout, kernel, t, impl = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    ulysses_size = int(sys.argv[5]) if sys.argv[5] != "none" else None
     mesh = make_mesh(1, 8, 1, devices=deviceless_gpus("h100", 8))
     heads = NamedSharding(mesh, P("data", "sequence", "model", None))
     q = jax.ShapeDtypeStruct((1, t, 32, 128), jnp.bfloat16, sharding=heads)
     kv = jax.ShapeDtypeStruct((1, t, 8, 128), jnp.bfloat16, sharding=heads)
     pos = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=NamedSharding(mesh, P("data", "sequence")))
     def loss(q, k, v, pos):
-        o = attention(q, k, v, positions=pos, mesh=mesh, impl="ring", layout=layout, kernel=kernel)
+        o = attention(q, k, v, positions=pos, mesh=mesh, impl=impl, layout=layout, kernel=kernel,
+                      ulysses_size=ulysses_size)
         return jnp.sum(o.astype(jnp.float32) ** 2)
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, pos).compile()
     text = compiled.as_text()
@@ -99,12 +101,13 @@ _ATTENTION = textwrap.dedent("""\
     """)
 
 
-def _compile_attention(layout, kernel="pallas", t=8192):
+def _compile_attention(layout, kernel="pallas", t=8192, impl="ring", ulysses_size=None):
     import json
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", _ATTENTION, layout, kernel, str(t)], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", _ATTENTION, layout, kernel, str(t), impl, str(ulysses_size).lower()],
+                         env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -124,6 +127,22 @@ def test_ring_transfers_hide_under_kernels_on_h100(layout):
     assert permutes["exposed"] <= 1 and permutes["synchronous"] == 0, rep
     assert rep["conditionals"] == 0, rep
     assert rep["kernels"]["triton"] > 0 and {"lcjax_flash_fwd", "lcjax_flash_bwd_dq"} <= set(rep["pallas_kernels"]), rep
+
+
+@needs_aot
+@pytest.mark.parametrize("ulysses_size", [2, pytest.param(None, marks=pytest.mark.slow)])
+def test_allgather_hides_its_gather_under_the_local_block_on_h100(ulysses_size):
+    """8 H100 targets, all-gather attention (alone, or inside Ulysses groups of 2) + Triton kernels, bf16,
+    forward + backward: the K/V all-gather and the dK/dV reduce-scatter each have a kernel between start
+    and done (the local block's attention, tied before the gathered blocks by an optimization barrier);
+    no conditional; the real Triton kernels compiled. The Ulysses all-to-alls stay exposed (each feeds
+    everything after it)."""
+    rep = _compile_attention("zigzag", impl="allgather", ulysses_size=ulysses_size)
+    c = rep["collectives"]
+    assert c["all-gather"]["count"] >= 1 and c["all-gather"]["exposed"] == 0, rep
+    assert c["reduce-scatter"]["count"] >= 1 and c["reduce-scatter"]["exposed"] == 0, rep
+    assert all(r["synchronous"] == 0 for r in c.values()) and rep["conditionals"] == 0, rep
+    assert rep["kernels"]["triton"] > 0, rep
 
 
 _STEP = textwrap.dedent("""\
