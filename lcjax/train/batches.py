@@ -76,6 +76,11 @@ def load_data(cfg: Config, tokenizer_dir: Path | None) -> Dataset:
     except OSError as e:
         raise ValueError(f"data.cache_dir {d.cache_dir or '~/.cache/lcjax'}: {e.strerror or e}") from None
     print("\n".join(f"lcjax: {line}" for line in dataset.summary(d.seq_len)), flush=True)
+    padded = config_lib.padded_seq_len(d.seq_len, cfg.attention.layout, cfg.mesh.sequence)
+    if padded != d.seq_len:
+        print(f"lcjax: data: each window padded from {d.seq_len:,} to {padded:,} tokens for attention.layout "
+              f"{cfg.attention.layout} on mesh.sequence = {cfg.mesh.sequence} (a segment of its own, no loss)",
+              flush=True)
     if dataset.tokenizer.vocab_size > m.vocab_size:
         raise ValueError(f"model.vocab_size {m.vocab_size} must be >= the tokenizer's {dataset.tokenizer.vocab_size}")
     return dataset
