@@ -69,11 +69,30 @@ def parse_args(argv=None):
     p.add_argument("--emulate-shard", action="store_true", help="one device: each shard's kernel calls")
     p.add_argument("--json", help="write the records to this file")
     args = p.parse_args(argv)
+    check_args(args)
     args.tile = args.tile or args.block or 128
     timed_impls = "ring,ulysses,hybrid"
     args.impls = args.impls or ("ring,allgather,ulysses" if args.balance_only else timed_impls)
     args.layouts = args.layouts or ("zigzag,striped,contiguous" + (",balanced" if args.doc_lengths else ""))
     return args
+
+
+LAYOUT_CHOICES = ("zigzag", "striped", "contiguous", "balanced")  # lcjax.choices.LAYOUTS
+
+
+def check_args(args) -> None:
+    """Every numeric option in its range and every layout known, or :func:`fail` naming the first that is
+    not."""
+    for name in ("batch", "seq_len", "heads", "kv_heads", "head_dim", "shards", "iters", "ulysses_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    for name in ("tile", "window", "max_windows", "block"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} {value} must be >= 1 (or left out)")
+    unknown = [x for x in (args.layouts or "").split(",") if args.layouts and x not in LAYOUT_CHOICES]
+    if unknown:
+        fail(f"--layouts {','.join(unknown)}: must be among {', '.join(LAYOUT_CHOICES)}")
 
 
 def fail(message: str):
@@ -92,8 +111,11 @@ def doc_lengths(path: str) -> list[int]:
         lengths = [int(x) for x in lines]
     except ValueError as e:
         fail(f"--doc-lengths {path}: every line must be one document length in tokens ({e})")
-    if not lengths or min(lengths) < 1:
-        fail(f"--doc-lengths {path}: needs at least one length, all >= 1")
+    if not lengths:
+        fail(f"--doc-lengths {path}: needs at least one document length")
+    bad = next((i for i, n in enumerate(lengths) if n < 1), None)
+    if bad is not None:
+        fail(f"--doc-lengths {path}: length {lengths[bad]} (entry {bad + 1}) must be >= 1")
     return lengths
 
 

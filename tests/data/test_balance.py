@@ -283,6 +283,16 @@ def test_bench_attention_balance_only_records(tmp_path):
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "missing.txt"), "--balance-only"], cwd=ROOT,
                          capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--doc-lengths" in bad.stderr
+    negative = tmp_path / "negative.txt"
+    negative.write_text("5\n-3\n")
+    for extra, message in ((["--shards", "0"], "--shards 0 must be >= 1"),
+                           (["--window", "-5"], "--window -5 must be >= 1"),
+                           (["--max-windows", "0"], "--max-windows 0 must be >= 1"),
+                           (["--layouts", "zigzag,bogus"], "--layouts bogus: must be among"),
+                           (["--doc-lengths", str(negative)], "length -3 (entry 2) must be >= 1")):
+        bad = subprocess.run(cmd[:-2] + extra, cwd=ROOT, capture_output=True, text=True,
+                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize("impl,window", [pytest.param("ring", None, marks=pytest.mark.slow), ("ulysses", 8)])
