@@ -379,8 +379,8 @@ def epoch_summary(num_tokens: int, seq_len: int, num_docs: int | None = None) ->
     tail = num_tokens - 1 - windows * seq_len if num_tokens else 0
     docs = f" from {num_docs:,} documents" if num_docs is not None else ""
     share = 100 * tail / max(num_tokens, 1)
-    return (f"{windows:,} windows of {seq_len:,} tokens per epoch{docs}; no padding between documents; the final partial window "
-            f"leaves {tail:,} tokens ({share:.3f}%) of each epoch out of the labels")
+    return (f"{windows:,} windows of {seq_len:,} tokens per epoch{docs}; no padding between documents; "
+            f"the final partial window leaves {tail:,} tokens ({share:.3f}%) of each epoch out of the labels")
 
 
 def _check(num_tokens: int, seq_len: int, global_batch: int, seed: int, layout: str, num_shards: int) -> int:

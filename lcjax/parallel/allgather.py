@@ -21,9 +21,9 @@ in the backward, their float32 gradients.
 
 Inside Ulysses groups (``attention.ulysses_size`` U, lcjax.parallel.ulysses): an all-to-all first gives each
 shard its group's U·T/P tokens for N'/U of the heads, then the K/V are gathered over ``groups`` — the P/U
-shards that hold the same heads, one per Ulysses group (``axis_index_groups``) — so each shard receives
-1/U of the K/V heads from (P/U − 1) groups: the all-gather's traffic ÷ U, for as many Ulysses shards as
-the heads allow.
+shards that hold the same heads, one per Ulysses group (``axis_index_groups``) — so each shard gathers
+its 1/U of the kv heads for the (P/U − 1)·U·T/P tokens of the other groups: the gathered K/V (memory and
+bytes) shrink by (P/U − 1)/(P − 1), for as many Ulysses shards as the heads allow, plus the all-to-alls.
 
 Shapes (per shard): q [B, T/P, N', H]; k, v [B, T/P, K', H]; positions, segment_ids int32 [B, T/P].
 """
