@@ -5,8 +5,9 @@ TP all-reduces, Ulysses all-to-alls and the embedding's all-reduce wait for the 
 layers' gradient reduction runs inside the backward's layer loop (plain all-reduces, or FSDP's
 reduce-scatters; lcjax.train.step.in_loop_grad_axes) under the next layer's backward, only its excess and
 the last layer's exposed, while ZeRO-1/2's and the other weights' reductions wait after the loop; a ring
-hop hides under the attention of the block in hand and only its excess is exposed (Liu et al. 2023, arXiv:2310.01889 §3). A contiguous-layout causal ring runs at P/(2P−1) of balanced
-speed in attention (formulas §6); zigzag and striped are taken as balanced. Collectives use the
+hop hides under the attention of the block in hand and only its excess is exposed (Liu et al. 2023,
+arXiv:2310.01889 §3). A contiguous-layout causal ring runs at P/(2P−1) of balanced speed in attention
+(formulas §6); zigzag and striped are taken as balanced. Collectives use the
 intra-node bandwidth when their devices lie within one node (mesh order data, sequence, model: ``model``
 is innermost), else the inter-node one.
 """
