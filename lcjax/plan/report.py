@@ -60,14 +60,14 @@ def table(shape: Shape, seq_len: int, plans: list[StepPlan], rejected, settings:
              f"{f['causal']:.4g} causal, {f['palm']:.4g} PaLM",
              "settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
              f"{'':1} {'data,seq,model':>14} {'state GB':>9} {'act GB':>8} {'total GB':>9} {'comm/layer MB':>13} "
-             f"{'step s':>9} {'tok/s/dev':>10} {'MFU c/PaLM':>11}  fits"]
+             f"{'step s':>9} {'exposed s':>9} {'tok/s/dev':>10} {'MFU c/PaLM':>11}  fits"]
     for p in plans:
         i, m = p.inputs, p.memory
         mesh = f"{i.data},{i.sequence},{i.model}"
         fit = "yes" if p.fits else f"no, over by {p.over_by_bytes / GB:.1f} GB"
         lines.append(f"{'*' if p is chosen else ' '} {mesh:>14} {(m.params + m.grads + m.optimizer) / GB:9.2f} "
                      f"{m.activations / GB:8.2f} {m.total / GB:9.2f} {p.layer_comm.total / 1e6:13.1f} "
-                     f"{p.step_time_s:9.4g} {p.tokens_per_sec_per_device:10.1f} "
+                     f"{p.step_time_s:#9.4g} {p.comm_exposed_s:#9.3g} {p.tokens_per_sec_per_device:10.1f} "
                      f"{p.mfu['causal']:5.2f}/{p.mfu['palm']:.2f}  {fit}")
     if rejected:
         lines.append(f"{len(rejected)} meshes rejected by the config rules, e.g. "
