@@ -40,7 +40,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from lcjax.kernels.flash_attention.api import get_kernel
-from lcjax.parallel.ring import checked_segments, merge
+from lcjax.parallel.ring import checked_segments, in_flight, merge
 from lcjax.parallel.spec import AttentionSpec
 
 
@@ -116,10 +116,7 @@ def _fwd(q, k, v, pos, seg, plan: GatherPlan):
         return out.astype(q.dtype), (q, k, v, pos, seg, out.astype(q.dtype), lse)
     rest = [gather_others(x, plan.axis_name, plan.groups) for x in (k, v, pos, seg)]  # in flight meanwhile
     acc = kernel.flash_forward(q, k, v, pos, pos, seg, seg, **kw)
-    # the gathered blocks usable only after the local block's results exist (an optimization barrier, free
-    # at run time): without it XLA scheduled the local kernel after the gather's done inside Ulysses
-    # groups (8 H100 targets, U = 2: the all-gather exposed), as it may wherever it finds no reason not to
-    acc, rest = lax.optimization_barrier((acc, rest))
+    acc, rest = in_flight(acc, rest)  # inside Ulysses groups XLA otherwise left the gather exposed (H100)
     r_k, r_v, r_pos, r_seg = rest
     out, lse = merge(*acc, *kernel.flash_forward(q, r_k, r_v, pos, r_pos, seg, r_seg, **kw))
     out = checkpoint_name(out.astype(q.dtype), "attention")

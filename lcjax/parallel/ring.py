@@ -170,12 +170,13 @@ def _add_part(x, y, part):
     return x.at[:, :n].add(y) if part == "early" else x.at[:, n:].add(y)
 
 
-def _in_flight(done, received):
+def in_flight(done, received):
     """(done, received) with ``received`` — a block still in flight — usable only after ``done`` (this
     step's kernel results) exists: an optimization barrier, free at run time. Without it XLA may fuse the
     per-tile position/segment ranges this step's kernel needs with those of the received block into one
     multi-output fusion, making this step wait for the transfer it should hide (seen on H100 compiles of
-    the demo at ring size 2: the ring permute's done scheduled right after its start)."""
+    the demo at ring size 2: the ring permute's done scheduled right after its start; in the all-gather
+    inside Ulysses groups, the local block's kernel scheduled after the gather's done)."""
     return lax.optimization_barrier((done, received))
 
 
@@ -234,11 +235,11 @@ def _fwd(q, k, v, q_pos, q_seg, plan: RingPlan):
         def body(s, carry):
             acc, kv = carry
             nxt = _shift(kv, plan, size)  # sent while this step computes
-            return _in_flight(attend(kv, acc), nxt)
+            return in_flight(attend(kv, acc), nxt)
 
         first = _shift(kv, plan, size)  # in flight during the local block
         acc = kernel.flash_forward(q, k, v, q_pos, q_pos, q_seg, q_seg, **kw)
-        acc, kv = lax.fori_loop(1, len(sends), body, _in_flight(acc, first))
+        acc, kv = lax.fori_loop(1, len(sends), body, in_flight(acc, first))
         out, lse = attend(kv, acc)
     else:
         received = [_shift(jax.tree.map(lambda x: _part(x, part), kv), plan, size, hops) for hops, part in sends]
@@ -272,11 +273,11 @@ def _bwd(plan: RingPlan, res, dout):
             dk, dv = _shift(to_wire(acc), plan, size)  # → the shard holding it
             dq_s, dk_s, dv_s = grads(kv)
             if send_kv:
-                (dq_s, dk_s, dv_s), nxt = _in_flight((dq_s, dk_s, dv_s), nxt)
+                (dq_s, dk_s, dv_s), nxt = in_flight((dq_s, dk_s, dv_s), nxt)
             return dq + dq_s, nxt, (dk.astype(jnp.float32) + dk_s, dv.astype(jnp.float32) + dv_s)
 
         first = _shift(kv, plan, size)  # in flight during the local block
-        (dq, dk, dv), first = _in_flight(grads(kv), first)
+        (dq, dk, dv), first = in_flight(grads(kv), first)
         carry = lax.fori_loop(1, len(sends), step, (dq, first, (dk, dv)))
         dq, _, (dk, dv) = step(len(sends), carry, send_kv=False)
         # one last hop brings each block's dK/dV home from P−1 positions ahead

@@ -67,6 +67,14 @@ def allgather_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) ->
     return fwd, fwd + (sp - 1) * 2 * tokens * kv * 4
 
 
+def _across_groups(s: Shape, tokens: int, sp: int, group: int, tp: int, cb: int) -> tuple[int, int, int]:
+    """(all-to-all bytes inside the Ulysses group, each way; groups; bytes of one group's K and V per unit
+    of element size: 2·group·tokens·max(kv heads, group)/group·H) — what :func:`grouped_allgather_bytes`
+    and :func:`hybrid_bytes` move across the sp/group groups."""
+    kv = max(local_heads(s, tp)[1], group) // group * s.H
+    return ulysses_bytes(s, tokens, group, tp, cb), sp // group, 2 * group * tokens * kv
+
+
 def grouped_allgather_bytes(s: Shape, tokens: int, sp: int, group: int, tp: int = 1,
                             cb: int = 2) -> tuple[int, int]:
     """All-gather inside Ulysses groups of ``group`` shards (lcjax.parallel.ulysses.across_groups),
@@ -76,11 +84,9 @@ def grouped_allgather_bytes(s: Shape, tokens: int, sp: int, group: int, tp: int 
     in float32 in the backward), as :func:`allgather_bytes` does over the whole axis."""
     if sp == 1:
         return 0, 0
-    a2a = ulysses_bytes(s, tokens, group, tp, cb)
-    rings = sp // group
-    kv = max(local_heads(s, tp)[1], group) // group * s.H
-    fwd = (rings - 1) * 2 * group * tokens * kv * cb
-    return a2a + fwd, a2a + fwd + (rings - 1) * 2 * group * tokens * kv * 4
+    a2a, groups, kv = _across_groups(s, tokens, sp, group, tp, cb)
+    fwd = (groups - 1) * kv * cb
+    return a2a + fwd, a2a + fwd + (groups - 1) * kv * 4
 
 
 def hybrid_bytes(s: Shape, tokens: int, sp: int, group: int, tp: int = 1, cb: int = 2) -> tuple[int, int]:
@@ -90,13 +96,11 @@ def hybrid_bytes(s: Shape, tokens: int, sp: int, group: int, tp: int = 1, cb: in
     max(kv heads, group)/group kv heads."""
     if sp == 1:
         return 0, 0
-    a2a = ulysses_bytes(s, tokens, group, tp, cb)
-    rings = sp // group
-    if rings == 1:
+    a2a, groups, kv = _across_groups(s, tokens, sp, group, tp, cb)
+    if groups == 1:
         return a2a, a2a
-    kv = max(local_heads(s, tp)[1], group) // group * s.H
-    fwd = (rings - 1) * 2 * group * tokens * kv * cb
-    return a2a + fwd, a2a + fwd + rings * 2 * group * tokens * kv * 4
+    fwd = (groups - 1) * kv * cb
+    return a2a + fwd, a2a + fwd + groups * kv * 4
 
 
 def ulysses_bytes(s: Shape, tokens: int, sp: int, tp: int = 1, cb: int = 2) -> int:
